@@ -1,0 +1,88 @@
+//! The GGML block formats the kernels read, byte for byte as GGUF stores them.
+//!
+//! Every format packs 32 consecutive values of a row into one block that starts with an
+//! f16 scale. Blocks are read in place from the file's bytes: nothing is converted at load
+//! time, so a matrix takes exactly the memory its file says.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+/// Values per block, in every format here and in the activations' formats.
+pub(crate) const BLOCK: usize = 32;
+
+/// A weight format the kernels multiply natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightFormat {
+    /// `d: f16, qs: [u8; 16]`: value = d * (nibble - 8).
+    Q4_0,
+    /// `d: f16, m: f16, qs: [u8; 16]`: value = d * nibble + m.
+    Q4_1,
+    /// `d: f16, qs: [i8; 32]`: value = d * q.
+    Q8_0,
+}
+
+/// How activations are quantized for a product: as llama.cpp's `vec_dot_type` of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActivationFormat {
+    /// Scale and 32 signed bytes.
+    Q8_0,
+    /// Q8_0 plus `s = d * sum(qs)`, which folds Q4_1's offset `m` into one product per block.
+    Q8_1,
+}
+
+impl WeightFormat {
+    pub(crate) fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one block of 32 values.
+    pub(crate) const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 2 + 16,
+            Self::Q4_1 => 2 + 2 + 16,
+            Self::Q8_0 => 2 + 32,
+        }
+    }
+
+    pub(crate) const fn activation(self) -> ActivationFormat {
+        match self {
+            Self::Q4_1 => ActivationFormat::Q8_1,
+            Self::Q4_0 | Self::Q8_0 => ActivationFormat::Q8_0,
+        }
+    }
+
+    /// Writes the 32 values of `block` to `out`, as ggml's `dequantize_row_*` does.
+    pub(crate) fn dequantize_block(self, block: &[u8], out: &mut [f32]) {
+        let d = f16_at(block, 0);
+        match self {
+            Self::Q4_0 => {
+                for (j, &byte) in block[2..18].iter().enumerate() {
+                    out[j] = ((byte & 0x0F) as i32 - 8) as f32 * d;
+                    out[j + 16] = ((byte >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            Self::Q4_1 => {
+                let m = f16_at(block, 2);
+                for (j, &byte) in block[4..20].iter().enumerate() {
+                    out[j] = (byte & 0x0F) as f32 * d + m;
+                    out[j + 16] = (byte >> 4) as f32 * d + m;
+                }
+            }
+            Self::Q8_0 => {
+                for (j, &q) in block[2..34].iter().enumerate() {
+                    out[j] = q as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+/// The little-endian f16 at `offset` of `bytes`, widened (exactly) to f32.
+pub(crate) fn f16_at(bytes: &[u8], offset: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([bytes[offset], bytes[offset + 1]])).to_f32()
+}

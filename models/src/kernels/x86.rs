@@ -1,0 +1,198 @@
+//! AVX2 + FMA kernels: ggml's x86 code for the same formats, instruction for instruction
+//! where the order of floating-point operations matters (see `portable.rs`).
+//!
+//! Each public function here is `unsafe` only because it needs AVX2, FMA and F16C: callers
+//! check for them once (`Isa::detect`). Memory is reached only through slices whose
+//! lengths are checked before any pointer is formed.
+
+use std::arch::x86_64::*;
+
+use super::activation::{round_to_f16, scales, Q8Block};
+use super::format::{WeightFormat, BLOCK};
+use super::portable::{add_offset, sum_lanes};
+
+/// Formats as const-generic parameters, so one kernel body serves all three.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+/// Activation rows handled per pass over a weight row: each unpacked weight block is
+/// reused this many times, and the accumulators still fit in the 16 vector registers.
+const MAX_ACT_ROWS: usize = 4;
+
+/// AVX2 version of [`super::activation::quantize_row`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
+    assert_eq!(x.len(), out.len() * BLOCK);
+    for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        // SAFETY: `values` holds 32 f32s, read as four unaligned vectors of 8; `block.qs`
+        // holds 32 bytes, written as one unaligned vector.
+        unsafe {
+            let p = values.as_ptr();
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let sign = _mm256_set1_ps(-0.0);
+            let mut max = _mm256_andnot_ps(sign, v[0]);
+            for &v in &v[1..] {
+                max = _mm256_max_ps(max, _mm256_andnot_ps(sign, v));
+            }
+            let max4 = _mm_max_ps(_mm256_extractf128_ps::<1>(max), _mm256_castps256_ps128(max));
+            let max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
+            let max4 = _mm_max_ss(max4, _mm_movehdup_ps(max4));
+            let (d, inverse) = scales(_mm_cvtss_f32(max4));
+
+            let mul = _mm256_set1_ps(inverse);
+            // Round half to even, as `_mm256_round_ps(_, _MM_ROUND_NEAREST)` in ggml.
+            let q = v.map(|v| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(v, mul),
+                ))
+            });
+            if with_sum {
+                let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                block.s = round_to_f16(d * hsum_i32(sum) as f32);
+            } else {
+                block.s = 0.0;
+            }
+            block.d = round_to_f16(d);
+
+            // Narrow to bytes; the packs work within 128-bit halves, so fix the order after.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered);
+        }
+    }
+}
+
+/// AVX2 version of [`super::portable::product_rows`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn product_rows(
+    format: WeightFormat,
+    weights: &[u8],
+    blocks: usize,
+    acts: &[Q8Block],
+    m: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features these functions are compiled for.
+    unsafe {
+        match format {
+            WeightFormat::Q4_0 => rows::<Q4_0>(weights, blocks, acts, m, out),
+            WeightFormat::Q4_1 => rows::<Q4_1>(weights, blocks, acts, m, out),
+            WeightFormat::Q8_0 => rows::<Q8_0>(weights, blocks, acts, m, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block], m: usize, out: &mut [f32]) {
+    let row_bytes = blocks * block_bytes::<FORMAT>();
+    assert!(acts.len() >= m * blocks && out.len() * row_bytes == weights.len() * m);
+    let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
+    for (row, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
+        let mut i = 0;
+        // SAFETY (all four calls): same features as this function; `row` holds `blocks`
+        // blocks and each activation row `blocks` blocks, which `dots` checks.
+        unsafe {
+            while m - i >= MAX_ACT_ROWS {
+                out[i..i + 4].copy_from_slice(&dots::<FORMAT, 4>(row, [act(i), act(i + 1), act(i + 2), act(i + 3)]));
+                i += 4;
+            }
+            match m - i {
+                3 => out[i..].copy_from_slice(&dots::<FORMAT, 3>(row, [act(i), act(i + 1), act(i + 2)])),
+                2 => out[i..].copy_from_slice(&dots::<FORMAT, 2>(row, [act(i), act(i + 1)])),
+                1 => out[i] = dots::<FORMAT, 1>(row, [act(i)])[0],
+                _ => {}
+            }
+        }
+    }
+}
+
+const fn block_bytes<const FORMAT: u8>() -> usize {
+    match FORMAT {
+        Q4_0 => WeightFormat::Q4_0.block_bytes(),
+        Q4_1 => WeightFormat::Q4_1.block_bytes(),
+        _ => WeightFormat::Q8_0.block_bytes(),
+    }
+}
+
+/// One weight row dotted with `N` activation rows, unpacking each weight block once.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dots<const FORMAT: u8, const N: usize>(row: &[u8], xs: [&[Q8Block]; N]) -> [f32; N] {
+    let bytes = block_bytes::<FORMAT>();
+    let blocks = row.len() / bytes;
+    assert!(xs.iter().all(|x| x.len() == blocks));
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut offsets = [0.0f32; N];
+    for b in 0..blocks {
+        let block = &row[b * bytes..(b + 1) * bytes];
+        // SAFETY: `block` is one whole block of this format: the reads stay inside it.
+        unsafe {
+            let p = block.as_ptr();
+            // The f16 scale (and Q4_1's f16 offset right after it), widened exactly.
+            let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+            let d = _mm_cvtss_f32(header);
+            let weights = match FORMAT {
+                Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                Q4_1 => nibbles(p.add(4)),
+                _ => _mm256_loadu_si256(p.add(2).cast()),
+            };
+            for n in 0..N {
+                let a = &xs[n][b];
+                let q = _mm256_loadu_si256(a.qs.as_ptr().cast());
+                let products = match FORMAT {
+                    // Q4_1's nibbles are unsigned: no sign juggling needed.
+                    Q4_1 => sum_groups(weights, q),
+                    _ => sum_groups(_mm256_sign_epi8(weights, weights), _mm256_sign_epi8(q, weights)),
+                };
+                acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), products, acc[n]);
+                if FORMAT == Q4_1 {
+                    offsets[n] = add_offset(offsets[n], _mm_cvtss_f32(_mm_movehdup_ps(header)), a.s);
+                }
+            }
+        }
+    }
+    let mut out = [0.0f32; N];
+    for n in 0..N {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 f32s.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[n]) };
+        out[n] = sum_lanes(lanes) + offsets[n];
+    }
+    out
+}
+
+/// The 16 bytes at `p` split into 32 nibbles: low nibbles first, then high ones.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to 16 readable bytes.
+    let low = unsafe { _mm_loadu_si128(p.cast()) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(low), low);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Unsigned bytes times signed bytes, summed in groups of four consecutive products, as
+/// f32 (exact: the sums are small integers).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_groups(unsigned: __m256i, signed: __m256i) -> __m256 {
+    // The pairwise i16 sums cannot saturate: |products| <= 128 * 127.
+    let pairs = _mm256_maddubs_epi16(unsigned, signed);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_i32(v: __m256i) -> i32 {
+    let sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+    let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum));
+    _mm_cvtsi128_si32(sum)
+}

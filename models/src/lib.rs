@@ -1,0 +1,19 @@
+//! Llama-family decoders over candle, loadable as any contiguous range of layers.
+//!
+//! A [`Stage`] holds the layers `start..end` of a model (plus the token embedding if it
+//! is the first stage, and the final norm and LM head if it is the last). The whole model
+//! is simply the one stage that holds every layer.
+
+mod error;
+
+pub mod chat_template;
+pub mod config;
+pub mod sampling;
+pub mod source;
+pub mod stage;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::{Error, Result};
+pub use source::{ModelFootprint, ModelSource};
+pub use stage::{Stage, StageCache, StageInput, StageOutput};

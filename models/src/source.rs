@@ -1,0 +1,415 @@
+//! Where a model's weights come from: a GGUF file or a Hugging Face folder of safetensors.
+//!
+//! Both are read lazily: opening a source parses only headers, and loading a stage reads
+//! only the tensors of its own layers (GGUF by seeking, safetensors through a memory map).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::BufReader;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::chat_template::ChatTemplate;
+use crate::config::{ModelConfig, RopeScaling};
+use crate::stage::Stage;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// The tensors of a decoder, named independently of any file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TensorName {
+    TokenEmbedding,
+    OutputNorm,
+    Output,
+    /// Per-frequency RoPE divisors (Llama 3.1 in GGUF).
+    RopeFrequencies,
+    Layer(usize, LayerTensor),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerTensor {
+    AttentionNorm,
+    Query,
+    Key,
+    Value,
+    AttentionOutput,
+    QueryBias,
+    KeyBias,
+    ValueBias,
+    QueryNorm,
+    KeyNorm,
+    FeedForwardNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LayerTensor {
+    /// Every weight a block may hold, for sizing a layer.
+    const ALL: [LayerTensor; 14] = [
+        Self::AttentionNorm,
+        Self::Query,
+        Self::Key,
+        Self::Value,
+        Self::AttentionOutput,
+        Self::QueryBias,
+        Self::KeyBias,
+        Self::ValueBias,
+        Self::QueryNorm,
+        Self::KeyNorm,
+        Self::FeedForwardNorm,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    fn gguf_suffix(self) -> &'static str {
+        match self {
+            Self::AttentionNorm => "attn_norm.weight",
+            Self::Query => "attn_q.weight",
+            Self::Key => "attn_k.weight",
+            Self::Value => "attn_v.weight",
+            Self::AttentionOutput => "attn_output.weight",
+            Self::QueryBias => "attn_q.bias",
+            Self::KeyBias => "attn_k.bias",
+            Self::ValueBias => "attn_v.bias",
+            Self::QueryNorm => "attn_q_norm.weight",
+            Self::KeyNorm => "attn_k_norm.weight",
+            Self::FeedForwardNorm => "ffn_norm.weight",
+            Self::Gate => "ffn_gate.weight",
+            Self::Up => "ffn_up.weight",
+            Self::Down => "ffn_down.weight",
+        }
+    }
+
+    fn hf_suffix(self) -> &'static str {
+        match self {
+            Self::AttentionNorm => "input_layernorm.weight",
+            Self::Query => "self_attn.q_proj.weight",
+            Self::Key => "self_attn.k_proj.weight",
+            Self::Value => "self_attn.v_proj.weight",
+            Self::AttentionOutput => "self_attn.o_proj.weight",
+            Self::QueryBias => "self_attn.q_proj.bias",
+            Self::KeyBias => "self_attn.k_proj.bias",
+            Self::ValueBias => "self_attn.v_proj.bias",
+            Self::QueryNorm => "self_attn.q_norm.weight",
+            Self::KeyNorm => "self_attn.k_norm.weight",
+            Self::FeedForwardNorm => "post_attention_layernorm.weight",
+            Self::Gate => "mlp.gate_proj.weight",
+            Self::Up => "mlp.up_proj.weight",
+            Self::Down => "mlp.down_proj.weight",
+        }
+    }
+}
+
+impl TensorName {
+    fn gguf(self) -> String {
+        match self {
+            Self::TokenEmbedding => "token_embd.weight".into(),
+            Self::OutputNorm => "output_norm.weight".into(),
+            Self::Output => "output.weight".into(),
+            Self::RopeFrequencies => "rope_freqs.weight".into(),
+            Self::Layer(i, t) => format!("blk.{i}.{}", t.gguf_suffix()),
+        }
+    }
+
+    fn hf(self) -> String {
+        match self {
+            Self::TokenEmbedding => "model.embed_tokens.weight".into(),
+            Self::OutputNorm => "model.norm.weight".into(),
+            Self::Output => "lm_head.weight".into(),
+            Self::RopeFrequencies => "rope_freqs.weight".into(),
+            Self::Layer(i, t) => format!("model.layers.{i}.{}", t.hf_suffix()),
+        }
+    }
+}
+
+/// Memory a model's parts take once loaded: what placement needs to split it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFootprint {
+    /// Weight bytes of each layer, in order.
+    pub layer_bytes: Vec<u64>,
+    /// The token embedding, held by the first stage.
+    pub embedding_bytes: u64,
+    /// The final norm and LM head, held by the last stage (a tied head re-reads the embedding).
+    pub head_bytes: u64,
+    /// K and V cache of one token in one layer.
+    pub kv_bytes_per_token_per_layer: u64,
+}
+
+enum Weights {
+    Gguf { path: PathBuf, content: gguf_file::Content },
+    Safetensors { tensors: MmapedSafetensors },
+}
+
+/// An opened model: its configuration, tokenizer files and weights, ready to load stages.
+pub struct ModelSource {
+    name: String,
+    location: PathBuf,
+    config: ModelConfig,
+    weights: Weights,
+}
+
+impl ModelSource {
+    /// Opens a `.gguf` file or a Hugging Face folder (`config.json` + `*.safetensors`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_hf_dir(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut BufReader::new(file))
+            .map_err(|e| Error::InvalidModel(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let embedding_rows = match content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(Error::InvalidModel("GGUF file has no `token_embd.weight`".into())),
+        };
+        let has_output = content.tensor_infos.contains_key("output.weight");
+        let mut config = ModelConfig::from_gguf(&content.metadata, has_output, embedding_rows)?;
+        if content.tensor_infos.contains_key(&TensorName::RopeFrequencies.gguf()) {
+            let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+            let factors = content
+                .tensor(&mut reader, &TensorName::RopeFrequencies.gguf(), &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            config.rope_scaling = RopeScaling::FrequencyFactors(factors);
+        }
+        Ok(Self {
+            name: file_stem(path),
+            location: path.to_path_buf(),
+            config,
+            weights: Weights::Gguf { path: path.to_path_buf(), content },
+        })
+    }
+
+    fn open_hf_dir(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let json = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config = ModelConfig::from_hf_json(&json)?;
+        let shards = safetensors_shards(dir)?;
+        // SAFETY: the files are mapped read-only; like every reader of model files we
+        // assume nobody truncates them while the node runs.
+        let tensors = unsafe { MmapedSafetensors::multi(&shards)? };
+        let mut source = Self {
+            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            location: dir.to_path_buf(),
+            config,
+            weights: Weights::Safetensors { tensors },
+        };
+        if !source.has(TensorName::Output) {
+            source.config.tied_embeddings = true;
+        }
+        Ok(source)
+    }
+
+    /// A short name for the model: the file stem or folder name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Caps the context (and so the KV cache and RoPE tables) below the model's own.
+    pub fn limit_context(&mut self, tokens: usize) {
+        self.config.context_length = self.config.context_length.min(tokens.max(1));
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.weights {
+            Weights::Gguf { content, .. } => Tokenizer::from_gguf(&content.metadata),
+            Weights::Safetensors { .. } => Tokenizer::from_hf_dir(&self.location),
+        }
+    }
+
+    /// The model's chat template, or `None` if it ships none.
+    pub fn chat_template(&self, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
+        match &self.weights {
+            Weights::Gguf { content, .. } => ChatTemplate::from_gguf(&content.metadata, tokenizer),
+            Weights::Safetensors { .. } => ChatTemplate::from_hf_dir(&self.location, tokenizer),
+        }
+    }
+
+    /// Bytes each part takes in memory once loaded on `device`, without loading anything.
+    pub fn footprint(&self, device: &Device) -> ModelFootprint {
+        let dense_bytes = activation_dtype(device).size_in_bytes() as u64;
+        let size = |name: TensorName| self.loaded_bytes(name, dense_bytes).unwrap_or(0);
+        let layer_bytes = (0..self.config.num_layers)
+            .map(|i| LayerTensor::ALL.iter().map(|&t| size(TensorName::Layer(i, t))).sum())
+            .collect();
+        let embedding_bytes = size(TensorName::TokenEmbedding);
+        let head = if self.config.tied_embeddings { embedding_bytes } else { size(TensorName::Output) };
+        ModelFootprint {
+            layer_bytes,
+            embedding_bytes,
+            head_bytes: head + size(TensorName::OutputNorm),
+            kv_bytes_per_token_per_layer: self.config.kv_bytes_per_token_per_layer(dense_bytes as usize),
+        }
+    }
+
+    /// Loads layers `layers` (plus the embedding if it starts at 0, and the head if it ends
+    /// at the last layer) onto `device`.
+    pub fn load_stage(&self, layers: Range<usize>, device: &Device) -> Result<Stage> {
+        let n = self.config.num_layers;
+        if layers.start >= layers.end || layers.end > n {
+            return Err(Error::InvalidInput(format!(
+                "layer range {}..{} is not within the model's {n} layers",
+                layers.start, layers.end
+            )));
+        }
+        let mut loader = self.loader(device)?;
+        Stage::load(&self.config, layers, &mut loader)
+    }
+
+    fn loader(&self, device: &Device) -> Result<TensorLoader<'_>> {
+        let reader = match &self.weights {
+            Weights::Gguf { path, .. } => {
+                Some(BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?))
+            }
+            Weights::Safetensors { .. } => None,
+        };
+        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone() })
+    }
+
+    fn has(&self, name: TensorName) -> bool {
+        match &self.weights {
+            Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&name.gguf()),
+            Weights::Safetensors { tensors } => tensors.get(&name.hf()).is_ok(),
+        }
+    }
+
+    fn loaded_bytes(&self, name: TensorName, dense_bytes: u64) -> Option<u64> {
+        match &self.weights {
+            Weights::Gguf { content, .. } => {
+                let info = content.tensor_infos.get(&name.gguf())?;
+                let elements = info.shape.elem_count() as u64;
+                Some(match info.ggml_dtype {
+                    // Dense GGUF tensors are widened to the activation dtype on load.
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => elements * dense_bytes,
+                    dtype => elements / dtype.block_size() as u64 * dtype.type_size() as u64,
+                })
+            }
+            Weights::Safetensors { tensors } => {
+                let view = tensors.get(&name.hf()).ok()?;
+                Some(view.shape().iter().product::<usize>() as u64 * dense_bytes)
+            }
+        }
+    }
+}
+
+/// Reads tensors for one stage; holds the open file so a stage is loaded in one pass.
+pub(crate) struct TensorLoader<'a> {
+    weights: &'a Weights,
+    reader: Option<BufReader<File>>,
+    device: Device,
+}
+
+impl TensorLoader<'_> {
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub(crate) fn contains(&self, name: TensorName) -> bool {
+        match self.weights {
+            Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&name.gguf()),
+            Weights::Safetensors { tensors } => tensors.get(&name.hf()).is_ok(),
+        }
+    }
+
+    /// A weight matrix for products: kept quantized when the file is quantized.
+    pub(crate) fn matrix(&mut self, name: TensorName) -> Result<QMatMul> {
+        match self.weights {
+            Weights::Gguf { .. } => Ok(QMatMul::from_qtensor(self.gguf_tensor(name)?)?),
+            Weights::Safetensors { .. } => Ok(QMatMul::Tensor(self.dense(name)?)),
+        }
+    }
+
+    /// A vector or matrix in the activation dtype (norms, biases).
+    pub(crate) fn dense(&mut self, name: TensorName) -> Result<Tensor> {
+        let dtype = activation_dtype(&self.device);
+        match self.weights {
+            Weights::Gguf { .. } => Ok(self.gguf_tensor(name)?.dequantize(&self.device)?.to_dtype(dtype)?),
+            Weights::Safetensors { tensors } => {
+                let hf_name = name.hf();
+                let tensor = tensors
+                    .load(&hf_name, &self.device)
+                    .map_err(|e| Error::InvalidModel(format!("tensor `{hf_name}`: {e}")))?;
+                Ok(tensor.to_dtype(dtype)?)
+            }
+        }
+    }
+
+    fn gguf_tensor(&mut self, name: TensorName) -> Result<QTensor> {
+        let (Weights::Gguf { content, .. }, Some(reader)) = (self.weights, self.reader.as_mut()) else {
+            return Err(Error::InvalidModel("not a GGUF source".into()));
+        };
+        let gguf_name = name.gguf();
+        content
+            .tensor(reader, &gguf_name, &self.device)
+            .map_err(|e| Error::InvalidModel(format!("tensor `{gguf_name}`: {e}")))
+    }
+}
+
+/// The dtype hidden states and dense weights use on a device: f32 on CPU, where half
+/// precision products are slow, and f16 on GPUs.
+pub fn activation_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+/// The safetensors files of a Hugging Face folder: the shards named by
+/// `model.safetensors.index.json`, else every `*.safetensors` file.
+fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidModel(format!("{}: {e}", index_path.display())))?;
+        let weight_map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::InvalidModel(format!("{} has no weight_map", index_path.display())))?;
+        let files: BTreeSet<&str> = weight_map.values().filter_map(|v| v.as_str()).collect();
+        return files
+            .into_iter()
+            .map(|file| {
+                // Shard names come from a downloaded file: keep them inside the folder.
+                if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                    return Err(Error::InvalidModel(format!("shard name `{file}` escapes the folder")));
+                }
+                Ok(dir.join(file))
+            })
+            .collect();
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(Error::InvalidModel(format!("{} holds no .safetensors files", dir.display())));
+    }
+    Ok(shards)
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}

@@ -1,0 +1,58 @@
+//! A model split into stages computes exactly what the whole model computes.
+
+mod common;
+mod tiny_model;
+
+use common::{greedy, load_split, max_abs_diff, open_default_model};
+use hearth_models::ModelSource;
+
+/// Uneven splits into 2, 3 and 4 stages of a model with `n` layers.
+fn uneven_splits(n: usize) -> Vec<Vec<usize>> {
+    vec![vec![n / 3], vec![n / 5, n / 2 + 1], vec![1, n / 4 + 1, n - 2]]
+}
+
+fn assert_splits_match_whole(source: &ModelSource, prompt: &[u32], steps: usize) {
+    let whole = load_split(source, &[]);
+    let (expected_ids, expected_logits) = greedy(&whole, prompt, steps);
+    for cuts in uneven_splits(source.config().num_layers) {
+        let stages = load_split(source, &cuts);
+        let ranges: Vec<_> = stages.iter().map(|s| s.layers()).collect();
+        let (ids, logits) = greedy(&stages, prompt, steps);
+        assert_eq!(ids, expected_ids, "greedy tokens differ for stages {ranges:?}");
+        for (step, (a, b)) in logits.iter().zip(&expected_logits).enumerate() {
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= 1e-4, "stages {ranges:?}, step {step}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn default_model_splits_match_whole_model() {
+    let source = open_default_model();
+    // "The capital of France is"
+    assert_splits_match_whole(&source, &[504, 3575, 282, 4649, 314], 8);
+}
+
+#[test]
+fn tiny_llama_splits_match_whole_model() {
+    let dir = tiny_model::write(tiny_model::Flavor::Llama, "split-llama");
+    let source = ModelSource::open(dir.path()).expect("tiny llama opens");
+    assert!(source.config().tied_embeddings);
+    assert_splits_match_whole(&source, &[3, 17, 42, 5, 9, 11], 6);
+}
+
+#[test]
+fn tiny_qwen2_splits_match_whole_model() {
+    let dir = tiny_model::write(tiny_model::Flavor::Qwen2, "split-qwen2");
+    let source = ModelSource::open(dir.path()).expect("tiny qwen2 opens");
+    assert!(source.config().qkv_bias);
+    assert_splits_match_whole(&source, &[3, 17, 42, 5, 9, 11], 6);
+}
+
+#[test]
+fn tiny_qwen3_splits_match_whole_model() {
+    let dir = tiny_model::write(tiny_model::Flavor::Qwen3, "split-qwen3");
+    let source = ModelSource::open(dir.path()).expect("tiny qwen3 opens");
+    assert!(source.config().qk_norm);
+    assert_splits_match_whole(&source, &[3, 17, 42, 5, 9, 11], 6);
+}

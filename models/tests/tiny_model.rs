@@ -1,0 +1,160 @@
+//! Writes a tiny random Llama-family model as a Hugging Face folder, so tests can run
+//! every architecture without downloading one.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Tied embeddings, no biases, one safetensors file.
+    Llama,
+    /// q/k/v biases, untied head, sharded safetensors with an index.
+    Qwen2,
+    /// q/k norms, tied embeddings.
+    Qwen3,
+}
+
+pub const VOCAB: usize = 64;
+pub const HIDDEN: usize = 32;
+pub const LAYERS: usize = 6;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 8;
+const FFN: usize = 48;
+
+/// Deterministic pseudo-random numbers (SplitMix64), so every run writes the same model.
+struct Numbers(u64);
+
+impl Numbers {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    }
+
+    fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Tensor {
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| offset + scale * self.next()).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
+    }
+}
+
+pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(&format!("hearth-{name}-")).tempdir().expect("temp dir");
+    let mut rng = Numbers(match flavor {
+        Flavor::Llama => 1,
+        Flavor::Qwen2 => 2,
+        Flavor::Qwen3 => 3,
+    });
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut add = |name: String, shape: &[usize], scale: f32, offset: f32, rng: &mut Numbers| {
+        tensors.push((name, rng.tensor(shape, scale, offset)));
+    };
+    add("model.embed_tokens.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0, &mut rng);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, 1.0, &mut rng);
+        add(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, 1.0, &mut rng);
+        add(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
+        add(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
+        add(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
+        add(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HEADS * HEAD_DIM], 0.4, 0.0, &mut rng);
+        add(format!("{p}.mlp.gate_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+        add(format!("{p}.mlp.up_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+        add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, FFN], 0.4, 0.0, &mut rng);
+        if flavor == Flavor::Qwen2 {
+            add(format!("{p}.self_attn.q_proj.bias"), &[HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
+            add(format!("{p}.self_attn.k_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
+            add(format!("{p}.self_attn.v_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
+        }
+        if flavor == Flavor::Qwen3 {
+            add(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
+            add(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
+        }
+    }
+    add("model.norm.weight".into(), &[HIDDEN], 0.2, 1.0, &mut rng);
+    let tied = flavor != Flavor::Qwen2;
+    if !tied {
+        add("lm_head.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0, &mut rng);
+    }
+
+    if flavor == Flavor::Qwen2 {
+        // Two shards and an index, as large checkpoints come.
+        let (first, second) = tensors.split_at(tensors.len() / 2);
+        let mut weight_map = serde_json::Map::new();
+        for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+            let map: HashMap<String, Tensor> = part.iter().cloned().collect();
+            candle_core::safetensors::save(&map, dir.path().join(file)).expect("save shard");
+            for (name, _) in part {
+                weight_map.insert(name.clone(), file.into());
+            }
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).expect("index");
+    } else {
+        let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+        candle_core::safetensors::save(&map, dir.path().join("model.safetensors")).expect("save");
+    }
+
+    let model_type = match flavor {
+        Flavor::Llama => "llama",
+        Flavor::Qwen2 => "qwen2",
+        Flavor::Qwen3 => "qwen3",
+    };
+    let config = serde_json::json!({
+        "model_type": model_type,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tied,
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
+    write_tokenizer(dir.path());
+    dir
+}
+
+/// A word-level tokenizer over `<unk>`, `<s>`, `</s>` and the words `w3` .. `w63`.
+fn write_tokenizer(dir: &std::path::Path) {
+    let mut vocab = serde_json::Map::new();
+    for (id, word) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert((*word).into(), id.into());
+    }
+    for id in 3..VOCAB {
+        vocab.insert(format!("w{id}"), id.into());
+    }
+    let special = |id: usize, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("tokenizer.json");
+    let config = serde_json::json!({
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "add_bos_token": false,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).expect("tokenizer_config.json");
+}

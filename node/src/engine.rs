@@ -1,0 +1,382 @@
+//! Runs generations: prompt in, text out, one sequence at a time on a dedicated thread.
+//!
+//! The model's stages live on the engine thread, never on the async runtime. Requests wait
+//! in a bounded queue; a request whose client has gone away is cancelled between tokens.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use candle_core::{Device, Tensor};
+use hearth_models::chat_template::{ChatMessage, ChatTemplate};
+use hearth_models::sampling::{Sampler, SamplingParams, StopMatcher};
+use hearth_models::tokenizer::Tokenizer;
+use hearth_models::{ModelSource, Stage, StageCache, StageInput, StageOutput};
+use tokio::sync::mpsc;
+
+/// Requests that may wait for the engine before new ones are turned away.
+const QUEUE_CAPACITY: usize = 64;
+
+/// A model loaded for generation: its stages, tokenizer and chat template.
+pub struct Model {
+    id: String,
+    stages: Vec<Stage>,
+    tokenizer: Tokenizer,
+    chat_template: ChatTemplate,
+    context_length: usize,
+}
+
+impl Model {
+    /// Loads every layer of `source` on `device` as a single stage.
+    pub fn load(source: &ModelSource, device: &Device) -> anyhow::Result<Self> {
+        let tokenizer = source.tokenizer().context("building the tokenizer")?;
+        let chat_template = match source.chat_template(&tokenizer).context("reading the chat template")? {
+            Some(template) => template,
+            None => {
+                tracing::warn!("the model ships no chat template; using ChatML");
+                ChatTemplate::chatml()
+            }
+        };
+        let layers = 0..source.config().num_layers;
+        let stage = source.load_stage(layers, device).context("loading the model's layers")?;
+        Ok(Self {
+            id: source.name().to_string(),
+            stages: vec![stage],
+            tokenizer,
+            chat_template,
+            context_length: source.config().context_length,
+        })
+    }
+
+    /// The name clients use for this model.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders a conversation with the model's chat template, ready for the assistant's turn.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> hearth_models::Result<String> {
+        self.chat_template.render(messages, true)
+    }
+
+    /// Generates a continuation of `request.prompt`, passing the text of each token to
+    /// `on_text` as soon as it is final (possibly empty, so a caller can cancel at any token
+    /// by returning `Break`).
+    pub fn generate(
+        &self,
+        request: &Generation,
+        counters: &Counters,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> anyhow::Result<Outcome> {
+        let started = Instant::now();
+        let mut caches: Vec<StageCache> = self.stages.iter().map(Stage::new_cache).collect();
+        let mut sampler = Sampler::new(request.sampling);
+        let mut text = self.tokenizer.decode_stream();
+        let mut stops = StopMatcher::new(request.stop.clone());
+        let stop_ids = self.tokenizer.stop_token_ids();
+
+        let mut logits = self.forward(&request.prompt, &mut caches)?;
+        let mut first_token_at = None;
+        let mut completion_tokens = 0;
+        let finish = loop {
+            let token = with_host_slice(&logits, |l| sampler.sample(l))?;
+            completion_tokens += 1;
+            counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            first_token_at.get_or_insert_with(Instant::now);
+            if stop_ids.contains(&token) {
+                break FinishReason::Stop;
+            }
+            if let Some(piece) = text.step(token)? {
+                let status = stops.push(&piece);
+                if on_text(&status.emit).is_break() {
+                    break FinishReason::Cancelled;
+                }
+                if status.stopped {
+                    break FinishReason::Stop;
+                }
+            } else if on_text("").is_break() {
+                break FinishReason::Cancelled;
+            }
+            if completion_tokens >= request.max_tokens {
+                break FinishReason::Length;
+            }
+            logits = self.forward(&[token], &mut caches)?;
+        };
+        if finish != FinishReason::Cancelled {
+            let rest = stops.flush();
+            if !rest.is_empty() {
+                // The client may have left at the very end; the outcome is the same.
+                let _ = on_text(&rest);
+            }
+        }
+        let first_token_at = first_token_at.unwrap_or_else(Instant::now);
+        Ok(Outcome {
+            finish,
+            prompt_tokens: request.prompt.len(),
+            completion_tokens,
+            time_to_first_token: first_token_at - started,
+            decode_time: first_token_at.elapsed(),
+        })
+    }
+
+    /// Greedy decoding with no stop conditions, timed: prefill of `prompt`, then `tokens`
+    /// sampled tokens. For benchmarks.
+    pub fn timed_run(&self, prompt: &[u32], tokens: usize) -> anyhow::Result<Timings> {
+        let mut caches: Vec<StageCache> = self.stages.iter().map(Stage::new_cache).collect();
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        let started = Instant::now();
+        let mut logits = self.forward(prompt, &mut caches)?;
+        let prefill = started.elapsed();
+        let mut token = with_host_slice(&logits, |l| sampler.sample(l))?;
+        let first_token = started.elapsed() - prefill;
+        let decode_started = Instant::now();
+        for _ in 1..tokens {
+            logits = self.forward(&[token], &mut caches)?;
+            token = with_host_slice(&logits, |l| sampler.sample(l))?;
+        }
+        Ok(Timings { prefill, first_token, decode: decode_started.elapsed() })
+    }
+
+    /// Runs new positions through every stage in order and returns the logits of the last.
+    fn forward(&self, tokens: &[u32], caches: &mut [StageCache]) -> anyhow::Result<Tensor> {
+        let mut hidden: Option<Tensor> = None;
+        for (stage, cache) in self.stages.iter().zip(caches.iter_mut()) {
+            let input = match &hidden {
+                None => StageInput::Tokens(tokens),
+                Some(h) => StageInput::Hidden(h),
+            };
+            match stage.forward(input, cache)? {
+                StageOutput::Hidden(h) => hidden = Some(h),
+                StageOutput::Logits(logits) => return Ok(logits),
+            }
+        }
+        anyhow::bail!("the pipeline's last stage produced no logits")
+    }
+}
+
+/// Calls `f` on a 1-D f32 tensor's values, borrowing them in place when they are on the CPU.
+fn with_host_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&values[start..end]));
+    }
+    drop(storage);
+    Ok(f(&tensor.to_vec1::<f32>()?))
+}
+
+/// Where the time of a [`Model::timed_run`] went.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub prefill: Duration,
+    /// Sampling the first token after the prefill.
+    pub first_token: Duration,
+    /// Every later token: one forward pass and one sample each.
+    pub decode: Duration,
+}
+
+/// One generation request, already tokenized and validated.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The client went away.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            Self::Stop | Self::Cancelled => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub time_to_first_token: Duration,
+    /// From the first token to the last.
+    pub decode_time: Duration,
+}
+
+/// What a running generation reports to whoever asked for it.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Outcome),
+    Failed(String),
+}
+
+/// Live figures for `/health`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub generated_tokens: AtomicU64,
+    pub queued: AtomicUsize,
+    pub active: AtomicUsize,
+}
+
+struct Job {
+    request: Generation,
+    events: mpsc::Sender<Event>,
+}
+
+/// A cheap handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    counters: Arc<Counters>,
+    model_id: Arc<str>,
+    context_length: usize,
+    // Copies kept off the engine thread, so requests are tokenized and validated while
+    // earlier ones are still generating.
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Arc<ChatTemplate>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are already waiting")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl Engine {
+    /// Moves `model` onto its own thread and returns a handle to it.
+    pub fn start(model: Model) -> anyhow::Result<Self> {
+        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_CAPACITY);
+        let counters = Arc::new(Counters::default());
+        let handle = Self {
+            jobs,
+            counters: counters.clone(),
+            model_id: model.id.clone().into(),
+            context_length: model.context_length,
+            tokenizer: Arc::new(model.tokenizer.clone()),
+            chat_template: Arc::new(model.chat_template.clone()),
+        };
+        std::thread::Builder::new()
+            .name("hearth-engine".into())
+            .spawn(move || {
+                while let Some(job) = queue.blocking_recv() {
+                    counters.queued.fetch_sub(1, Ordering::Relaxed);
+                    if job.events.is_closed() {
+                        continue;
+                    }
+                    counters.active.fetch_add(1, Ordering::Relaxed);
+                    run_job(&model, &counters, job);
+                    counters.active.fetch_sub(1, Ordering::Relaxed);
+                }
+            })
+            .context("starting the engine thread")?;
+        Ok(handle)
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> hearth_models::Result<String> {
+        self.chat_template.render(messages, true)
+    }
+
+    /// Queues a generation; its events arrive on the returned channel. Dropping the
+    /// receiver cancels the generation.
+    pub fn submit(&self, request: Generation) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        let (events, receiver) = mpsc::channel(256);
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        self.jobs.try_send(Job { request, events }).map_err(|e| {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(QUEUE_CAPACITY),
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            }
+        })?;
+        Ok(receiver)
+    }
+}
+
+fn run_job(model: &Model, counters: &Counters, job: Job) {
+    let Job { request, events } = job;
+    let result = model.generate(&request, counters, |text| {
+        if text.is_empty() {
+            return if events.is_closed() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        }
+        // `blocking_send` waits when the client reads slowly and fails once it has gone.
+        match events.blocking_send(Event::Text(text.to_string())) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    });
+    let event = match result {
+        Ok(outcome) => {
+            if outcome.finish == FinishReason::Cancelled {
+                tracing::info!(tokens = outcome.completion_tokens, "client went away; generation cancelled");
+            } else {
+                let decode_rate = outcome.completion_tokens.saturating_sub(1) as f64
+                    / outcome.decode_time.as_secs_f64().max(1e-9);
+                tracing::info!(
+                    prompt_tokens = outcome.prompt_tokens,
+                    completion_tokens = outcome.completion_tokens,
+                    ttft_ms = outcome.time_to_first_token.as_millis() as u64,
+                    tokens_per_s = format!("{decode_rate:.1}"),
+                    "generation finished"
+                );
+            }
+            Event::Done(outcome)
+        }
+        Err(error) => {
+            tracing::error!("generation failed: {error:#}");
+            Event::Failed(format!("{error:#}"))
+        }
+    };
+    let _ = events.blocking_send(event);
+}
+
+/// Waits for a submitted generation to finish and returns its whole text.
+pub async fn collect(mut events: mpsc::Receiver<Event>) -> anyhow::Result<(String, Outcome)> {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Done(outcome) => return Ok((text, outcome)),
+            Event::Failed(message) => anyhow::bail!(message),
+        }
+    }
+    anyhow::bail!("the engine stopped before the generation finished")
+}

@@ -1,0 +1,258 @@
+//! `hearth`: run a language model too big for one machine on the machines you own.
+
+mod api;
+mod bench;
+mod device;
+mod engine;
+mod model_store;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hearth_models::chat_template::ChatMessage;
+use hearth_models::sampling::SamplingParams;
+use hearth_models::ModelSource;
+
+use crate::device::DeviceChoice;
+use crate::engine::{Counters, Engine, Generation, Model};
+use crate::model_store::{ModelSpec, ModelStore};
+
+/// The API's default address: loopback only, so nothing on the network reaches a node
+/// unless its owner says so.
+const DEFAULT_API_ADDR: &str = "127.0.0.1:5280";
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "A private inference mesh: one model across the machines you own")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a model and serve the OpenAI-compatible API.
+    Serve(ServeArgs),
+    /// Generate a continuation of a prompt and print it to stdout.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed; prints one JSON object.
+    Bench(BenchArgs),
+    /// Fetch a model into the local cache (and verify it) without running it.
+    Pull(PullArgs),
+}
+
+/// How to find and run the model: shared by every command that loads one.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// `default` (SmolLM2-135M-Instruct Q4_1), a .gguf file, a Hugging Face folder, or a
+    /// Hugging Face repo id (`owner/name`, `owner/name@revision`, `owner/name:FILE.gguf`).
+    #[arg(long, default_value = "default")]
+    model: ModelSpec,
+    /// Where to run the model: cpu, metal, cuda, or auto (Metal on a Mac, else CPU).
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Compute threads (default: one per physical core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Cap the context (prompt + completion) below the model's own, in tokens.
+    #[arg(long)]
+    context: Option<usize>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address the API listens on.
+    #[arg(long, default_value = DEFAULT_API_ADDR)]
+    api_addr: SocketAddr,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt to continue.
+    #[arg(long)]
+    prompt: String,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed for sampling: the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens to decode for the decode figure.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Times to repeat each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    #[arg(long, default_value = "default")]
+    model: ModelSpec,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Pull(_) => "info",
+        Command::Generate(_) | Command::Bench(_) => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench::run(open_model(&args.model)?, args.decode_tokens, args.repeat),
+        Command::Pull(args) => {
+            let store = ModelStore::from_env()?;
+            tracing::info!(cache = %store.cache_dir().display(), "resolving {:?}", args.model);
+            let local = store.resolve(&args.model)?;
+            println!("{}", local.path().display());
+            Ok(())
+        }
+    }
+}
+
+/// Resolves, opens and loads the model a command asked for.
+fn open_model(args: &ModelArgs) -> anyhow::Result<Model> {
+    if let Some(threads) = args.threads {
+        device::set_compute_threads(threads)?;
+    }
+    let device = args.device.open()?;
+    let local = ModelStore::from_env()?.resolve(&args.model)?;
+    let mut source = ModelSource::open(local.path())
+        .with_context(|| format!("opening the model at {}", local.path().display()))?;
+    if let Some(context) = args.context {
+        source.limit_context(context);
+    }
+    tracing::info!(
+        model = source.name(),
+        layers = source.config().num_layers,
+        context = source.config().context_length,
+        device = ?args.device,
+        "loading the model"
+    );
+    Model::load(&source, &device)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let model = open_model(&args.model)?;
+    let engine = Engine::start(model)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.api_addr)
+            .await
+            .with_context(|| format!("binding the API to {}", args.api_addr))?;
+        tracing::info!(
+            "serving {} on http://{}/v1 (OpenAI-compatible)",
+            engine.model_id(),
+            listener.local_addr().unwrap_or(args.api_addr)
+        );
+        axum::serve(listener, api::router(engine))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving the API")
+    })
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down");
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };
+    sampling.validate()?;
+    let model = open_model(&args.model)?;
+    let prompt_text = if args.chat {
+        model.render_chat(&[ChatMessage { role: "user".into(), content: args.prompt }])?
+    } else {
+        args.prompt
+    };
+    let prompt = model.tokenizer().encode(&prompt_text)?;
+    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
+    let room = model.context_length().saturating_sub(prompt.len());
+    anyhow::ensure!(
+        room > 0,
+        "the prompt is {} tokens; the context holds {}",
+        prompt.len(),
+        model.context_length()
+    );
+    let request = Generation { prompt, sampling, max_tokens: args.max_tokens.min(room), stop: args.stop };
+    let mut stdout = std::io::stdout().lock();
+    model.generate(&request, &Counters::default(), |text| {
+        match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+            Ok(()) => ControlFlow::Continue(()),
+            // stdout closed (e.g. piped into `head`): stop generating.
+            Err(_) => ControlFlow::Break(()),
+        }
+    })?;
+    // A newline for the terminal's sake; piped output is exactly the continuation.
+    if std::io::IsTerminal::is_terminal(&stdout) {
+        let _ = writeln!(stdout);
+    }
+    Ok(())
+}
