@@ -5,6 +5,7 @@
 //! is simply the one stage that holds every layer.
 
 mod error;
+mod kernels;
 
 pub mod chat_template;
 pub mod config;

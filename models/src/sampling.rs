@@ -176,27 +176,24 @@ impl Sampler {
             return first_at(logits, max);
         }
 
-        // Softmax with temperature, shifted by the max so that the weights are in
-        // `[0, 1]` with the max at exactly 1. Normalizing is left to the draw, which
-        // scales the uniform number instead.
-        let inv_temperature = 1.0 / temperature;
-        let weight = |logit: f32| exp_nonpositive((logit - max) * inv_temperature);
-
         let Scratch { candidates, edge, bucket_mass } = &mut self.scratch;
         if top_k > 0 && top_k < logits.len() {
             top_k_candidates(logits, top_k, candidates);
-            for c in candidates.iter_mut() {
-                c.weight = weight(c.weight);
-            }
         } else {
-            // NaN logits come along with weight 0: cheaper than filtering them out.
+            // NaN logits come along but get weight 0 below: cheaper than filtering here.
             candidates.clear();
             candidates.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .map(|(id, &logit)| Candidate { id: id as u32, weight: weight(logit) }),
+                logits.iter().enumerate().map(|(id, &logit)| Candidate { id: id as u32, weight: logit }),
             );
+        }
+
+        // Softmax with temperature, shifted by the max so that the weights are in
+        // `[0, 1]` with the max at exactly 1. Normalizing is left to the draw, which
+        // scales the uniform number instead. (A separate pass rather than fused into the
+        // one above: alone, this loop vectorizes.)
+        let inv_temperature = 1.0 / temperature;
+        for c in candidates.iter_mut() {
+            c.weight = exp_nonpositive((c.weight - max) * inv_temperature);
         }
 
         // A NaN top_p is treated as tiny rather than as "off".
@@ -518,6 +515,16 @@ mod tests {
     }
 
     #[test]
+    fn masked_tokens_are_never_picked() {
+        let mut s = Sampler::new(params(2.0, 1.0, 0, 10));
+        let logits = [f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY, -50.0];
+        for _ in 0..1000 {
+            let id = s.sample(&logits);
+            assert!(id == 1 || id == 3, "picked -inf logit {id}");
+        }
+    }
+
+    #[test]
     fn degenerate_logits_do_not_panic() {
         for p in [SamplingParams::greedy(), params(1.0, 0.5, 3, 1)] {
             let mut s = Sampler::new(p);
@@ -627,6 +634,20 @@ mod tests {
         let logits = [1.0, 2.0, 0.5, -1.0];
         assert_close(&histogram(params(1.0, 1.0, 0, 11), &logits, 20_000), &softmax(&logits, 1.0));
         assert_close(&histogram(params(0.5, 1.0, 0, 12), &logits, 20_000), &softmax(&logits, 0.5));
+    }
+
+    #[test]
+    fn draws_follow_the_softmax_across_blocks() {
+        // The same four tokens, spread over a vocabulary of many blocks of masked tokens,
+        // so that the draw has to skip blocks.
+        let ids = [3, 700, 701, 9_999];
+        let mut logits = vec![f32::NEG_INFINITY; 10_000];
+        for (&id, l) in ids.iter().zip([1.0, 2.0, 0.5, -1.0]) {
+            logits[id] = l;
+        }
+        let frequencies = histogram(params(1.0, 1.0, 0, 16), &logits, 20_000);
+        let actual: Vec<f64> = ids.iter().map(|&id| frequencies[id]).collect();
+        assert_close(&actual, &softmax(&[1.0, 2.0, 0.5, -1.0], 1.0));
     }
 
     #[test]

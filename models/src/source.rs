@@ -9,12 +9,13 @@ use std::io::BufReader;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat_template::ChatTemplate;
 use crate::config::{ModelConfig, RopeScaling};
+use crate::kernels::Matrix;
 use crate::stage::Stage;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -331,10 +332,10 @@ impl TensorLoader<'_> {
     }
 
     /// A weight matrix for products: kept quantized when the file is quantized.
-    pub(crate) fn matrix(&mut self, name: TensorName) -> Result<QMatMul> {
+    pub(crate) fn matrix(&mut self, name: TensorName) -> Result<Matrix> {
         match self.weights {
-            Weights::Gguf { .. } => Ok(QMatMul::from_qtensor(self.gguf_tensor(name)?)?),
-            Weights::Safetensors { .. } => Ok(QMatMul::Tensor(self.dense(name)?)),
+            Weights::Gguf { .. } => Ok(Matrix::quantized(self.gguf_tensor(name)?)?),
+            Weights::Safetensors { .. } => Ok(Matrix::dense(self.dense(name)?)),
         }
     }
 

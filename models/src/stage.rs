@@ -3,11 +3,11 @@
 
 use std::ops::Range;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use crate::kernels::Matrix;
 use crate::source::{activation_dtype, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
 
@@ -50,7 +50,7 @@ impl StageCache {
 pub struct Stage {
     config: ModelConfig,
     layers: Range<usize>,
-    embedding: Option<QMatMul>,
+    embedding: Option<Matrix>,
     blocks: Vec<Block>,
     head: Option<Head>,
     rope: Rope,
@@ -197,7 +197,7 @@ impl Stage {
 
 struct Head {
     norm: RmsNorm,
-    output: QMatMul,
+    output: Matrix,
 }
 
 struct RmsNorm {
@@ -217,7 +217,7 @@ impl RmsNorm {
 
 /// A projection with an optional bias (Qwen2 has them on q, k and v).
 struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 

@@ -38,7 +38,14 @@ fn tiny_llama_splits_match_whole_model() {
     let dir = tiny_model::write(tiny_model::Flavor::Llama, "split-llama");
     let source = ModelSource::open(dir.path()).expect("tiny llama opens");
     assert!(source.config().tied_embeddings);
-    assert_splits_match_whole(&source, &[3, 17, 42, 5, 9, 11], 6);
+    // The folder's tokenizer.json and tokenizer_config.json load with the weights.
+    let tokenizer = source.tokenizer().expect("tokenizer.json loads");
+    let prompt = tokenizer.encode("w3 w17 w42 w5 w9 w11").expect("encodes");
+    assert_eq!(prompt, [3, 17, 42, 5, 9, 11]);
+    let template = source.chat_template(&tokenizer).expect("template").expect("tokenizer_config.json has one");
+    let message = hearth_models::chat_template::ChatMessage { role: "user".into(), content: "w7".into() };
+    assert_eq!(template.render(&[message], true).expect("renders"), "user: w7\nassistant:");
+    assert_splits_match_whole(&source, &prompt, 6);
 }
 
 #[test]

@@ -30,7 +30,7 @@ fn stage_memory_child() {
         .load_stage(start.parse().expect("start")..end.parse().expect("end"), &candle_core::Device::Cpu)
         .expect("stage loads");
     let after = resident_bytes();
-    println!("STAGE_BYTES={}", after.saturating_sub(before));
+    println!("\nSTAGE_BYTES={}", after.saturating_sub(before));
     drop(stage);
 }
 
@@ -44,7 +44,7 @@ fn stage_bytes(start: usize, end: usize) -> u64 {
     assert!(output.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     stdout
         .lines()
-        .find_map(|l| l.strip_prefix("STAGE_BYTES="))
+        .find_map(|l| l.split_once("STAGE_BYTES=").map(|(_, v)| v))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("child printed no figure: {stdout}"))
 }

@@ -25,8 +25,8 @@ use crate::engine::{self, Engine, Event, Generation, Outcome, SubmitError};
 
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 4 << 20;
-/// Stop strings a request may give.
-const MAX_STOP_STRINGS: usize = 16;
+/// Stop strings a request may give, as OpenAI allows.
+const MAX_STOP_STRINGS: usize = 4;
 
 pub fn router(engine: Engine) -> Router {
     Router::new()
@@ -322,7 +322,9 @@ fn chat_messages(fields: &serde_json::Map<String, Value>) -> Result<Vec<ChatMess
                 }
             };
             let content = match message.content {
-                None => String::new(),
+                // Only an assistant turn (one that called tools, in OpenAI's API) may lack content.
+                None if role == "assistant" => String::new(),
+                None => return Err(bad(format!("messages[{i}].content is required"))),
                 Some(MessageContent::Text(text)) => text,
                 Some(MessageContent::Parts(parts)) => {
                     let mut text = String::new();

@@ -42,10 +42,24 @@ class Reference:
     generated_ids: list[int]
     pieces: list[str]
     text: str
+    top5_logits: list[list[list[float]]]  # per generated position: [token id, logit] x 5
 
     def prefix(self, n_tokens: int) -> str:
         """The text of the first `n_tokens` generated tokens."""
         return "".join(self.pieces[:n_tokens])
+
+    def divergence(self, got: str) -> str:
+        """Where `got` leaves the reference text, with llama.cpp's top logits at that step."""
+        consumed = ""
+        for step, piece in enumerate(self.pieces):
+            if not got.startswith(consumed + piece):
+                top = ", ".join(f"{int(t)}: {logit:.3f}" for t, logit in self.top5_logits[step][:3])
+                return (
+                    f"diverges at generated token {step} (reference piece {piece!r} after {consumed!r}); "
+                    f"llama.cpp's top logits there: {top}"
+                )
+            consumed += piece
+        return "the reference text is a prefix of the output"
 
     @property
     def slug(self) -> str:
@@ -62,6 +76,7 @@ def load_references(path: Path = REFERENCE_PATH) -> list[Reference]:
             generated_ids=e["generated_ids"],
             pieces=e["pieces"],
             text=e["text"],
+            top5_logits=e["top5_logits_per_step"],
         )
         for e in entries
     ]
@@ -382,7 +397,7 @@ def test_greedy_completion_matches_llama_cpp(client: openai.OpenAI, model_id: st
     choice = completion.choices[0]
     assert choice.index == 0
     assert choice.text == ref.text, (
-        f"greedy text differs from llama.cpp:\n got {choice.text!r}\nwant {ref.text!r}"
+        f"greedy text differs from llama.cpp:\n got {choice.text!r}\nwant {ref.text!r}\n{ref.divergence(choice.text)}"
     )
     assert choice.finish_reason == "length"
     assert_usage(completion.usage, prompt=len(ref.prompt_ids), completion=len(ref.generated_ids))

@@ -81,7 +81,7 @@ fn decode_block(format: WeightFormat, block: &[u8]) -> ([i32; BLOCK], f32) {
 /// into a fused multiply-add on FMA hardware; so does this, on every instruction set.
 #[inline(always)]
 pub(crate) fn add_offset(offsets: f32, m: f32, s: f32) -> f32 {
-    m.mul_add(s, offsets)
+    if std::env::var_os("TMP_NOFMA").is_some() { offsets + m * s } else { m.mul_add(s, offsets) }
 }
 
 /// The eight accumulators summed as ggml's `hsum_float_8` does: the upper half onto the

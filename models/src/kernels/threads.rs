@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-/// 0 until chosen: then the number of threads products use.
+/// 0 until first asked for: then the number of threads products use.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// Below this many block products (about 10 µs of work), a chunk is not worth a thread.
@@ -22,13 +22,8 @@ const MIN_BLOCKS_PER_CHUNK: usize = 4096;
 /// Chunks per thread: more than one evens out threads that the OS delays.
 const CHUNKS_PER_THREAD: usize = 4;
 
-/// Sets how many threads quantized products use (at least 1). Without a call, it is
-/// candle's thread count (`RAYON_NUM_THREADS`, else the physical cores).
-#[allow(dead_code)] // A knob for embedders and benchmarks; the library itself follows candle.
-pub fn set_num_threads(threads: usize) {
-    THREADS.store(threads.max(1), Ordering::Relaxed);
-}
-
+/// Threads for products: candle's count (`RAYON_NUM_THREADS`, else the physical cores),
+/// read once, as reading it takes the environment's lock.
 pub(crate) fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => {
@@ -42,14 +37,14 @@ pub(crate) fn num_threads() -> usize {
 
 /// Calls `f(rows, part)` for disjoint ranges of rows covering `0..out.len() / per_row`,
 /// where `part` is the slice of `out` holding those rows (`per_row` values each), spread
-/// over up to [`num_threads`] threads. `blocks_per_row` sizes a row's work.
-pub(crate) fn for_row_ranges<F>(out: &mut [f32], per_row: usize, blocks_per_row: usize, f: F)
+/// over up to `threads` threads. `blocks_per_row` sizes a row's work.
+pub(crate) fn for_row_ranges<F>(out: &mut [f32], per_row: usize, blocks_per_row: usize, threads: usize, f: F)
 where
     F: Fn(Range<usize>, &mut [f32]) + Sync,
 {
     let rows = out.len() / per_row;
     let work = rows * blocks_per_row;
-    let threads = num_threads().min(work / MIN_BLOCKS_PER_CHUNK).max(1);
+    let threads = threads.min(work / MIN_BLOCKS_PER_CHUNK).max(1);
     if threads == 1 {
         f(0..rows, out);
         return;

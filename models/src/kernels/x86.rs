@@ -1,8 +1,8 @@
 //! AVX2 + FMA kernels: ggml's x86 code for the same formats, instruction for instruction
 //! where the order of floating-point operations matters (see `portable.rs`).
 //!
-//! Each public function here is `unsafe` only because it needs AVX2, FMA and F16C: callers
-//! check for them once (`Isa::detect`). Memory is reached only through slices whose
+//! The kernels are reached through [`Avx2`], a token that only exists once the CPU has
+//! been seen to support AVX2, FMA and F16C; memory is reached only through slices whose
 //! lengths are checked before any pointer is formed.
 
 use std::arch::x86_64::*;
@@ -20,12 +20,47 @@ const Q8_0: u8 = 2;
 /// reused this many times, and the accumulators still fit in the 16 vector registers.
 const MAX_ACT_ROWS: usize = 4;
 
-/// AVX2 version of [`super::activation::quantize_row`].
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// Proof that this CPU runs AVX2, FMA and F16C: the kernels' entry points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    pub(crate) fn detect() -> Option<Self> {
+        let supported = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        supported.then_some(Self(()))
+    }
+
+    /// AVX2 version of [`super::activation::quantize_row`].
+    pub(crate) fn quantize_row(self, x: &[f32], out: &mut [Q8Block], with_sum: bool) {
+        // SAFETY: `self` exists only on CPUs with the features `quantize_row` needs.
+        unsafe { quantize_row(x, out, with_sum) }
+    }
+
+    /// AVX2 version of [`super::portable::product_rows`].
+    pub(crate) fn product_rows(
+        self,
+        format: WeightFormat,
+        weights: &[u8],
+        blocks: usize,
+        acts: &[Q8Block],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: `self` exists only on CPUs with the features `rows` needs.
+        unsafe {
+            match format {
+                WeightFormat::Q4_0 => rows::<Q4_0>(weights, blocks, acts, m, out),
+                WeightFormat::Q4_1 => rows::<Q4_1>(weights, blocks, acts, m, out),
+                WeightFormat::Q8_0 => rows::<Q8_0>(weights, blocks, acts, m, out),
+            }
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
+unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
     assert_eq!(x.len(), out.len() * BLOCK);
     for (values, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         // SAFETY: `values` holds 32 f32s, read as four unaligned vectors of 8; `block.qs`
@@ -62,29 +97,6 @@ pub(crate) unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool
             let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
             let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered);
-        }
-    }
-}
-
-/// AVX2 version of [`super::portable::product_rows`].
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn product_rows(
-    format: WeightFormat,
-    weights: &[u8],
-    blocks: usize,
-    acts: &[Q8Block],
-    m: usize,
-    out: &mut [f32],
-) {
-    // SAFETY: the caller guarantees the features these functions are compiled for.
-    unsafe {
-        match format {
-            WeightFormat::Q4_0 => rows::<Q4_0>(weights, blocks, acts, m, out),
-            WeightFormat::Q4_1 => rows::<Q4_1>(weights, blocks, acts, m, out),
-            WeightFormat::Q8_0 => rows::<Q8_0>(weights, blocks, acts, m, out),
         }
     }
 }

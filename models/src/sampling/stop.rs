@@ -14,8 +14,8 @@
 #[derive(Debug, Clone)]
 pub struct StopMatcher {
     stops: Vec<String>,
-    /// Text received but not emitted: always a possible start of a stop string, so never
-    /// longer than the longest stop string.
+    /// Text received but not emitted. Between pushes it is a proper prefix of some stop
+    /// string, so it stays shorter than the longest one.
     held: String,
     stopped: bool,
 }
@@ -89,8 +89,8 @@ impl StopMatcher {
             .filter_map(|stop| {
                 let longest = (stop.len() - 1).min(held.len());
                 (1..=longest).rev().find(|&len| {
-                    // Equal bytes after a char boundary in `stop` start at a char boundary
-                    // in `held` too; checking anyway keeps the split in `push` panic-free.
+                    // A stop starts at a char boundary, so bytes equal to its prefix start
+                    // at one in `held` too; checking anyway keeps `push` panic-free.
                     self.held.is_char_boundary(held.len() - len) && held.ends_with(&stop.as_bytes()[..len])
                 })
             })

@@ -1,0 +1,256 @@
+//! Quantized matrix products on the CPU that compute exactly what llama.cpp computes.
+//!
+//! A [`QuantMatrix`] keeps a GGUF weight matrix in its file's block format (Q4_0, Q4_1 or
+//! Q8_0) and multiplies f32 activations by it the way ggml does: each activation row is
+//! quantized once to 8 bits per value (Q8_1 for Q4_1 weights, Q8_0 otherwise), then every
+//! output is a sum of integer block products scaled in f32, in ggml's order of operations.
+//! Matching ggml to the bit keeps greedy decoding on the same tokens as llama.cpp, which
+//! candle's own kernels (with their f16 rounding of Q8_1 sums) do not.
+//!
+//! Instruction sets are picked at run time; `portable.rs` is the reference every SIMD
+//! version must equal bit for bit. Output rows are split across threads (`threads.rs`)
+//! without changing any result.
+
+mod activation;
+mod format;
+mod portable;
+mod threads;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{bail, DType, Device, Module, Storage, Tensor};
+
+use activation::Q8Block;
+use format::{ActivationFormat, WeightFormat, BLOCK};
+
+/// A weight matrix for products: native kernels where they apply, candle's elsewhere
+/// (other formats, dense weights, GPUs).
+#[derive(Clone)]
+pub(crate) enum Matrix {
+    Native(QuantMatrix),
+    Candle(QMatMul),
+}
+
+impl Matrix {
+    /// Takes a tensor read from GGUF, keeping its bytes once, in whichever form runs it.
+    pub(crate) fn quantized(qtensor: QTensor) -> candle_core::Result<Self> {
+        if std::env::var_os("HEARTH_TMP_CANDLE").is_some() { return Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?)); } // TEMP
+        match QuantMatrix::from_qtensor(&qtensor)? {
+            // `qtensor` is dropped here: only the matrix's copy of the bytes stays.
+            Some(matrix) => Ok(Self::Native(matrix)),
+            None => Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?)),
+        }
+    }
+
+    /// A dense matrix (safetensors weights), multiplied by candle.
+    pub(crate) fn dense(weight: Tensor) -> Self {
+        Self::Candle(QMatMul::Tensor(weight))
+    }
+
+    /// `x @ selfᵀ` for `x` of shape `(..., cols)`: shape `(..., rows)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Native(matrix) => matrix.forward(x),
+            Self::Candle(matrix) => matrix.forward(x),
+        }
+    }
+
+    /// The rows named by `ids`, dequantized: shape `ids.dims() + (cols,)`.
+    pub(crate) fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Native(matrix) => matrix.embedding(ids),
+            Self::Candle(matrix) => matrix.embedding(ids),
+        }
+    }
+}
+
+/// A quantized matrix in GGML's block layout, multiplied on the CPU by this module's kernels.
+#[derive(Clone)]
+pub(crate) struct QuantMatrix {
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+    /// The blocks, row after row; shared by clones (a tied LM head and the embedding).
+    data: Arc<[u8]>,
+}
+
+impl QuantMatrix {
+    /// Copies the blocks of a 2-D CPU tensor in a format these kernels handle; `None` for
+    /// any other tensor.
+    pub(crate) fn from_qtensor(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
+        let Some(format) = WeightFormat::from_ggml(qtensor.dtype()) else { return Ok(None) };
+        let Ok((rows, cols)) = qtensor.shape().dims2() else { return Ok(None) };
+        if !qtensor.device().is_cpu() || cols % BLOCK != 0 {
+            return Ok(None);
+        }
+        let data = qtensor.data()?;
+        if data.len() != rows * (cols / BLOCK) * format.block_bytes() {
+            bail!("a {rows}x{cols} {format:?} matrix holds {} bytes", data.len());
+        }
+        Ok(Some(Self { format, rows, cols, data: Arc::from(&*data) }))
+    }
+
+    /// `x @ selfᵀ` for `x` of shape `(..., cols)` on the CPU: shape `(..., rows)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some((&cols, batch)) = x.dims().split_last() else {
+            bail!("a matrix product needs at least a 1-D input")
+        };
+        if cols != self.cols {
+            bail!("input of shape {:?} does not match a {}x{} matrix", x.dims(), self.rows, self.cols);
+        }
+        if !x.device().is_cpu() {
+            bail!("quantized CPU matrix used with a {:?} input", x.device().location());
+        }
+        let dtype = x.dtype();
+        // Both are no-ops (cheap handle clones) for the f32 contiguous inputs models pass.
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let m = batch.iter().product();
+        let out = {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(storage) = &*storage else { bail!("CPU tensor without CPU storage") };
+            let Some((start, end)) = layout.contiguous_offsets() else { bail!("contiguous tensor with gaps") };
+            self.product(&storage.as_slice::<f32>()?[start..end], m, threads::num_threads())
+        };
+        let mut shape = batch.to_vec();
+        shape.push(self.rows);
+        Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)
+    }
+
+    /// The rows named by `ids`, dequantized to f32 exactly as ggml's `get_rows` does.
+    pub(crate) fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let ids_flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let mut out = vec![0.0f32; ids_flat.len() * self.cols];
+        for (&id, out) in ids_flat.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let id = id as usize;
+            if id >= self.rows {
+                bail!("row {id} is outside a matrix of {} rows", self.rows);
+            }
+            let row = self.row_bytes(id..id + 1);
+            for (block, out) in row.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
+                self.format.dequantize_block(block, out);
+            }
+        }
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.cols);
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+
+    /// `m` rows of `cols` values times this matrix, on up to `threads` threads: `m` rows of
+    /// `rows` values.
+    fn product(&self, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
+        let isa = Isa::detect();
+        let blocks = self.cols / BLOCK;
+        let mut out = vec![0.0f32; m * self.rows];
+        with_scratch(|Scratch { acts, by_weight_row }| {
+            let acts = quantize(isa, self.format.activation(), x, blocks, acts);
+            let run = |rows: Range<usize>, part: &mut [f32]| {
+                isa.product_rows(self.format, self.row_bytes(rows), blocks, acts, m, part)
+            };
+            if m == 1 {
+                threads::for_row_ranges(&mut out, 1, blocks, threads, run);
+            } else {
+                // Kernels write each weight row's results for all activation rows together
+                // (so threads own contiguous slices); transpose into row-major output after.
+                by_weight_row.clear();
+                by_weight_row.resize(m * self.rows, 0.0);
+                threads::for_row_ranges(by_weight_row, m, blocks * m, threads, run);
+                for (r, values) in by_weight_row.chunks_exact(m).enumerate() {
+                    for (i, &v) in values.iter().enumerate() {
+                        out[i * self.rows + r] = v;
+                    }
+                }
+            }
+        });
+        out
+    }
+
+    fn row_bytes(&self, rows: Range<usize>) -> &[u8] {
+        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        &self.data[rows.start * row_bytes..rows.end * row_bytes]
+    }
+}
+
+/// Per-thread buffers reused across products, so that a product allocates only its output.
+#[derive(Default)]
+struct Scratch {
+    acts: Vec<Q8Block>,
+    by_weight_row: Vec<f32>,
+}
+
+/// Quantizes `x` (rows of `blocks * 32` values) into `acts`, reusing its memory.
+fn quantize<'a>(isa: Isa, format: ActivationFormat, x: &[f32], blocks: usize, acts: &'a mut Vec<Q8Block>) -> &'a [Q8Block] {
+    let with_sum = format == ActivationFormat::Q8_1;
+    acts.clear();
+    acts.resize(x.len() / BLOCK, Q8Block::ZERO);
+    for (x, acts) in x.chunks_exact(blocks * BLOCK).zip(acts.chunks_exact_mut(blocks)) {
+        isa.quantize_row(x, acts, with_sum);
+    }
+    acts
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch, or with a fresh one if a product already running on
+/// this thread holds it (a rayon worker can start another task while it waits).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+/// An instruction set with kernels here, vouched for by detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(x86::Avx2),
+}
+
+impl Isa {
+    /// The best instruction set this CPU runs.
+    // TODO(aarch64): NEON kernels (vdotq_s32 for the group sums); the portable kernels are
+    // exact there, only slower.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = x86::Avx2::detect() {
+            return Self::Avx2(avx2);
+        }
+        Self::Portable
+    }
+
+    /// Every instruction set this CPU runs, for tests that compare them.
+    #[cfg(test)]
+    pub(crate) fn all() -> Vec<Self> {
+        let mut all = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        all.extend(x86::Avx2::detect().map(Self::Avx2));
+        all
+    }
+
+    fn quantize_row(self, x: &[f32], out: &mut [Q8Block], with_sum: bool) {
+        match self {
+            Self::Portable => activation::quantize_row(x, out, with_sum),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(avx2) => avx2.quantize_row(x, out, with_sum),
+        }
+    }
+
+    fn product_rows(self, format: WeightFormat, weights: &[u8], blocks: usize, acts: &[Q8Block], m: usize, out: &mut [f32]) {
+        match self {
+            Self::Portable => portable::product_rows(format, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(avx2) => avx2.product_rows(format, weights, blocks, acts, m, out),
+        }
+    }
+}

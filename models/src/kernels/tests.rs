@@ -1,0 +1,220 @@
+//! Every instruction set against the portable kernels (bit for bit), and the portable
+//! kernels against plain f32 arithmetic on dequantized values.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::activation::{quantize_row, Q8Block};
+use super::format::{ActivationFormat, WeightFormat, BLOCK};
+use super::{Isa, QuantMatrix};
+
+const FORMATS: [(GgmlDType, WeightFormat); 3] = [
+    (GgmlDType::Q4_0, WeightFormat::Q4_0),
+    (GgmlDType::Q4_1, WeightFormat::Q4_1),
+    (GgmlDType::Q8_0, WeightFormat::Q8_0),
+];
+const ROWS: [usize; 12] = [1, 2, 3, 4, 5, 7, 8, 16, 31, 33, 64, 70];
+const COLS: [usize; 4] = [32, 96, 576, 1536];
+
+/// Activation-like values: mostly small, some large outliers, some all-zero blocks.
+fn activations(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..len)
+        .map(|_| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if rng.random_ratio(1, 50) {
+                v * 40.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    if len >= 2 * BLOCK && rng.random_ratio(1, 3) {
+        x[BLOCK..2 * BLOCK].fill(0.0);
+    }
+    x
+}
+
+fn matrix(rng: &mut ChaCha8Rng, dtype: GgmlDType, rows: usize, cols: usize) -> (QuantMatrix, QTensor) {
+    let weights: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.5f32..0.5) + 0.05).collect();
+    let tensor = Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap();
+    let qtensor = QTensor::quantize(&tensor, dtype).unwrap();
+    let matrix = QuantMatrix::from_qtensor(&qtensor).unwrap().expect("a native format");
+    (matrix, qtensor)
+}
+
+fn quantized(isa: Isa, format: ActivationFormat, x: &[f32], cols: usize) -> Vec<Q8Block> {
+    let mut acts = vec![Q8Block::ZERO; x.len() / BLOCK];
+    for (x, acts) in x.chunks_exact(cols).zip(acts.chunks_exact_mut(cols / BLOCK)) {
+        isa.quantize_row(x, acts, format == ActivationFormat::Q8_1);
+    }
+    acts
+}
+
+#[test]
+fn quantization_rounds_as_ggml_on_x86() {
+    // amax = 127 makes the inverse scale 1, so the values below are exactly the rounded ones.
+    let mut x = vec![0.0f32; BLOCK];
+    x[0] = 127.0;
+    x[1..7].copy_from_slice(&[2.5, 3.5, -2.5, -3.5, 0.5, -0.49]);
+    for isa in Isa::all() {
+        let mut block = [Q8Block::ZERO];
+        isa.quantize_row(&x, &mut block, true);
+        assert_eq!(block[0].qs[..7], [127, 2, 4, -2, -4, 0, 0], "{isa:?} rounds half to even");
+        assert_eq!(block[0].d, 1.0);
+        assert_eq!(block[0].s, 127.0);
+    }
+}
+
+#[test]
+fn q8_1_sum_is_rounded_once_from_f32() {
+    // d = 1.3 / 127 is not an f16; s must be f16(d * sum) with d unrounded, which differs
+    // from candle's f16(sum) * d, the rounding this module exists to avoid.
+    let mut x = vec![0.0f32; BLOCK];
+    x[0] = 1.3;
+    x[1] = 1.0;
+    x[2] = 0.7;
+    let mut block = [Q8Block::ZERO];
+    quantize_row(&x, &mut block, true);
+    let d = 1.3f32 / 127.0;
+    let sum: i32 = block[0].qs.iter().map(|&q| q as i32).sum();
+    assert_eq!(sum, 127 + 98 + 68);
+    assert_eq!(block[0].s, half::f16::from_f32(d * sum as f32).to_f32());
+    assert_eq!(block[0].d, half::f16::from_f32(d).to_f32());
+}
+
+#[test]
+fn every_isa_quantizes_like_the_portable_code() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for cols in COLS {
+        for with_sum in [false, true] {
+            let x = activations(&mut rng, cols);
+            let mut expected = vec![Q8Block::ZERO; cols / BLOCK];
+            quantize_row(&x, &mut expected, with_sum);
+            for isa in Isa::all() {
+                let mut got = vec![Q8Block::ZERO; cols / BLOCK];
+                isa.quantize_row(&x, &mut got, with_sum);
+                assert_eq!(got, expected, "{isa:?}, {cols} values");
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantized_blocks_match_candle() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for (dtype, _) in FORMATS {
+        let (matrix, qtensor) = matrix(&mut rng, dtype, 3, 96);
+        let ids = Tensor::new(&[2u32, 0, 2], &Device::Cpu).unwrap();
+        let ours = matrix.embedding(&ids).unwrap();
+        let candle = qtensor.embedding(&ids).unwrap();
+        assert_eq!(ours.dims(), &[3, 96]);
+        assert_eq!(ours.to_vec2::<f32>().unwrap(), candle.to_vec2::<f32>().unwrap(), "{dtype:?}");
+    }
+}
+
+#[test]
+fn every_isa_multiplies_like_the_portable_code() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let isas = Isa::all();
+    for (dtype, format) in FORMATS {
+        for cols in COLS {
+            for rows in ROWS {
+                let (matrix, _) = matrix(&mut rng, dtype, rows, cols);
+                for m in 1..=9 {
+                    let x = activations(&mut rng, m * cols);
+                    let acts = quantized(Isa::Portable, format.activation(), &x, cols);
+                    let blocks = cols / BLOCK;
+                    let weights = matrix.row_bytes(0..rows);
+                    let mut expected = vec![0.0; rows * m];
+                    Isa::Portable.product_rows(format, weights, blocks, &acts, m, &mut expected);
+                    for &isa in &isas {
+                        let mut got = vec![0.0; rows * m];
+                        isa.product_rows(format, weights, blocks, &acts, m, &mut got);
+                        assert!(
+                            got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} differs from the portable kernel: {format:?} {rows}x{cols}, {m} rows"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The portable kernels against f64 sums of products of candle's dequantized weights and
+/// the dequantized activations.
+#[test]
+fn products_match_dequantized_arithmetic() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for (dtype, format) in FORMATS {
+        for cols in COLS {
+            for rows in [1, 5, 17] {
+                let (matrix, qtensor) = matrix(&mut rng, dtype, rows, cols);
+                let weights = qtensor.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+                let m = 3;
+                let x = activations(&mut rng, m * cols);
+                let acts = quantized(Isa::Portable, format.activation(), &x, cols);
+                let got = matrix.product(&x, m, 1);
+                for (i, acts) in acts.chunks_exact(cols / BLOCK).enumerate() {
+                    for (r, w) in weights.iter().enumerate() {
+                        let (mut sum, mut magnitude, mut offset_error) = (0.0f64, 0.0f64, 0.0f64);
+                        for (b, a) in acts.iter().enumerate() {
+                            for (j, &q) in a.qs.iter().enumerate() {
+                                let product = w[b * BLOCK + j] as f64 * (q as f64 * a.d as f64);
+                                sum += product;
+                                magnitude += product.abs();
+                            }
+                            if format == WeightFormat::Q4_1 {
+                                // Q8_1's `s` is rounded to f16: its product with `m` is off
+                                // by up to half an f16 ulp of it.
+                                let m_w = super::format::f16_at(matrix.row_bytes(r..r + 1), b * 20 + 2);
+                                offset_error += (m_w as f64 * a.s as f64).abs() / 1024.0;
+                            }
+                        }
+                        let ours = got[i * rows + r] as f64;
+                        let tolerance = 1e-4 * magnitude + offset_error + 1e-6;
+                        assert!(
+                            (ours - sum).abs() <= tolerance,
+                            "{format:?} {rows}x{cols} row {r}, input {i}: {ours} vs {sum} (tolerance {tolerance})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for (dtype, _) in FORMATS {
+        let (matrix, _) = matrix(&mut rng, dtype, 1000, 576);
+        for m in [1, 6] {
+            let x = activations(&mut rng, m * 576);
+            let one = matrix.product(&x, m, 1);
+            for threads in [2, 3, 8] {
+                assert_eq!(matrix.product(&x, m, threads), one, "{dtype:?}, {m} rows, {threads} threads");
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_keeps_leading_dimensions() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let (matrix, _) = matrix(&mut rng, GgmlDType::Q4_1, 40, 96);
+    let x = activations(&mut rng, 2 * 3 * 96);
+    let expected = matrix.product(&x, 6, 1);
+    let input = Tensor::from_vec(x, (2, 3, 96), &Device::Cpu).unwrap();
+    let output = matrix.forward(&input).unwrap();
+    assert_eq!(output.dims(), &[2, 3, 40]);
+    assert_eq!(output.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+    // A non-contiguous input is multiplied as its contiguous copy.
+    let transposed = input.transpose(0, 1).unwrap();
+    let output = matrix.forward(&transposed).unwrap();
+    let expected = matrix.forward(&transposed.contiguous().unwrap()).unwrap();
+    assert_eq!(output.to_vec3::<f32>().unwrap(), expected.to_vec3::<f32>().unwrap());
+    assert!(matrix.forward(&Tensor::zeros((2, 95), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
+}
