@@ -203,13 +203,13 @@ impl ModelConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(format!("{name} is 0")));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(invalid(format!(
                 "{} heads cannot share {} kv heads evenly",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!("head dim {} is odd; RoPE needs pairs", self.head_dim)));
         }
         Ok(())

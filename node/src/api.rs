@@ -18,25 +18,28 @@ use hearth_models::chat_template::ChatMessage;
 use hearth_models::sampling::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::engine::{self, Engine, Event, Generation, Outcome, SubmitError};
+use crate::cluster::ClusterView;
+use crate::engine::{self, Event, Generation, Outcome};
+use crate::holder::{Holder, SubmitError};
 
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 4 << 20;
 /// Stop strings a request may give, as OpenAI allows.
 const MAX_STOP_STRINGS: usize = 4;
 
-pub fn router(engine: Engine) -> Router {
+pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/cluster", get(move || cluster_view(cluster.clone())))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(engine)
+        .with_state(holder)
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -102,7 +105,6 @@ impl From<SubmitError> for ApiError {
     fn from(error: SubmitError) -> Self {
         let status = match error {
             SubmitError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-            SubmitError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::invalid(error.to_string()).status(status).kind("server_error")
     }
@@ -113,22 +115,26 @@ async fn not_found() -> ApiError {
         .status(StatusCode::NOT_FOUND)
 }
 
-async fn health(State(engine): State<Engine>) -> Json<Value> {
-    let counters = engine.counters();
+async fn health(State(holder): State<Holder>) -> Json<Value> {
+    let counters = holder.counters();
     let load = std::sync::atomic::Ordering::Relaxed;
     Json(json!({
         "status": "ok",
-        "model": engine.model_id(),
+        "model": holder.model_id(),
         "active_requests": counters.active.load(load),
         "queued_requests": counters.queued.load(load),
         "generated_tokens_total": counters.generated_tokens.load(load),
     }))
 }
 
-async fn models(State(engine): State<Engine>) -> Json<Value> {
+async fn cluster_view(cluster: watch::Receiver<ClusterView>) -> Json<ClusterView> {
+    Json(cluster.borrow().clone())
+}
+
+async fn models(State(holder): State<Holder>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{ "id": engine.model_id(), "object": "model", "created": unix_time(), "owned_by": "hearth" }],
+        "data": [{ "id": holder.model_id(), "object": "model", "created": unix_time(), "owned_by": "hearth" }],
     }))
 }
 
@@ -196,15 +202,15 @@ enum Endpoint {
     Chat,
 }
 
-async fn completions(State(engine): State<Engine>, body: Bytes) -> Result<Response, ApiError> {
-    handle(engine, body, Endpoint::Completions).await
+async fn completions(State(holder): State<Holder>, body: Bytes) -> Result<Response, ApiError> {
+    handle(holder, body, Endpoint::Completions).await
 }
 
-async fn chat_completions(State(engine): State<Engine>, body: Bytes) -> Result<Response, ApiError> {
-    handle(engine, body, Endpoint::Chat).await
+async fn chat_completions(State(holder): State<Holder>, body: Bytes) -> Result<Response, ApiError> {
+    handle(holder, body, Endpoint::Chat).await
 }
 
-async fn handle(engine: Engine, body: Bytes, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn handle(holder: Holder, body: Bytes, endpoint: Endpoint) -> Result<Response, ApiError> {
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
     let Value::Object(fields) = &body else {
@@ -212,27 +218,27 @@ async fn handle(engine: Engine, body: Bytes, endpoint: Endpoint) -> Result<Respo
     };
     reject_unsupported(fields)?;
     let params: CommonParams = serde_json::from_value(body.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
-    check_model(&engine, params.model.as_deref())?;
+    check_model(&holder, params.model.as_deref())?;
 
     let prompt_text = match endpoint {
         Endpoint::Completions => completion_prompt(fields)?,
         Endpoint::Chat => {
             let messages = chat_messages(fields)?;
-            engine
+            holder
                 .render_chat(&messages)
                 .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")).param("messages"))?
         }
     };
     let prompt_param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
-    let prompt = engine.tokenizer().encode(&prompt_text).map_err(|e| ApiError::internal(e.to_string()))?;
+    let prompt = holder.tokenizer().encode(&prompt_text).map_err(|e| ApiError::internal(e.to_string()))?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty").param(prompt_param));
     }
-    let generation = generation_request(&engine, &params, prompt, prompt_param)?;
+    let generation = generation_request(&holder, &params, prompt, prompt_param)?;
 
     let include_usage = params.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let events = engine.submit(generation)?;
-    let reply = Reply { endpoint, id: response_id(endpoint), model: engine.model_id().to_string(), created: unix_time() };
+    let events = holder.submit(generation)?;
+    let reply = Reply { endpoint, id: response_id(endpoint), model: holder.model_id().to_string(), created: unix_time() };
     if params.stream {
         Ok(reply.stream(events, include_usage).into_response())
     } else {
@@ -270,16 +276,16 @@ fn reject_unsupported(fields: &serde_json::Map<String, Value>) -> Result<(), Api
     Ok(())
 }
 
-fn check_model(engine: &Engine, model: Option<&str>) -> Result<(), ApiError> {
+fn check_model(holder: &Holder, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         None => Err(ApiError::invalid("`model` is required").param("model")),
-        Some(name) if name == engine.model_id() => Ok(()),
+        Some(name) if name == holder.model_id() => Ok(()),
         Some(name) => {
             // Echo the name back safely: it came from the client and may hold anything.
             let shown: String = name.chars().take(100).flat_map(char::escape_default).collect();
             Err(ApiError::invalid(format!(
                 "the model `{shown}` does not exist; this node serves `{}` (see /v1/models)",
-                engine.model_id()
+                holder.model_id()
             ))
             .status(StatusCode::NOT_FOUND)
             .param("model")
@@ -345,12 +351,12 @@ fn chat_messages(fields: &serde_json::Map<String, Value>) -> Result<Vec<ChatMess
 }
 
 fn generation_request(
-    engine: &Engine,
+    holder: &Holder,
     params: &CommonParams,
     prompt: Vec<u32>,
     prompt_param: &'static str,
 ) -> Result<Generation, ApiError> {
-    let context = engine.context_length();
+    let context = holder.context_length();
     if prompt.len() >= context {
         return Err(ApiError::invalid(format!(
             "the prompt is {} tokens long; this model's context is {context} tokens, which must also hold at least one generated token",
@@ -403,7 +409,7 @@ fn generation_request(
     Ok(Generation { prompt, sampling, max_tokens, stop })
 }
 
-/// Shapes engine output into OpenAI responses for one request.
+/// Shapes holder output into OpenAI responses for one request.
 struct Reply {
     endpoint: Endpoint,
     id: String,

@@ -1,11 +1,8 @@
-//! Runs generations: prompt in, text out, one sequence at a time on a dedicated thread.
-//!
-//! The model's stages live on the engine thread, never on the async runtime. Requests wait
-//! in a bounded queue; a request whose client has gone away is cancelled between tokens.
+//! Generation on a model loaded in this process (for `hearth generate` and `hearth bench`),
+//! and the types every generation shares, wherever its stages run.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -15,9 +12,6 @@ use hearth_models::sampling::{Sampler, SamplingParams, StopMatcher};
 use hearth_models::tokenizer::Tokenizer;
 use hearth_models::{ModelSource, Stage, StageCache, StageInput, StageOutput};
 use tokio::sync::mpsc;
-
-/// Requests that may wait for the engine before new ones are turned away.
-const QUEUE_CAPACITY: usize = 64;
 
 /// A model loaded for generation: its stages, tokenizer and chat template.
 pub struct Model {
@@ -237,135 +231,6 @@ pub struct Counters {
     pub generated_tokens: AtomicU64,
     pub queued: AtomicUsize,
     pub active: AtomicUsize,
-}
-
-struct Job {
-    request: Generation,
-    events: mpsc::Sender<Event>,
-}
-
-/// A cheap handle to the engine thread.
-#[derive(Clone)]
-pub struct Engine {
-    jobs: mpsc::Sender<Job>,
-    counters: Arc<Counters>,
-    model_id: Arc<str>,
-    context_length: usize,
-    // Copies kept off the engine thread, so requests are tokenized and validated while
-    // earlier ones are still generating.
-    tokenizer: Arc<Tokenizer>,
-    chat_template: Arc<ChatTemplate>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("the server is busy: {0} requests are already waiting")]
-    QueueFull(usize),
-    #[error("the engine has stopped")]
-    Stopped,
-}
-
-impl Engine {
-    /// Moves `model` onto its own thread and returns a handle to it.
-    pub fn start(model: Model) -> anyhow::Result<Self> {
-        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE_CAPACITY);
-        let counters = Arc::new(Counters::default());
-        let handle = Self {
-            jobs,
-            counters: counters.clone(),
-            model_id: model.id.clone().into(),
-            context_length: model.context_length,
-            tokenizer: Arc::new(model.tokenizer.clone()),
-            chat_template: Arc::new(model.chat_template.clone()),
-        };
-        std::thread::Builder::new()
-            .name("hearth-engine".into())
-            .spawn(move || {
-                while let Some(job) = queue.blocking_recv() {
-                    counters.queued.fetch_sub(1, Ordering::Relaxed);
-                    if job.events.is_closed() {
-                        continue;
-                    }
-                    counters.active.fetch_add(1, Ordering::Relaxed);
-                    run_job(&model, &counters, job);
-                    counters.active.fetch_sub(1, Ordering::Relaxed);
-                }
-            })
-            .context("starting the engine thread")?;
-        Ok(handle)
-    }
-
-    pub fn model_id(&self) -> &str {
-        &self.model_id
-    }
-
-    pub fn context_length(&self) -> usize {
-        self.context_length
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    pub fn counters(&self) -> &Counters {
-        &self.counters
-    }
-
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> hearth_models::Result<String> {
-        self.chat_template.render(messages, true)
-    }
-
-    /// Queues a generation; its events arrive on the returned channel. Dropping the
-    /// receiver cancels the generation.
-    pub fn submit(&self, request: Generation) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        let (events, receiver) = mpsc::channel(256);
-        self.counters.queued.fetch_add(1, Ordering::Relaxed);
-        self.jobs.try_send(Job { request, events }).map_err(|e| {
-            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull(QUEUE_CAPACITY),
-                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-            }
-        })?;
-        Ok(receiver)
-    }
-}
-
-fn run_job(model: &Model, counters: &Counters, job: Job) {
-    let Job { request, events } = job;
-    let result = model.generate(&request, counters, |text| {
-        if text.is_empty() {
-            return if events.is_closed() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-        }
-        // `blocking_send` waits when the client reads slowly and fails once it has gone.
-        match events.blocking_send(Event::Text(text.to_string())) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
-    });
-    let event = match result {
-        Ok(outcome) => {
-            if outcome.finish == FinishReason::Cancelled {
-                tracing::info!(tokens = outcome.completion_tokens, "client went away; generation cancelled");
-            } else {
-                let decode_rate = outcome.completion_tokens.saturating_sub(1) as f64
-                    / outcome.decode_time.as_secs_f64().max(1e-9);
-                tracing::info!(
-                    prompt_tokens = outcome.prompt_tokens,
-                    completion_tokens = outcome.completion_tokens,
-                    ttft_ms = outcome.time_to_first_token.as_millis() as u64,
-                    tokens_per_s = format!("{decode_rate:.1}"),
-                    "generation finished"
-                );
-            }
-            Event::Done(outcome)
-        }
-        Err(error) => {
-            tracing::error!("generation failed: {error:#}");
-            Event::Failed(format!("{error:#}"))
-        }
-    };
-    let _ = events.blocking_send(event);
 }
 
 /// Waits for a submitted generation to finish and returns its whole text.

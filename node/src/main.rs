@@ -1,11 +1,5 @@
 //! `hearth`: run a language model too big for one machine on the machines you own.
 
-mod api;
-mod bench;
-mod device;
-mod engine;
-mod model_store;
-
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -16,13 +10,24 @@ use hearth_models::chat_template::ChatMessage;
 use hearth_models::sampling::SamplingParams;
 use hearth_models::ModelSource;
 
-use crate::device::DeviceChoice;
-use crate::engine::{Counters, Engine, Generation, Model};
-use crate::model_store::{ModelSpec, ModelStore};
+use std::sync::Arc;
+
+use hearth_mesh::discovery::{Backend, InterfacePolicy, ManualPeer};
+use hearth_node::cluster::{self, ClusterOptions};
+use hearth_node::data_plane::DataPlane;
+use hearth_node::device::{self, DeviceChoice};
+use hearth_node::engine::{Counters, Generation, Model};
+use hearth_node::holder::{Holder, ModelInfo};
+use hearth_node::model_store::{ModelSpec, ModelStore};
+use hearth_node::{api, bench, status};
 
 /// The API's default address: loopback only, so nothing on the network reaches a node
 /// unless its owner says so.
 const DEFAULT_API_ADDR: &str = "127.0.0.1:5280";
+/// The data plane listens on every interface: other nodes' stages connect to it.
+const DEFAULT_DATA_ADDR: &str = "0.0.0.0:5282";
+/// The control plane likewise: peers connect to it.
+const DEFAULT_CONTROL_ADDR: &str = "0.0.0.0:5281";
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "A private inference mesh: one model across the machines you own")]
@@ -41,6 +46,8 @@ enum Command {
     Bench(BenchArgs),
     /// Fetch a model into the local cache (and verify it) without running it.
     Pull(PullArgs),
+    /// Show the cluster a running node is part of: nodes, layers, epoch, coordinator.
+    Status(StatusArgs),
 }
 
 /// How to find and run the model: shared by every command that loads one.
@@ -68,6 +75,45 @@ struct ServeArgs {
     /// Address the API listens on.
     #[arg(long, default_value = DEFAULT_API_ADDR)]
     api_addr: SocketAddr,
+    /// Address the data plane (hidden states between stages) listens on.
+    #[arg(long, default_value = DEFAULT_DATA_ADDR)]
+    data_addr: SocketAddr,
+    /// Address the control plane (membership, plans) listens on.
+    #[arg(long, default_value = DEFAULT_CONTROL_ADDR)]
+    control_addr: SocketAddr,
+    /// Only nodes with the same cluster name form a cluster.
+    #[arg(long, default_value = "hearth")]
+    cluster: String,
+    /// Another node's control address (HOST:PORT), for networks where mDNS does not
+    /// reach (repeatable).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    peers: Vec<ManualPeer>,
+    /// The network interface to find peers on (default: every LAN interface, skipping
+    /// loopback, container and VM bridges).
+    #[arg(long)]
+    interface: Option<String>,
+    /// Memory this node offers for model layers and KV caches, its OS reserve already
+    /// taken off (e.g. 300MiB, 24GiB; default: physical memory less a reserve).
+    #[arg(long, value_parser = parse_memory_limit)]
+    memory_limit: Option<u64>,
+    /// Where this node keeps its identity key (default: $HEARTH_DATA_DIR, else the
+    /// platform's data folder).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The API of any node of the cluster.
+    #[arg(long, default_value = "http://127.0.0.1:5280")]
+    api: String,
+    /// Print the raw JSON of GET /v1/cluster.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_memory_limit(text: &str) -> Result<u64, String> {
+    hearth_mesh::parse_size(text).map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -122,7 +168,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) | Command::Pull(_) => "info",
-        Command::Generate(_) | Command::Bench(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) | Command::Status(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -146,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench::run(open_model(&args.model)?, args.decode_tokens, args.repeat),
+        Command::Status(args) => status::print(&args.api, args.json),
         Command::Pull(args) => {
             let store = ModelStore::from_env()?;
             tracing::info!(cache = %store.cache_dir().display(), "resolving {:?}", args.model);
@@ -158,6 +205,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Resolves, opens and loads the model a command asked for.
 fn open_model(args: &ModelArgs) -> anyhow::Result<Model> {
+    let (source, device) = open_source(args)?;
+    Model::load(&source, &device)
+}
+
+/// Resolves and opens the model a command asked for (reading headers only), and the device.
+fn open_source(args: &ModelArgs) -> anyhow::Result<(ModelSource, candle_core::Device)> {
     if let Some(threads) = args.threads {
         device::set_compute_threads(threads)?;
     }
@@ -173,14 +226,46 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<Model> {
         layers = source.config().num_layers,
         context = source.config().context_length,
         device = ?args.device,
-        "loading the model"
+        "opened the model"
     );
-    Model::load(&source, &device)
+    Ok((source, device))
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let model = open_model(&args.model)?;
-    let engine = Engine::start(model)?;
+    let (source, device) = open_source(&args.model)?;
+    let tokenizer = source.tokenizer().context("building the tokenizer")?;
+    let chat_template = match source.chat_template(&tokenizer).context("reading the chat template")? {
+        Some(template) => template,
+        None => {
+            tracing::warn!("the model ships no chat template; using ChatML");
+            hearth_models::chat_template::ChatTemplate::chatml()
+        }
+    };
+    let config = source.config().clone();
+    let model = ModelInfo {
+        id: source.name().to_string(),
+        context_length: config.context_length,
+        hidden_size: config.hidden_size,
+        vocab_size: config.vocab_size,
+        tokenizer,
+        chat_template,
+    };
+    let data_dir = match args.data_dir {
+        Some(dir) => dir,
+        None => hearth_mesh::identity::default_data_dir()?,
+    };
+    let options = ClusterOptions {
+        cluster_name: args.cluster,
+        data_dir,
+        control_listen: args.control_addr,
+        peers: args.peers,
+        interfaces: args.interface.map_or(InterfacePolicy::Auto, InterfacePolicy::Only),
+        usable_memory_bytes: args.memory_limit.unwrap_or_else(hearth_node::system::default_usable_memory),
+        backend: backend_of(&device),
+        api_addr: args.api_addr,
+    };
+    let limits = hearth_proto::Limits::default();
+    let data_plane = DataPlane::start(args.data_addr, limits)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -190,16 +275,28 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.api_addr)
             .await
             .with_context(|| format!("binding the API to {}", args.api_addr))?;
+        let cluster = cluster::join(options, Arc::new(source), device, data_plane).await?;
+        let holder = Holder::new(model, cluster.routes, limits);
         tracing::info!(
             "serving {} on http://{}/v1 (OpenAI-compatible)",
-            engine.model_id(),
+            holder.model_id(),
             listener.local_addr().unwrap_or(args.api_addr)
         );
-        axum::serve(listener, api::router(engine))
+        axum::serve(listener, api::router(holder, cluster.view))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving the API")
     })
+}
+
+fn backend_of(device: &candle_core::Device) -> Backend {
+    if device.is_metal() {
+        Backend::Metal
+    } else if device.is_cuda() {
+        Backend::Cuda
+    } else {
+        Backend::Cpu
+    }
 }
 
 async fn shutdown_signal() {

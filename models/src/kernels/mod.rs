@@ -4,16 +4,23 @@
 //! Q8_0) and multiplies f32 activations by it the way ggml does: each activation row is
 //! quantized once to 8 bits per value (Q8_1 for Q4_1 weights, Q8_0 otherwise), then every
 //! output is a sum of integer block products scaled in f32, in ggml's order of operations.
-//! Matching ggml to the bit keeps greedy decoding on the same tokens as llama.cpp, which
-//! candle's own kernels (with their f16 rounding of Q8_1 sums) do not.
+//! Candle's own kernels round differently (an f16 product in Q8_1's sums, other summation
+//! orders), and in a 30-layer model such last-bit differences grow into visibly different
+//! logits.
+//!
+//! The reference is llama.cpp's x86 CPU backend without AMX (its AVX2 and AVX-512 builds
+//! compute the same bits; `llama_cpp_products.json` holds products it computed, and the
+//! tests check them bit for bit). On CPUs with AMX, llama.cpp repacks these formats for
+//! AMX kernels that sum each block in one accumulator and round differently again.
 //!
 //! Instruction sets are picked at run time; `portable.rs` is the reference every SIMD
-//! version must equal bit for bit. Output rows are split across threads (`threads.rs`)
-//! without changing any result.
+//! version must equal bit for bit. Output rows are split across threads (`product.rs`,
+//! `threads.rs`) without changing any result.
 
 mod activation;
 mod format;
 mod portable;
+mod product;
 mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -21,7 +28,6 @@ mod x86;
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -29,7 +35,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{bail, DType, Device, Module, Storage, Tensor};
 
 use activation::Q8Block;
-use format::{ActivationFormat, WeightFormat, BLOCK};
+use format::{WeightFormat, BLOCK};
 
 /// A weight matrix for products: native kernels where they apply, candle's elsewhere
 /// (other formats, dense weights, GPUs).
@@ -42,7 +48,6 @@ pub(crate) enum Matrix {
 impl Matrix {
     /// Takes a tensor read from GGUF, keeping its bytes once, in whichever form runs it.
     pub(crate) fn quantized(qtensor: QTensor) -> candle_core::Result<Self> {
-        if std::env::var_os("HEARTH_TMP_CANDLE").is_some() { return Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?)); } // TEMP
         match QuantMatrix::from_qtensor(&qtensor)? {
             // `qtensor` is dropped here: only the matrix's copy of the bytes stays.
             Some(matrix) => Ok(Self::Native(matrix)),
@@ -146,67 +151,13 @@ impl QuantMatrix {
     /// `m` rows of `cols` values times this matrix, on up to `threads` threads: `m` rows of
     /// `rows` values.
     fn product(&self, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
-        let isa = Isa::detect();
-        let blocks = self.cols / BLOCK;
-        let mut out = vec![0.0f32; m * self.rows];
-        with_scratch(|Scratch { acts, by_weight_row }| {
-            let acts = quantize(isa, self.format.activation(), x, blocks, acts);
-            let run = |rows: Range<usize>, part: &mut [f32]| {
-                isa.product_rows(self.format, self.row_bytes(rows), blocks, acts, m, part)
-            };
-            if m == 1 {
-                threads::for_row_ranges(&mut out, 1, blocks, threads, run);
-            } else {
-                // Kernels write each weight row's results for all activation rows together
-                // (so threads own contiguous slices); transpose into row-major output after.
-                by_weight_row.clear();
-                by_weight_row.resize(m * self.rows, 0.0);
-                threads::for_row_ranges(by_weight_row, m, blocks * m, threads, run);
-                for (r, values) in by_weight_row.chunks_exact(m).enumerate() {
-                    for (i, &v) in values.iter().enumerate() {
-                        out[i * self.rows + r] = v;
-                    }
-                }
-            }
-        });
-        out
+        product::multiply(self, x, m, threads, Isa::detect())
     }
 
     fn row_bytes(&self, rows: Range<usize>) -> &[u8] {
         let row_bytes = self.cols / BLOCK * self.format.block_bytes();
         &self.data[rows.start * row_bytes..rows.end * row_bytes]
     }
-}
-
-/// Per-thread buffers reused across products, so that a product allocates only its output.
-#[derive(Default)]
-struct Scratch {
-    acts: Vec<Q8Block>,
-    by_weight_row: Vec<f32>,
-}
-
-/// Quantizes `x` (rows of `blocks * 32` values) into `acts`, reusing its memory.
-fn quantize<'a>(isa: Isa, format: ActivationFormat, x: &[f32], blocks: usize, acts: &'a mut Vec<Q8Block>) -> &'a [Q8Block] {
-    let with_sum = format == ActivationFormat::Q8_1;
-    acts.clear();
-    acts.resize(x.len() / BLOCK, Q8Block::ZERO);
-    for (x, acts) in x.chunks_exact(blocks * BLOCK).zip(acts.chunks_exact_mut(blocks)) {
-        isa.quantize_row(x, acts, with_sum);
-    }
-    acts
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-/// Runs `f` with this thread's scratch, or with a fresh one if a product already running on
-/// this thread holds it (a rayon worker can start another task while it waits).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut scratch) => f(&mut scratch),
-        Err(_) => f(&mut Scratch::default()),
-    })
 }
 
 /// An instruction set with kernels here, vouched for by detection.
@@ -232,6 +183,7 @@ impl Isa {
     /// Every instruction set this CPU runs, for tests that compare them.
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Self> {
+        #[allow(unused_mut)] // Only x86 adds to it so far.
         let mut all = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         all.extend(x86::Avx2::detect().map(Self::Avx2));
@@ -246,7 +198,15 @@ impl Isa {
         }
     }
 
-    fn product_rows(self, format: WeightFormat, weights: &[u8], blocks: usize, acts: &[Q8Block], m: usize, out: &mut [f32]) {
+    fn product_rows(
+        self,
+        format: WeightFormat,
+        weights: &[u8],
+        blocks: usize,
+        acts: &[Q8Block],
+        m: usize,
+        out: &mut [f32],
+    ) {
         match self {
             Self::Portable => portable::product_rows(format, weights, blocks, acts, m, out),
             #[cfg(target_arch = "x86_64")]

@@ -2,11 +2,12 @@
 //! and what runs where no SIMD version exists.
 //!
 //! The order of the floating-point operations is that of ggml's AVX2 `ggml_vec_dot_*`
-//! functions, which is what llama.cpp computes on x86: per block, the 32 integer products
-//! are summed in eight groups of four consecutive values (what `maddubs` + `madd`, or VNNI's
-//! `dpbusd`, yield), each group is scaled by `d_w * d_x` into its own f32 accumulator with a
-//! fused multiply-add, and the eight accumulators are summed pairwise at the end. Q4_1's
-//! offsets (`m_w * s_x` per block) go into one more scalar accumulator, added last.
+//! functions, which llama.cpp runs on x86 (AVX-512 builds included): per block, the 32
+//! integer products are summed in eight groups of four consecutive values (what `maddubs`
+//! and `madd`, or VNNI's `dpbusd`, yield), each group is scaled by `d_w * d_x` into its own
+//! f32 accumulator with a fused multiply-add, and the eight accumulators are summed pairwise
+//! at the end. Q4_1's offsets (`m_w * s_x` per block) go into one more scalar accumulator,
+//! added last.
 
 use super::activation::Q8Block;
 use super::format::{f16_at, WeightFormat, BLOCK};
@@ -75,13 +76,13 @@ fn decode_block(format: WeightFormat, block: &[u8]) -> ([i32; BLOCK], f32) {
     (values, f16_at(block, 0))
 }
 
-/// Adds one block's `m_w * s_x` to Q4_1's offset accumulator.
+/// Adds one block's `m_w * s_x` to Q4_1's offset accumulator, as ggml's `summs += m * s`.
 ///
-/// ggml writes `summs += m * s`, which the C compilers llama.cpp is built with contract
-/// into a fused multiply-add on FMA hardware; so does this, on every instruction set.
+/// Whether a compiler fuses this into one multiply-add makes no difference: both factors
+/// are f16 values, whose product (22 significant bits at most) f32 holds exactly.
 #[inline(always)]
 pub(crate) fn add_offset(offsets: f32, m: f32, s: f32) -> f32 {
-    if std::env::var_os("TMP_NOFMA").is_some() { offsets + m * s } else { m.mul_add(s, offsets) }
+    offsets + m * s
 }
 
 /// The eight accumulators summed as ggml's `hsum_float_8` does: the upper half onto the

@@ -218,3 +218,55 @@ fn forward_keeps_leading_dimensions() {
     assert_eq!(output.to_vec3::<f32>().unwrap(), expected.to_vec3::<f32>().unwrap());
     assert!(matrix.forward(&Tensor::zeros((2, 95), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
 }
+
+/// The default model's products against llama.cpp's own, bit for bit: its intermediate
+/// tensors for one prompt (see `about` in the fixture), fed through the same weights here.
+#[test]
+fn products_match_llama_cpp_bit_for_bit() {
+    use candle_core::quantized::gguf_file;
+
+    let fixture: serde_json::Value = serde_json::from_str(include_str!("llama_cpp_products.json")).unwrap();
+    let path = default_model_path();
+    let mut file = std::io::BufReader::new(std::fs::File::open(&path).unwrap_or_else(|e| {
+        panic!("the default model is not at {} ({e}): run `hearth pull` first", path.display())
+    }));
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let floats = |value: &serde_json::Value| -> Vec<f32> {
+        value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    };
+    for product in fixture["products"].as_array().unwrap() {
+        let name = product["weight"].as_str().unwrap();
+        let qtensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+        let matrix = QuantMatrix::from_qtensor(&qtensor).unwrap().expect("a native format");
+        let x = floats(&product["inputs"]);
+        let m = product["rows_of_input"].as_u64().unwrap() as usize;
+        let stride = product["output_stride"].as_u64().unwrap() as usize;
+        let expected = floats(&product["outputs"]);
+        for isa in Isa::all() {
+            for threads in [1, 2] {
+                let got: Vec<f32> = product_with(isa, &matrix, &x, m, threads).into_iter().step_by(stride).collect();
+                assert_eq!(got.len(), expected.len(), "{name}");
+                let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differing, 0, "{name}, {isa:?}, {threads} threads: {differing} outputs differ from llama.cpp's");
+            }
+        }
+    }
+}
+
+fn product_with(isa: Isa, matrix: &QuantMatrix, x: &[f32], m: usize, threads: usize) -> Vec<f32> {
+    super::product::multiply(matrix, x, m, threads, isa)
+}
+
+/// Where `hearth pull` puts the default model (as the integration tests find it).
+fn default_model_path() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(path) = std::env::var_os("HEARTH_DEFAULT_MODEL") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("HEARTH_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("hearth")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/hearth")))
+        .expect("HOME is set");
+    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}

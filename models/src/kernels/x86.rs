@@ -16,9 +16,16 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 
-/// Activation rows handled per pass over a weight row: each unpacked weight block is
-/// reused this many times, and the accumulators still fit in the 16 vector registers.
-const MAX_ACT_ROWS: usize = 4;
+/// Activation rows handled per pass over a weight row when prefilling: each unpacked weight
+/// block is reused this many times, and the accumulators still fit in 16 vector registers.
+const ACT_ROWS: usize = 4;
+
+/// Weight rows handled together when decoding (one activation row).
+const WEIGHT_ROWS: usize = 4;
+
+/// How far ahead of the block being read to prefetch weights: the streams of several rows
+/// are too much for the hardware prefetchers alone.
+const PREFETCH_BYTES: usize = 2048;
 
 /// Proof that this CPU runs AVX2, FMA and F16C: the kernels' entry points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +74,7 @@ unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
         // holds 32 bytes, written as one unaligned vector.
         unsafe {
             let p = values.as_ptr();
-            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
             let sign = _mm256_set1_ps(-0.0);
             let mut max = _mm256_andnot_ps(sign, v[0]);
             for &v in &v[1..] {
@@ -106,19 +113,38 @@ unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block]
     let row_bytes = blocks * block_bytes::<FORMAT>();
     assert!(acts.len() >= m * blocks && out.len() * row_bytes == weights.len() * m);
     let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
-    for (row, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
-        let mut i = 0;
-        // SAFETY (all four calls): same features as this function; `row` holds `blocks`
-        // blocks and each activation row `blocks` blocks, which `dots` checks.
-        unsafe {
-            while m - i >= MAX_ACT_ROWS {
-                out[i..i + 4].copy_from_slice(&dots::<FORMAT, 4>(row, [act(i), act(i + 1), act(i + 2), act(i + 3)]));
-                i += 4;
+    // SAFETY (every call below): same features as this function; `dots` checks that the
+    // rows and activation rows it gets are whole and of equal length.
+    unsafe {
+        if m == 1 {
+            // Decoding: several weight rows at once share each activation block load, and
+            // their accumulations (each a chain of dependent multiply-adds) overlap.
+            let mut groups = weights.chunks_exact(WEIGHT_ROWS * row_bytes);
+            let mut outs = out.chunks_exact_mut(WEIGHT_ROWS);
+            for (group, out) in (&mut groups).zip(&mut outs) {
+                let rows = std::array::from_fn(|r| &group[r * row_bytes..(r + 1) * row_bytes]);
+                let dots = dots::<FORMAT, WEIGHT_ROWS, 1>(rows, [act(0)]);
+                for (out, dots) in out.iter_mut().zip(dots) {
+                    *out = dots[0];
+                }
+            }
+            for (row, out) in groups.remainder().chunks_exact(row_bytes).zip(outs.into_remainder()) {
+                *out = dots::<FORMAT, 1, 1>([row], [act(0)])[0][0];
+            }
+            return;
+        }
+        // Prefill: each unpacked weight block serves several activation rows.
+        for (row, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
+            let mut i = 0;
+            while m - i >= ACT_ROWS {
+                let acts = std::array::from_fn(|k| act(i + k));
+                out[i..i + ACT_ROWS].copy_from_slice(&dots::<FORMAT, 1, ACT_ROWS>([row], acts)[0]);
+                i += ACT_ROWS;
             }
             match m - i {
-                3 => out[i..].copy_from_slice(&dots::<FORMAT, 3>(row, [act(i), act(i + 1), act(i + 2)])),
-                2 => out[i..].copy_from_slice(&dots::<FORMAT, 2>(row, [act(i), act(i + 1)])),
-                1 => out[i] = dots::<FORMAT, 1>(row, [act(i)])[0],
+                3 => out[i..].copy_from_slice(&dots::<FORMAT, 1, 3>([row], [act(i), act(i + 1), act(i + 2)])[0]),
+                2 => out[i..].copy_from_slice(&dots::<FORMAT, 1, 2>([row], [act(i), act(i + 1)])[0]),
+                1 => out[i] = dots::<FORMAT, 1, 1>([row], [act(i)])[0][0],
                 _ => {}
             }
         }
@@ -133,49 +159,66 @@ const fn block_bytes<const FORMAT: u8>() -> usize {
     }
 }
 
-/// One weight row dotted with `N` activation rows, unpacking each weight block once.
+/// `R` weight rows dotted with `N` activation rows: each weight block is unpacked once for
+/// all `N`, and each activation block loaded once for all `R`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dots<const FORMAT: u8, const N: usize>(row: &[u8], xs: [&[Q8Block]; N]) -> [f32; N] {
+unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
+    rows: [&[u8]; R],
+    xs: [&[Q8Block]; N],
+) -> [[f32; N]; R] {
     let bytes = block_bytes::<FORMAT>();
-    let blocks = row.len() / bytes;
-    assert!(xs.iter().all(|x| x.len() == blocks));
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut offsets = [0.0f32; N];
+    let blocks = xs[0].len();
+    assert!(rows.iter().all(|row| row.len() == blocks * bytes) && xs.iter().all(|x| x.len() == blocks));
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    let mut offsets = [[0.0f32; N]; R];
     for b in 0..blocks {
-        let block = &row[b * bytes..(b + 1) * bytes];
-        // SAFETY: `block` is one whole block of this format: the reads stay inside it.
-        unsafe {
-            let p = block.as_ptr();
-            // The f16 scale (and Q4_1's f16 offset right after it), widened exactly.
-            let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
-            let d = _mm_cvtss_f32(header);
-            let weights = match FORMAT {
-                Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-                Q4_1 => nibbles(p.add(4)),
-                _ => _mm256_loadu_si256(p.add(2).cast()),
-            };
-            for n in 0..N {
-                let a = &xs[n][b];
-                let q = _mm256_loadu_si256(a.qs.as_ptr().cast());
+        let mut weights = [_mm256_setzero_si256(); R];
+        let mut scales = [0.0f32; R];
+        let mut mins = [0.0f32; R];
+        for r in 0..R {
+            let block = &rows[r][b * bytes..(b + 1) * bytes];
+            // SAFETY: `block` is one whole block of this format: the reads stay inside it.
+            // The prefetch is a hint that never faults, wherever it points.
+            unsafe {
+                let p = block.as_ptr();
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+                // The f16 scale (and Q4_1's f16 offset right after it), widened exactly.
+                let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
+                scales[r] = _mm_cvtss_f32(header);
+                mins[r] = _mm_cvtss_f32(_mm_movehdup_ps(header));
+                weights[r] = match FORMAT {
+                    Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                    Q4_1 => nibbles(p.add(4)),
+                    _ => _mm256_loadu_si256(p.add(2).cast()),
+                };
+            }
+        }
+        for n in 0..N {
+            let a = &xs[n][b];
+            // SAFETY: `a.qs` holds 32 bytes.
+            let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+            for r in 0..R {
                 let products = match FORMAT {
                     // Q4_1's nibbles are unsigned: no sign juggling needed.
-                    Q4_1 => sum_groups(weights, q),
-                    _ => sum_groups(_mm256_sign_epi8(weights, weights), _mm256_sign_epi8(q, weights)),
+                    Q4_1 => sum_groups(weights[r], q),
+                    _ => sum_groups(_mm256_sign_epi8(weights[r], weights[r]), _mm256_sign_epi8(q, weights[r])),
                 };
-                acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), products, acc[n]);
+                acc[r][n] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r] * a.d), products, acc[r][n]);
                 if FORMAT == Q4_1 {
-                    offsets[n] = add_offset(offsets[n], _mm_cvtss_f32(_mm_movehdup_ps(header)), a.s);
+                    offsets[r][n] = add_offset(offsets[r][n], mins[r], a.s);
                 }
             }
         }
     }
-    let mut out = [0.0f32; N];
-    for n in 0..N {
-        let mut lanes = [0.0f32; 8];
-        // SAFETY: `lanes` holds 8 f32s.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[n]) };
-        out[n] = sum_lanes(lanes) + offsets[n];
+    let mut out = [[0.0f32; N]; R];
+    for r in 0..R {
+        for n in 0..N {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 f32s.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][n]) };
+            out[r][n] = sum_lanes(lanes) + offsets[r][n];
+        }
     }
     out
 }

@@ -1,0 +1,367 @@
+//! Who coordinates the cluster, what plan it publishes, and when a plan can serve.
+//!
+//! Everything here is a pure function of the membership every node sees, so every
+//! node computes the same answers from the same membership.
+//!
+//! **The coordinator rule:** the coordinator is the live member with the smallest node
+//! id, comparing the ids as strings (byte-wise). Node ids are canonical base58
+//! `PeerId`s, so no two nodes compare equal, and the rule needs no election traffic:
+//! when the coordinator goes, the next smallest id takes over as soon as the
+//! membership shows it gone.
+
+use std::cmp::Reverse;
+
+use crate::control::{NodeInfo, Plan, PlanStage, MAX_EPOCH};
+use crate::placement::{place, ModelProfile, NodeCapacity, NodeId, PlacementError};
+
+/// The coordinator among `members`: the one with the smallest node id. `None` only if
+/// there are no members.
+pub fn coordinator(members: &[NodeInfo]) -> Option<&NodeInfo> {
+    members.iter().min_by(|a, b| a.node_id.cmp(&b.node_id))
+}
+
+/// The plan node `me` should publish, if any.
+///
+/// `members` is the live membership (normally the last
+/// [`ControlEvent::Members`](crate::control::ControlEvent::Members)) and `current` the
+/// plan in force. Members serving a model other than `me`'s are left out (and
+/// logged). Returns a new plan when `me` is the coordinator and either there is no
+/// plan, the plan in force is another coordinator's or another model's, or the
+/// placement of the members differs from it (a node came or went, or its memory or
+/// data address changed). Otherwise, including when `me` is not a member, `None`.
+///
+/// The new epoch is one more than the newest the cluster has seen: the plan in force
+/// or any member's `ready_epoch`, whichever is greater. A coordinator that restarted
+/// and lost its plan thus still publishes a plan the others take. For the same
+/// reason a plan in force that some member has already moved past is replaced.
+///
+/// # Errors
+///
+/// When the members cannot hold the model; see [`place`].
+pub fn next_plan(
+    me: &str,
+    members: &[NodeInfo],
+    profile: &ModelProfile,
+    current: Option<&Plan>,
+) -> Result<Option<Plan>, PlacementError> {
+    let Some(mine) = members.iter().find(|member| member.node_id == me) else {
+        return Ok(None);
+    };
+    let model_id = &mine.model_id;
+    let eligible: Vec<&NodeInfo> = members
+        .iter()
+        .filter(|member| {
+            let same = member.model_id == *model_id;
+            if !same {
+                tracing::debug!(
+                    node = %member.node_id,
+                    theirs = %member.model_id,
+                    ours = %model_id,
+                    "leaving a node that serves another model out of the plan"
+                );
+            }
+            same
+        })
+        .collect();
+    let is_coordinator = eligible
+        .iter()
+        .map(|member| member.node_id.as_str())
+        .min()
+        .is_some_and(|smallest| smallest == me);
+    if !is_coordinator {
+        return Ok(None);
+    }
+
+    let capacities: Vec<NodeCapacity> = eligible
+        .iter()
+        .map(|member| NodeCapacity {
+            id: NodeId(member.node_id.clone()),
+            usable_memory_bytes: member.usable_memory_bytes,
+        })
+        .collect();
+    let placement = place(profile, &capacities)?;
+    let stages: Vec<PlanStage> = placement
+        .stages
+        .into_iter()
+        .filter_map(|stage| {
+            // Every stage's node came from `eligible`, so the lookup always succeeds.
+            let member = eligible
+                .iter()
+                .find(|member| member.node_id == stage.node.0)?;
+            Some(PlanStage {
+                node_id: stage.node.0,
+                data_addr: member.data_addr,
+                layers: stage.layers,
+            })
+        })
+        .collect();
+
+    let newest_ready = eligible
+        .iter()
+        .filter_map(|member| member.ready_epoch)
+        .max();
+    if let Some(current) = current {
+        let unchanged = current.coordinator == me
+            && current.model_id == *model_id
+            && current.stages == stages
+            && newest_ready.is_none_or(|ready| ready <= current.epoch);
+        if unchanged {
+            return Ok(None);
+        }
+    }
+    let newest_seen = current
+        .map(|plan| plan.epoch)
+        .into_iter()
+        .chain(newest_ready)
+        .max()
+        .unwrap_or(0);
+    Ok(Some(Plan {
+        // Epochs read from the wire are at most MAX_EPOCH, far from overflowing.
+        epoch: newest_seen.saturating_add(1).min(MAX_EPOCH),
+        coordinator: me.to_owned(),
+        model_id: model_id.clone(),
+        stages,
+    }))
+}
+
+/// Whether `plan` can serve requests: every stage's node is a live member that has
+/// loaded the plan's layers (`ready_epoch` at least the plan's epoch).
+pub fn plan_is_ready(plan: &Plan, members: &[NodeInfo]) -> bool {
+    !plan.stages.is_empty()
+        && plan.stages.iter().all(|stage| {
+            members.iter().any(|member| {
+                member.node_id == stage.node_id
+                    && member.ready_epoch.is_some_and(|ready| ready >= plan.epoch)
+            })
+        })
+}
+
+/// Whether `new` replaces `old`: a higher epoch, or on equal epochs a smaller
+/// coordinator id, so that two coordinators that briefly both believed themselves
+/// coordinator (while their memberships differed) end on the same plan everywhere.
+pub(crate) fn supersedes(new: &Plan, old: &Plan) -> bool {
+    (new.epoch, Reverse(&new.coordinator)) > (old.epoch, Reverse(&old.coordinator))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn member(id: &str, memory: u64) -> NodeInfo {
+        NodeInfo {
+            node_id: id.into(),
+            data_addr: format!("127.0.0.1:{}", 7000 + u16::from(id.as_bytes()[0]))
+                .parse()
+                .unwrap(),
+            api_addr: "127.0.0.1:8000".parse().unwrap(),
+            usable_memory_bytes: memory,
+            backend: "cpu".into(),
+            model_id: "org/model".into(),
+            ready_epoch: None,
+        }
+    }
+
+    /// 24 layers of 10 MiB, with the embedding and head small enough that the split
+    /// follows memory.
+    fn profile() -> ModelProfile {
+        ModelProfile {
+            num_layers: 24,
+            layer_bytes: vec![10 << 20; 24],
+            embedding_bytes: 1 << 20,
+            head_bytes: 1 << 20,
+            kv_bytes_per_token_per_layer: 0,
+            context_tokens: 0,
+        }
+    }
+
+    fn layers(plan: &Plan) -> Vec<(&str, std::ops::Range<usize>)> {
+        plan.stages
+            .iter()
+            .map(|stage| (stage.node_id.as_str(), stage.layers.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn coordinator_is_the_smallest_id() {
+        let members = [member("b", GIB), member("a", GIB), member("c", GIB)];
+        assert_eq!(coordinator(&members).map(|m| m.node_id.as_str()), Some("a"));
+        assert!(coordinator(&[]).is_none());
+    }
+
+    #[test]
+    fn layers_follow_memory() {
+        let members = [member("a", GIB), member("b", 2 * GIB), member("c", 3 * GIB)];
+        let plan = next_plan("a", &members, &profile(), None).unwrap().unwrap();
+        assert_eq!(plan.epoch, 1);
+        assert_eq!(plan.coordinator, "a");
+        assert_eq!(plan.model_id, "org/model");
+        // Largest memory first: 3:2:1 of 24 layers.
+        assert_eq!(layers(&plan), [("c", 0..12), ("b", 12..20), ("a", 20..24)]);
+        assert_eq!(plan.stages[0].data_addr, members[2].data_addr);
+    }
+
+    #[test]
+    fn only_the_coordinator_plans() {
+        let members = [member("a", GIB), member("b", GIB)];
+        assert_eq!(next_plan("b", &members, &profile(), None).unwrap(), None);
+        assert_eq!(
+            next_plan("x", &members, &profile(), None).unwrap(),
+            None,
+            "not a member"
+        );
+    }
+
+    #[test]
+    fn no_new_plan_while_nothing_changes() {
+        let members = [member("a", GIB), member("b", 2 * GIB)];
+        let first = next_plan("a", &members, &profile(), None).unwrap().unwrap();
+        assert_eq!(
+            next_plan("a", &members, &profile(), Some(&first)).unwrap(),
+            None
+        );
+
+        // Readiness catching up to the plan is no change either.
+        let ready: Vec<NodeInfo> = members
+            .iter()
+            .map(|m| NodeInfo {
+                ready_epoch: Some(first.epoch),
+                ..m.clone()
+            })
+            .collect();
+        assert_eq!(
+            next_plan("a", &ready, &profile(), Some(&first)).unwrap(),
+            None
+        );
+        // Nor is a change of memory too small to move a layer.
+        let mut grown = members.clone();
+        grown[1].usable_memory_bytes += 1 << 20;
+        assert_eq!(
+            next_plan("a", &grown, &profile(), Some(&first)).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn membership_changes_make_a_new_epoch() {
+        let two = [member("a", GIB), member("b", GIB)];
+        let first = next_plan("a", &two, &profile(), None).unwrap().unwrap();
+        let three = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        let second = next_plan("a", &three, &profile(), Some(&first))
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.epoch, 2);
+        assert_eq!(second.stages.len(), 3);
+        let third = next_plan("a", &two, &profile(), Some(&second))
+            .unwrap()
+            .unwrap();
+        assert_eq!(third.epoch, 3);
+        assert_eq!(layers(&third), layers(&first));
+
+        // A node whose data plane moved needs a plan that says so.
+        let mut moved = two.clone();
+        moved[1].data_addr = "127.0.0.1:9999".parse().unwrap();
+        let fourth = next_plan("a", &moved, &profile(), Some(&third))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fourth.epoch, 4);
+    }
+
+    #[test]
+    fn a_new_coordinator_reissues_the_plan() {
+        let members = [member("a", GIB), member("b", GIB)];
+        let by_a = next_plan("a", &members, &profile(), None).unwrap().unwrap();
+        // a leaves and b takes over. Even where b's layers stay the same, the plan in
+        // force is a's, and only the coordinator's plan is taken.
+        let only_b = [member("b", GIB)];
+        let by_b = next_plan("b", &only_b, &profile(), Some(&by_a))
+            .unwrap()
+            .unwrap();
+        assert_eq!((by_b.epoch, by_b.coordinator.as_str()), (2, "b"));
+    }
+
+    #[test]
+    fn epochs_continue_past_what_members_have_loaded() {
+        let members = [
+            member("a", GIB),
+            NodeInfo {
+                ready_epoch: Some(7),
+                ..member("b", GIB)
+            },
+        ];
+        // A coordinator that restarted has no plan but must not go back to epoch 1.
+        let plan = next_plan("a", &members, &profile(), None).unwrap().unwrap();
+        assert_eq!(plan.epoch, 8);
+        // And a plan in force that a member has moved past is replaced.
+        let stale = Plan { epoch: 5, ..plan };
+        let next = next_plan("a", &members, &profile(), Some(&stale))
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.epoch, 8);
+    }
+
+    #[test]
+    fn members_of_other_models_are_left_out() {
+        let other = NodeInfo {
+            model_id: "org/other".into(),
+            ..member("0", 100 * GIB)
+        };
+        let members = [other, member("a", GIB), member("b", GIB)];
+        // "0" would be the coordinator, and would take every layer, if it counted.
+        let plan = next_plan("a", &members, &profile(), None).unwrap().unwrap();
+        assert_eq!(layers(&plan), [("a", 0..12), ("b", 12..24)]);
+    }
+
+    #[test]
+    fn placement_errors_are_reported() {
+        let members = [member("a", 1 << 20)];
+        assert!(matches!(
+            next_plan("a", &members, &profile(), None),
+            Err(PlacementError::InsufficientMemory { .. })
+        ));
+    }
+
+    #[test]
+    fn ready_once_every_stage_has_loaded_the_epoch() {
+        let members = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        let plan = next_plan("a", &members[..2], &profile(), None)
+            .unwrap()
+            .unwrap();
+        let with_ready = |epochs: [Option<u64>; 3]| -> Vec<NodeInfo> {
+            members
+                .iter()
+                .zip(epochs)
+                .map(|(m, ready_epoch)| NodeInfo {
+                    ready_epoch,
+                    ..m.clone()
+                })
+                .collect()
+        };
+        assert!(!plan_is_ready(&plan, &with_ready([None, None, None])));
+        assert!(!plan_is_ready(&plan, &with_ready([Some(1), Some(0), None])));
+        // "c" is no stage, so its readiness does not matter.
+        assert!(plan_is_ready(&plan, &with_ready([Some(1), Some(1), None])));
+        assert!(plan_is_ready(&plan, &with_ready([Some(2), Some(1), None])));
+        // A stage whose node is gone.
+        assert!(!plan_is_ready(
+            &plan,
+            &with_ready([Some(1), Some(1), None])[..1]
+        ));
+    }
+
+    #[test]
+    fn supersedes_by_epoch_then_smaller_coordinator() {
+        let plan = |epoch, coordinator: &str| Plan {
+            epoch,
+            coordinator: coordinator.into(),
+            model_id: "m".into(),
+            stages: vec![],
+        };
+        assert!(supersedes(&plan(2, "z"), &plan(1, "a")));
+        assert!(supersedes(&plan(2, "a"), &plan(2, "b")));
+        assert!(!supersedes(&plan(2, "b"), &plan(2, "a")));
+        assert!(!supersedes(&plan(2, "a"), &plan(2, "a")));
+        assert!(!supersedes(&plan(1, "a"), &plan(2, "z")));
+    }
+}

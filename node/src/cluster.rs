@@ -1,0 +1,381 @@
+//! The node in its cluster: it finds its peers, follows the coordinator's plan, loads the
+//! layers the plan gives it, and tells the request holder which pipeline to use.
+//!
+//! One task owns all of this state and reacts to three sources: discovery (new peers to
+//! connect to), the control plane (membership and plans), and its own layer loads.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use candle_core::Device;
+use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, NodeInfo, Plan};
+use hearth_mesh::coordinator::{next_plan, plan_is_ready};
+use hearth_mesh::discovery::{
+    primary_address, Backend, ClusterHash, Discovery, DiscoveryConfig, DiscoveryEvent, InterfacePolicy, ManualPeer,
+    PeerAdvert,
+};
+use hearth_mesh::identity::{duplicate_id_error, Identity};
+use hearth_mesh::{format_bytes, ModelProfile};
+use hearth_models::{ModelSource, Stage};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::data_plane::{DataPlane, Neighbour, StageRole};
+use crate::holder::Route;
+
+/// Membership must hold still this long before the coordinator plans: nodes that start
+/// together find each other within about a second, and each plan costs a layer load.
+const SETTLE: Duration = Duration::from_millis(600);
+/// How often manually given peers are dialled again, in case they started later.
+const REDIAL: Duration = Duration::from_secs(2);
+
+/// How this node joins its cluster.
+pub struct ClusterOptions {
+    pub cluster_name: String,
+    pub data_dir: PathBuf,
+    pub control_listen: SocketAddr,
+    pub peers: Vec<ManualPeer>,
+    pub interfaces: InterfacePolicy,
+    pub usable_memory_bytes: u64,
+    pub backend: Backend,
+    /// The address the API listens on, announced to peers for `hearth status`.
+    pub api_addr: SocketAddr,
+}
+
+/// The cluster as `GET /v1/cluster` and `hearth status` show it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterView {
+    pub epoch: u64,
+    pub coordinator: Option<String>,
+    /// Every stage of the plan has loaded its layers.
+    pub ready: bool,
+    /// This node's id.
+    pub node: String,
+    /// Why the cluster cannot serve, when it cannot.
+    pub problem: Option<String>,
+    /// Plan stages in pipeline order, then live members without layers.
+    pub nodes: Vec<NodeView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    pub id: String,
+    /// The data plane address: where the previous stage sends hidden states.
+    pub addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub usable_memory_bytes: u64,
+    pub backend: String,
+    /// `[start, end)`, or `null` for a member the plan leaves out.
+    pub layers: Option<[usize; 2]>,
+    /// The node has loaded its layers of the current plan.
+    pub ready: bool,
+}
+
+/// What the rest of the node reads from the cluster.
+pub struct ClusterHandles {
+    pub routes: watch::Receiver<Option<Route>>,
+    pub view: watch::Receiver<ClusterView>,
+    pub node_id: String,
+}
+
+/// Joins the cluster and keeps following it until the process ends.
+pub async fn join(
+    options: ClusterOptions,
+    source: Arc<ModelSource>,
+    device: Device,
+    data_plane: DataPlane,
+) -> anyhow::Result<ClusterHandles> {
+    let identity = Identity::load_or_create(&options.data_dir)
+        .with_context(|| format!("loading this node's identity from {}", options.data_dir.display()))?;
+    let node_id = identity.node_id().to_string();
+    let cluster_hash = ClusterHash::of(&options.cluster_name);
+    let host = primary_address(&options.interfaces).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    // Announce where peers can connect: the bound address, or this host's LAN address when
+    // bound to every interface.
+    let announced = |bound: SocketAddr| match bound.ip() {
+        ip if ip.is_unspecified() => SocketAddr::new(host, bound.port()),
+        _ => bound,
+    };
+    let data_addr = announced(data_plane.addr());
+    let api_addr = announced(options.api_addr);
+    let me = NodeInfo {
+        node_id: node_id.clone(),
+        data_addr,
+        api_addr,
+        usable_memory_bytes: options.usable_memory_bytes,
+        backend: options.backend.as_str().to_string(),
+        model_id: source.name().to_string(),
+        ready_epoch: None,
+    };
+    let config = ControlConfig {
+        keypair: identity.keypair().clone(),
+        listen: options.control_listen,
+        cluster_hash: cluster_hash.to_string(),
+    };
+    let (control, control_events, control_addr) =
+        ControlPlane::start(config, me.clone()).await.context("starting the control plane")?;
+    tracing::info!(
+        node = %node_id,
+        cluster = %options.cluster_name,
+        %data_addr,
+        control = %control_addr,
+        memory = %format_bytes(options.usable_memory_bytes),
+        "joining the cluster"
+    );
+
+    let advert = PeerAdvert {
+        node_id: identity.node_id(),
+        addresses: Vec::new(),
+        control_port: control_addr.port(),
+        data_port: data_addr.port(),
+        api_port: api_addr.port(),
+        usable_memory_bytes: options.usable_memory_bytes,
+        backend: options.backend,
+        cluster_hash,
+    };
+    let discovery = DiscoveryConfig { interfaces: options.interfaces.clone(), ..DiscoveryConfig::default() };
+    let (discovery, discovery_events) = match Discovery::start(advert, discovery) {
+        Ok((discovery, events)) => (Some(discovery), events),
+        Err(error) => {
+            tracing::warn!("mDNS discovery is off ({error}); only --peer addresses will be joined");
+            (None, mpsc::channel(1).1)
+        }
+    };
+
+    let (route_tx, routes) = watch::channel(None);
+    let (view_tx, view) = watch::channel(ClusterView { node: node_id.clone(), ..ClusterView::default() });
+    let profile = model_profile(&source, &device);
+    let node = Node {
+        me,
+        control,
+        source,
+        device,
+        data_plane,
+        profile,
+        members: Vec::new(),
+        plan: None,
+        route_tx,
+        view_tx,
+        problem: None,
+        _discovery: discovery,
+    };
+    tokio::spawn(node.run(control_events, discovery_events, options.peers));
+    Ok(ClusterHandles { routes, view, node_id })
+}
+
+/// The placement profile of the model: what each part costs in memory.
+fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {
+    let footprint = source.footprint(device);
+    ModelProfile {
+        num_layers: source.config().num_layers,
+        layer_bytes: footprint.layer_bytes,
+        embedding_bytes: footprint.embedding_bytes,
+        head_bytes: footprint.head_bytes,
+        kv_bytes_per_token_per_layer: footprint.kv_bytes_per_token_per_layer,
+        context_tokens: source.config().context_length as u64,
+    }
+}
+
+struct Node {
+    me: NodeInfo,
+    control: ControlPlane,
+    source: Arc<ModelSource>,
+    device: Device,
+    data_plane: DataPlane,
+    profile: ModelProfile,
+    members: Vec<NodeInfo>,
+    plan: Option<Plan>,
+    route_tx: watch::Sender<Option<Route>>,
+    view_tx: watch::Sender<ClusterView>,
+    problem: Option<String>,
+    /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
+    _discovery: Option<Discovery>,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut control_events: mpsc::Receiver<ControlEvent>,
+        mut discovery_events: mpsc::Receiver<DiscoveryEvent>,
+        peers: Vec<ManualPeer>,
+    ) {
+        let mut redial = tokio::time::interval(REDIAL);
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        let mut settling = true;
+        loop {
+            tokio::select! {
+                event = control_events.recv() => match event {
+                    Some(ControlEvent::Members(members)) => {
+                        self.members = members;
+                        settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                        settling = true;
+                        self.publish_view();
+                    }
+                    Some(ControlEvent::Plan(plan)) => self.follow(plan).await,
+                    None => {
+                        tracing::error!("the control plane stopped");
+                        return;
+                    }
+                },
+                Some(event) = discovery_events.recv() => self.discovered(event),
+                _ = redial.tick() => self.dial_manual_peers(&peers).await,
+                () = &mut settle, if settling => {
+                    settling = false;
+                    self.plan_if_coordinator();
+                }
+            }
+        }
+    }
+
+    fn discovered(&self, event: DiscoveryEvent) {
+        match event {
+            DiscoveryEvent::Found(advert) => {
+                for ip in &advert.addresses {
+                    self.control.dial(SocketAddr::new(*ip, advert.control_port));
+                }
+            }
+            // The control plane notices departures itself, faster than mDNS.
+            DiscoveryEvent::Lost(_) => {}
+            DiscoveryEvent::DuplicateId { addresses } => {
+                let ours: Vec<IpAddr> = vec![self.me.data_addr.ip()];
+                let id = hearth_mesh::NodeId(self.me.node_id.clone());
+                tracing::error!("{}", duplicate_id_error(&id, &ours, &addresses));
+            }
+        }
+    }
+
+    async fn dial_manual_peers(&self, peers: &[ManualPeer]) {
+        for peer in peers {
+            match peer.resolve().await {
+                Ok(addresses) => addresses.into_iter().for_each(|addr| self.control.dial(addr)),
+                Err(error) => tracing::warn!("cannot resolve --peer {:?} port {}: {error}", peer.host(), peer.port()),
+            }
+        }
+    }
+
+    /// On the coordinator: publishes a new plan when the membership calls for one.
+    fn plan_if_coordinator(&mut self) {
+        match next_plan(&self.me.node_id, &self.members, &self.profile, self.plan.as_ref()) {
+            Ok(Some(plan)) => {
+                tracing::info!(epoch = plan.epoch, stages = plan.stages.len(), "publishing a new plan");
+                if let Err(error) = self.control.publish_plan(plan) {
+                    tracing::error!("cannot publish the plan: {error}");
+                }
+                self.problem = None;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!("the cluster cannot hold the model: {error}");
+                self.problem = Some(error.to_string());
+                self.publish_view();
+            }
+        }
+    }
+
+    /// Takes up this node's part of a new plan: loads its layers (keeping the ones it
+    /// already holds when the range is unchanged) and reports ready.
+    async fn follow(&mut self, plan: Plan) {
+        tracing::info!(epoch = plan.epoch, coordinator = %plan.coordinator, "following a new plan");
+        let position = plan.stages.iter().position(|stage| stage.node_id == self.me.node_id);
+        self.plan = Some(plan.clone());
+        self.publish_view();
+        let Some(index) = position else {
+            // Left out: free the layers for good.
+            self.data_plane.uninstall().await;
+            return;
+        };
+        let layers = plan.stages[index].layers.clone();
+        let previous = self.data_plane.uninstall().await;
+        let stage = match previous {
+            Some(role) if role.stage.layers() == layers => role.stage,
+            previous => {
+                drop(previous);
+                match self.load(layers.clone()).await {
+                    Ok(stage) => stage,
+                    Err(error) => {
+                        tracing::error!("cannot load layers {layers:?}: {error:#}");
+                        self.problem = Some(format!("{error:#}"));
+                        self.publish_view();
+                        return;
+                    }
+                }
+            }
+        };
+        let next = plan.stages.get(index + 1).map(|stage| Neighbour::Remote(stage.data_addr));
+        let first = if index == 0 { Neighbour::Local } else { Neighbour::Remote(plan.stages[0].data_addr) };
+        if let Err(error) = self.data_plane.install(StageRole { epoch: plan.epoch, stage, next, first }).await {
+            tracing::error!("cannot install the stage: {error:#}");
+            return;
+        }
+        self.me.ready_epoch = Some(plan.epoch);
+        if let Err(error) = self.control.update_me(self.me.clone()) {
+            tracing::error!("cannot announce readiness: {error}");
+        }
+        self.publish_view();
+    }
+
+    async fn load(&self, layers: std::ops::Range<usize>) -> anyhow::Result<Stage> {
+        let source = self.source.clone();
+        let device = self.device.clone();
+        let started = std::time::Instant::now();
+        let stage = tokio::task::spawn_blocking(move || source.load_stage(layers, &device)).await??;
+        tracing::info!(layers = ?stage.layers(), ms = started.elapsed().as_millis() as u64, "loaded layers");
+        Ok(stage)
+    }
+
+    /// Recomputes what the API shows and which pipeline requests take.
+    fn publish_view(&self) {
+        let member = |id: &str| self.members.iter().find(|m| m.node_id == id);
+        let mut nodes = Vec::new();
+        let mut ready = false;
+        if let Some(plan) = &self.plan {
+            ready = plan_is_ready(plan, &self.members);
+            for stage in &plan.stages {
+                let info = member(&stage.node_id);
+                nodes.push(NodeView {
+                    id: stage.node_id.clone(),
+                    addr: stage.data_addr,
+                    api_addr: info.map_or(stage.data_addr, |m| m.api_addr),
+                    usable_memory_bytes: info.map_or(0, |m| m.usable_memory_bytes),
+                    backend: info.map_or_else(String::new, |m| m.backend.clone()),
+                    layers: Some([stage.layers.start, stage.layers.end]),
+                    ready: info.is_some_and(|m| m.ready_epoch >= Some(plan.epoch)),
+                });
+            }
+        }
+        for info in &self.members {
+            if !nodes.iter().any(|n| n.id == info.node_id) {
+                nodes.push(NodeView {
+                    id: info.node_id.clone(),
+                    addr: info.data_addr,
+                    api_addr: info.api_addr,
+                    usable_memory_bytes: info.usable_memory_bytes,
+                    backend: info.backend.clone(),
+                    layers: None,
+                    ready: false,
+                });
+            }
+        }
+        let route = match &self.plan {
+            Some(plan) if ready => plan.stages.first().map(|first| Route { epoch: plan.epoch, first_stage: first.data_addr }),
+            _ => None,
+        };
+        self.route_tx.send_if_modified(|current| {
+            let changed = *current != route;
+            *current = route;
+            changed
+        });
+        self.view_tx.send_replace(ClusterView {
+            epoch: self.plan.as_ref().map_or(0, |plan| plan.epoch),
+            coordinator: self.plan.as_ref().map(|plan| plan.coordinator.clone()),
+            ready,
+            node: self.me.node_id.clone(),
+            problem: self.problem.clone(),
+            nodes,
+        });
+    }
+}

@@ -1,0 +1,543 @@
+//! The data plane: this node's stage of the current plan, linked to its neighbours by
+//! long-lived gRPC streams.
+//!
+//! Tokens go round a ring. The node that holds a request sends its prompt to the first
+//! stage; each stage runs its layers and streams the hidden states to the next; the last
+//! stage samples and sends the token straight back to the first stage, which passes it to
+//! the holder and embeds it for the next step. A token costs one hop per stage.
+//!
+//! Everything here runs on one dedicated thread with its own single-threaded runtime: the
+//! gRPC server, the links to the neighbours and the model's forward passes. Wakeups across
+//! threads cost far more than a stage's network hop on a fast link, so the tensor path
+//! never leaves this thread.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use anyhow::Context as _;
+use candle_core::Tensor;
+use hearth_models::sampling::{Sampler, SamplerState, SamplingParams};
+use hearth_models::{Stage, StageCache, StageInput, StageOutput};
+use hearth_proto::frame::{
+    Activation, DType, ErrorCode, Expect, FinishReason, Generation, HiddenStates, Prefill, Reset, StageError,
+    StageFrame, Token,
+};
+use hearth_proto::{pb, FrameError, Limits};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Frames waiting to go out on one link before the sender waits.
+const LINK_BUFFER: usize = 64;
+
+/// Where a neighbouring stage runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Neighbour {
+    /// On this node: frames stay in memory.
+    Local,
+    /// Another node's data plane.
+    Remote(SocketAddr),
+}
+
+/// This node's part in one plan.
+pub struct StageRole {
+    pub epoch: u64,
+    pub stage: Stage,
+    /// The next stage, or `None` when this is the last one.
+    pub next: Option<Neighbour>,
+    /// The first stage, where the last stage sends the tokens it samples.
+    pub first: Neighbour,
+}
+
+/// A handle to the data plane thread.
+#[derive(Clone)]
+pub struct DataPlane {
+    commands: mpsc::UnboundedSender<Command>,
+    addr: SocketAddr,
+}
+
+enum Command {
+    /// Run this stage from now on; sequences of the previous role are dropped.
+    Install(Box<StageRole>, oneshot::Sender<()>),
+    /// Hand this node's stage back (the plan moved on); replies with it so its layers can
+    /// be reused.
+    Uninstall(oneshot::Sender<Option<StageRole>>),
+}
+
+/// Something for the worker to do.
+enum Work {
+    Command(Command),
+    /// A message from an inbound stream, with the way back to its sender.
+    Inbound { message: pb::StageMessage, upstream: Upstream },
+    /// A neighbour refused a frame of ours, or its link broke.
+    Downstream(StageError),
+}
+
+/// The reply direction of an inbound stream.
+type Upstream = mpsc::UnboundedSender<Result<pb::StageMessage, Status>>;
+
+impl DataPlane {
+    /// Binds `listen` and starts the data plane thread.
+    pub fn start(listen: SocketAddr, limits: Limits) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding the data plane to {listen}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("hearth-data-plane".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!("cannot start the data plane runtime: {error}");
+                        return;
+                    }
+                };
+                runtime.block_on(run(listener, limits, command_rx));
+            })
+            .context("starting the data plane thread")?;
+        Ok(Self { commands, addr })
+    }
+
+    /// The address the data plane listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Makes this node run `role`; returns once the role is in place.
+    pub async fn install(&self, role: StageRole) -> anyhow::Result<()> {
+        let (done, installed) = oneshot::channel();
+        self.commands
+            .send(Command::Install(Box::new(role), done))
+            .map_err(|_| anyhow::anyhow!("the data plane has stopped"))?;
+        installed.await.map_err(|_| anyhow::anyhow!("the data plane has stopped"))
+    }
+
+    /// Takes this node's stage out of service and returns it.
+    pub async fn uninstall(&self) -> Option<StageRole> {
+        let (done, role) = oneshot::channel();
+        self.commands.send(Command::Uninstall(done)).ok()?;
+        role.await.ok().flatten()
+    }
+}
+
+async fn run(listener: std::net::TcpListener, limits: Limits, commands: mpsc::UnboundedReceiver<Command>) {
+    let (work, work_rx) = mpsc::unbounded_channel();
+    let service = Service { work: work.clone() };
+    let server = pb::pipeline_server::PipelineServer::new(service).with_limits(&limits);
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!("data plane listener: {error}");
+            return;
+        }
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(async move {
+        if let Err(error) = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(server)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            tracing::error!("data plane server stopped: {error}");
+        }
+    });
+    let mut commands = commands;
+    let forward = work.clone();
+    tokio::spawn(async move {
+        while let Some(command) = commands.recv().await {
+            if forward.send(Work::Command(command)).is_err() {
+                break;
+            }
+        }
+    });
+    Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, work }.run(work_rx).await;
+}
+
+/// The gRPC face of the data plane: every inbound message goes to the worker.
+struct Service {
+    work: mpsc::UnboundedSender<Work>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StageMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::pipeline_server::Pipeline for Service {
+    type StreamStream = ResponseStream;
+    type FetchWeightsStream = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, Status>> + Send>>;
+
+    async fn stream(&self, request: Request<Streaming<pb::StageMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (upstream, replies) = mpsc::unbounded_channel();
+        let work = self.work.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        if work.send(Work::Inbound { message, upstream: upstream.clone() }).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!("inbound stream ended: {status}");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(replies))))
+    }
+
+    async fn fetch_weights(&self, _: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        Err(Status::unimplemented("weight transfer is not implemented yet"))
+    }
+}
+
+/// One sequence's state in this stage.
+struct Sequence {
+    cache: StageCache,
+    /// Where refusals (and, on the first stage, tokens) for this sequence go.
+    upstream: Upstream,
+    /// The last stage's sampler and stopping rules.
+    sampling: Option<(Sampler, Generation)>,
+}
+
+/// A stream to a neighbour's data plane.
+struct Link {
+    frames: mpsc::Sender<pb::StageMessage>,
+}
+
+impl Link {
+    /// Opens a stream to `addr`. Messages queue until the connection is up; refusals and
+    /// failures come back to the worker as [`Work::Downstream`].
+    fn open(addr: SocketAddr, limits: Limits, epoch: u64, work: mpsc::UnboundedSender<Work>) -> Self {
+        let (frames, outbound) = mpsc::channel(LINK_BUFFER);
+        tokio::spawn(async move {
+            let failure = |message: String| StageError { epoch, sequence_id: 0, code: ErrorCode::Internal, message };
+            let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+                Ok(endpoint) => endpoint.tcp_nodelay(true).connect().await,
+                Err(error) => {
+                    let _ = work.send(Work::Downstream(failure(format!("bad address {addr}: {error}"))));
+                    return;
+                }
+            };
+            let channel = match channel {
+                Ok(channel) => channel,
+                Err(error) => {
+                    let _ = work.send(Work::Downstream(failure(format!("cannot reach the stage at {addr}: {error}"))));
+                    return;
+                }
+            };
+            let mut client = pb::pipeline_client::PipelineClient::new(channel).with_limits(&limits);
+            let mut replies = match client.stream(ReceiverStream::new(outbound)).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    let _ = work.send(Work::Downstream(failure(format!("the stage at {addr} refused the link: {status}"))));
+                    return;
+                }
+            };
+            loop {
+                match replies.message().await {
+                    Ok(Some(pb::StageMessage { kind: Some(pb::stage_message::Kind::Error(error)) })) => {
+                        let _ = work.send(Work::Downstream(StageError::from_wire(error)));
+                    }
+                    Ok(Some(_)) => tracing::debug!("ignoring a non-error reply from {addr}"),
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = work.send(Work::Downstream(failure(format!("the link to {addr} broke: {status}"))));
+                        break;
+                    }
+                }
+            }
+        });
+        Self { frames }
+    }
+
+    async fn send(&self, frame: StageFrame) -> bool {
+        self.frames.send(frame.into_wire()).await.is_ok()
+    }
+}
+
+struct Worker {
+    role: Option<StageRole>,
+    sequences: HashMap<u64, Sequence>,
+    next: Option<Link>,
+    /// The last stage's link to a remote first stage.
+    ring: Option<Link>,
+    limits: Limits,
+    work: mpsc::UnboundedSender<Work>,
+}
+
+impl Worker {
+    async fn run(mut self, mut work: mpsc::UnboundedReceiver<Work>) {
+        while let Some(item) = work.recv().await {
+            match item {
+                Work::Command(Command::Install(role, done)) => {
+                    self.install(*role);
+                    let _ = done.send(());
+                }
+                Work::Command(Command::Uninstall(done)) => {
+                    self.sequences.clear();
+                    self.next = None;
+                    self.ring = None;
+                    let _ = done.send(self.role.take());
+                }
+                Work::Inbound { message, upstream } => {
+                    self.inbound(message, upstream).await;
+                    // Let the network tasks on this thread send what the step produced before
+                    // the next step starts: the worker would otherwise hold the thread while
+                    // work keeps arriving.
+                    tokio::task::yield_now().await;
+                }
+                Work::Downstream(error) => self.downstream_failed(error),
+            }
+        }
+    }
+
+    fn install(&mut self, role: StageRole) {
+        // Sequences of an older plan cannot continue here: their holders replay them.
+        self.sequences.clear();
+        self.next = match role.next {
+            Some(Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, role.epoch, self.work.clone())),
+            _ => None,
+        };
+        self.ring = match (role.next, role.first) {
+            (None, Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, role.epoch, self.work.clone())),
+            _ => None,
+        };
+        tracing::info!(epoch = role.epoch, layers = ?role.stage.layers(), "data plane serving its stage");
+        self.role = Some(role);
+    }
+
+    fn expect(&self) -> Option<Expect> {
+        let role = self.role.as_ref()?;
+        let config = role.stage.config();
+        Some(Expect {
+            epoch: role.epoch,
+            hidden_size: config.hidden_size,
+            vocab_size: config.vocab_size.try_into().unwrap_or(u32::MAX),
+        })
+    }
+
+    async fn inbound(&mut self, message: pb::StageMessage, upstream: Upstream) {
+        let Some(expect) = self.expect() else {
+            let _ = upstream.send(Err(Status::unavailable("this node has no stage in the current plan yet")));
+            return;
+        };
+        let frame = match StageFrame::from_wire(message, &self.limits, &expect) {
+            Ok(frame) => frame,
+            // A frame for another epoch is a stale sender, not a broken one: refuse it in-stream.
+            Err(error @ (FrameError::StaleEpoch { .. } | FrameError::EpochAhead { .. })) => {
+                let refusal = StageError::refusing(&error, expect.epoch, 0);
+                let _ = upstream.send(Ok(StageFrame::Error(refusal).into_wire()));
+                return;
+            }
+            Err(error) => {
+                tracing::warn!("refusing a malformed frame: {error}");
+                let _ = upstream.send(Err(error.to_status()));
+                return;
+            }
+        };
+        let sequence_id = frame.sequence_id();
+        if let Err(error) = self.handle(frame, upstream.clone()).await {
+            tracing::warn!(sequence_id, "stage failed: {error:#}");
+            // Tell whoever is waiting on the sequence: its holder, on the first stage.
+            let upstream = self.sequences.remove(&sequence_id).map_or(upstream, |s| s.upstream);
+            let refusal =
+                StageError { epoch: expect.epoch, sequence_id, code: ErrorCode::Internal, message: format!("{error:#}") };
+            let _ = upstream.send(Ok(StageFrame::Error(refusal).into_wire()));
+        }
+    }
+
+    async fn handle(&mut self, frame: StageFrame, upstream: Upstream) -> anyhow::Result<()> {
+        let Some(role) = &self.role else { return Ok(()) };
+        let epoch = role.epoch;
+        match frame {
+            StageFrame::Prefill(Prefill { sequence_id, start_position, tokens, generation, .. }) => {
+                anyhow::ensure!(role.stage.is_first(), "this stage takes hidden states, not tokens");
+                let generation = self.open_or_continue(sequence_id, start_position, generation, upstream)?;
+                self.step(sequence_id, Input::Tokens(&tokens), generation).await
+            }
+            StageFrame::Activation(Activation { sequence_id, start_position, hidden, generation, .. }) => {
+                anyhow::ensure!(!role.stage.is_first(), "the first stage takes tokens, not hidden states");
+                let generation = self.open_or_continue(sequence_id, start_position, generation, upstream)?;
+                self.step(sequence_id, Input::Hidden(hidden), generation).await
+            }
+            StageFrame::Token(token) => {
+                // Only the first stage receives tokens: from the last stage, round the ring.
+                self.token_arrived(token).await
+            }
+            StageFrame::Reset(Reset { sequence_id, .. }) => {
+                self.sequences.remove(&sequence_id);
+                if let Some(next) = &self.next {
+                    next.send(StageFrame::Reset(Reset { epoch, sequence_id })).await;
+                }
+                Ok(())
+            }
+            StageFrame::Error(error) => {
+                self.downstream_failed(error);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a sequence at position 0 (replacing any cache of an earlier attempt), or
+    /// checks that a later frame continues one this stage knows. Returns the generation
+    /// settings to pass on to the next stage.
+    fn open_or_continue(
+        &mut self,
+        sequence_id: u64,
+        start_position: u32,
+        generation: Option<Generation>,
+        upstream: Upstream,
+    ) -> anyhow::Result<Option<Generation>> {
+        let Some(role) = &self.role else { anyhow::bail!("no stage") };
+        if start_position == 0 {
+            let sampling = match (&generation, role.stage.is_last()) {
+                (Some(g), true) => Some((sampler_from(g), g.clone())),
+                _ => None,
+            };
+            let sequence = Sequence { cache: role.stage.new_cache(), upstream, sampling };
+            self.sequences.insert(sequence_id, sequence);
+            return Ok(generation);
+        }
+        let sequence =
+            self.sequences.get(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
+        anyhow::ensure!(
+            sequence.cache.positions() == start_position as usize,
+            "sequence {sequence_id} is at position {}, the frame starts at {start_position}",
+            sequence.cache.positions()
+        );
+        Ok(None)
+    }
+
+    /// Runs new positions of a sequence through this stage and sends the result on: hidden
+    /// states to the next stage, or a sampled token round the ring.
+    async fn step(&mut self, sequence_id: u64, input: Input<'_>, generation: Option<Generation>) -> anyhow::Result<()> {
+        let Some(role) = &self.role else { return Ok(()) };
+        let epoch = role.epoch;
+        let sequence =
+            self.sequences.get_mut(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
+        let start_position = sequence.cache.positions() as u32;
+        let hidden_tensor;
+        let stage_input = match &input {
+            Input::Tokens(tokens) => StageInput::Tokens(tokens),
+            Input::Hidden(hidden) => {
+                hidden_tensor = Tensor::from_vec(
+                    hidden.to_f32_vec(),
+                    (hidden.rows(), hidden.cols()),
+                    role.stage.device(),
+                )?;
+                StageInput::Hidden(&hidden_tensor)
+            }
+        };
+        match role.stage.forward(stage_input, &mut sequence.cache)? {
+            StageOutput::Hidden(hidden) => {
+                let (rows, cols) = hidden.dims2()?;
+                let values = hidden.flatten_all()?.to_vec1::<f32>()?;
+                let hidden = HiddenStates::from_f32(rows, cols, &values, DType::F32)?;
+                let frame = Activation { epoch, sequence_id, start_position, hidden, generation };
+                let next = self.next.as_ref().ok_or_else(|| anyhow::anyhow!("this stage has no next stage"))?;
+                anyhow::ensure!(next.send(StageFrame::Activation(frame)).await, "the link to the next stage is closed");
+            }
+            StageOutput::Logits(logits) => {
+                let (sampler, settings) = sequence
+                    .sampling
+                    .as_mut()
+                    .ok_or_else(|| anyhow::anyhow!("sequence {sequence_id} reached the last stage without its sampling settings"))?;
+                let values = logits.to_vec1::<f32>()?;
+                let id = sampler.sample(&values);
+                let position = sequence.cache.positions() as u32;
+                let finish = if settings.stop_tokens.contains(&id) {
+                    Some(FinishReason::Stop)
+                } else if position + 1 >= settings.max_len {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                let token = Token { epoch, sequence_id, position, id, finish, word_pos: sampler.state().word_pos };
+                // A finished sequence is forgotten here, unless this stage is also the first,
+                // which still has to pass the token to the holder.
+                if finish.is_some() && !role.stage.is_first() {
+                    self.sequences.remove(&sequence_id);
+                }
+                match &self.ring {
+                    // The first stage is here too: queue the token behind other work, so that
+                    // sequences take turns.
+                    None => {
+                        let _ = self.work.send(Work::Inbound {
+                            message: StageFrame::Token(token).into_wire(),
+                            upstream: self.loopback_upstream(),
+                        });
+                    }
+                    Some(ring) => {
+                        anyhow::ensure!(ring.send(StageFrame::Token(token)).await, "the link to the first stage is closed")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// On the first stage: a sampled token came round. The holder gets it first, then it
+    /// becomes the input of the sequence's next step, unless the sequence is finished.
+    async fn token_arrived(&mut self, token: Token) -> anyhow::Result<()> {
+        let Some(role) = &self.role else { return Ok(()) };
+        anyhow::ensure!(role.stage.is_first(), "tokens go to the first stage");
+        let epoch = role.epoch;
+        let sequence_id = token.sequence_id;
+        let Some(sequence) = self.sequences.get(&sequence_id) else {
+            // Reset while the token was on its way: nothing to do.
+            return Ok(());
+        };
+        let holder_gone = sequence.upstream.send(Ok(StageFrame::Token(token.clone()).into_wire())).is_err();
+        if token.finish.is_some() || holder_gone {
+            self.sequences.remove(&sequence_id);
+            if let Some(next) = &self.next {
+                next.send(StageFrame::Reset(Reset { epoch, sequence_id })).await;
+            }
+            return Ok(());
+        }
+        self.step(sequence_id, Input::Tokens(&[token.id]), None).await
+    }
+
+    /// A neighbour refused a frame, or a link broke: the sequences concerned fail, and their
+    /// holders hear of it (they replay them).
+    fn downstream_failed(&mut self, error: StageError) {
+        tracing::warn!(sequence_id = error.sequence_id, "downstream: {}", error.message);
+        let failed: Vec<u64> = if error.sequence_id == 0 {
+            self.sequences.keys().copied().collect()
+        } else {
+            vec![error.sequence_id]
+        };
+        for sequence_id in failed {
+            if let Some(sequence) = self.sequences.remove(&sequence_id) {
+                let refusal = StageError { sequence_id, ..error.clone() };
+                let _ = sequence.upstream.send(Ok(StageFrame::Error(refusal).into_wire()));
+            }
+        }
+    }
+
+    /// Where tokens that went round a one-node ring report to: the sequence's own upstream
+    /// is looked up on arrival, so this one only swallows what is sent to it.
+    fn loopback_upstream(&self) -> Upstream {
+        mpsc::unbounded_channel().0
+    }
+}
+
+enum Input<'a> {
+    Tokens(&'a [u32]),
+    Hidden(HiddenStates),
+}
+
+fn sampler_from(generation: &Generation) -> Sampler {
+    let s = generation.sampling;
+    Sampler::from_state(&SamplerState {
+        params: SamplingParams { temperature: s.temperature, top_p: s.top_p, top_k: s.top_k as usize, seed: s.seed },
+        word_pos: s.word_pos,
+    })
+}

@@ -1,0 +1,272 @@
+//! The node that holds a request: it tokenizes the prompt, sends it into the pipeline,
+//! and turns the tokens that come back into text, stopping where the request says.
+//!
+//! Any node can hold requests, whether or not it runs a stage. The holder keeps the prompt
+//! and every token generated so far, which is all it needs to replay a request on a new
+//! plan.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hearth_models::chat_template::{ChatMessage, ChatTemplate};
+use hearth_models::sampling::StopMatcher;
+use hearth_models::tokenizer::Tokenizer;
+use hearth_proto::frame::{Expect, Generation as WireGeneration, Prefill, Reset, Sampling, StageFrame};
+use hearth_proto::{pb, Limits};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::engine::{Counters, Event, FinishReason, Generation, Outcome};
+
+/// Sequences one holder keeps in the pipeline at once; more wait in the queue.
+const MAX_ACTIVE: usize = 8;
+/// Requests that may wait before new ones are turned away with 429.
+const QUEUE_CAPACITY: usize = 64;
+/// How long a request waits for the cluster to have a ready plan.
+const PLAN_WAIT: Duration = Duration::from_secs(10);
+
+/// The pipeline requests go through: the plan's epoch and where its first stage listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub epoch: u64,
+    pub first_stage: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are already waiting")]
+    QueueFull(usize),
+}
+
+/// What a request needs from the model, known without loading any layer.
+pub struct ModelInfo {
+    pub id: String,
+    pub context_length: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub tokenizer: Tokenizer,
+    pub chat_template: ChatTemplate,
+}
+
+/// A cheap handle through which the API submits requests.
+#[derive(Clone)]
+pub struct Holder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: ModelInfo,
+    counters: Counters,
+    routes: watch::Receiver<Option<Route>>,
+    slots: Semaphore,
+    limits: Limits,
+    /// One HTTP/2 connection per first stage, shared by all requests.
+    channels: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+}
+
+impl Holder {
+    /// `routes` carries the current ready plan, or `None` while there is none.
+    pub fn new(model: ModelInfo, routes: watch::Receiver<Option<Route>>, limits: Limits) -> Self {
+        let inner = Inner {
+            model,
+            counters: Counters::default(),
+            routes,
+            slots: Semaphore::new(MAX_ACTIVE),
+            limits,
+            channels: Mutex::new(HashMap::new()),
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.inner.model.id
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.inner.model.context_length
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.inner.model.tokenizer
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> hearth_models::Result<String> {
+        self.inner.model.chat_template.render(messages, true)
+    }
+
+    /// Queues a generation; its events arrive on the returned channel. Dropping the
+    /// receiver cancels the generation.
+    pub fn submit(&self, request: Generation) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        let counters = &self.inner.counters;
+        if counters.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE_CAPACITY {
+            counters.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(SubmitError::QueueFull(QUEUE_CAPACITY));
+        }
+        let (events, receiver) = mpsc::channel(256);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let permit = inner.slots.acquire().await;
+            inner.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            let Ok(_permit) = permit else { return };
+            if events.is_closed() {
+                return;
+            }
+            inner.counters.active.fetch_add(1, Ordering::Relaxed);
+            let event = match inner.run(&request, &events).await {
+                Ok(outcome) => {
+                    log_outcome(&outcome);
+                    Event::Done(outcome)
+                }
+                Err(error) => {
+                    tracing::error!("generation failed: {error:#}");
+                    Event::Failed(format!("{error:#}"))
+                }
+            };
+            inner.counters.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = events.send(event).await;
+        });
+        Ok(receiver)
+    }
+}
+
+impl Inner {
+    async fn run(&self, request: &Generation, events: &mpsc::Sender<Event>) -> anyhow::Result<Outcome> {
+        let started = Instant::now();
+        let route = self.wait_for_route().await?;
+        let expect = Expect {
+            epoch: route.epoch,
+            hidden_size: self.model.hidden_size,
+            vocab_size: self.model.vocab_size.try_into().unwrap_or(u32::MAX),
+        };
+        let sequence_id = random_sequence_id();
+        let prompt_len = request.prompt.len();
+        let prefill = Prefill {
+            epoch: route.epoch,
+            sequence_id,
+            start_position: 0,
+            tokens: request.prompt.clone(),
+            generation: Some(WireGeneration {
+                sampling: Sampling {
+                    temperature: request.sampling.temperature,
+                    top_p: request.sampling.top_p,
+                    top_k: request.sampling.top_k.try_into().unwrap_or(u32::MAX),
+                    seed: request.sampling.seed,
+                    word_pos: 0,
+                },
+                max_len: u32::try_from(prompt_len + request.max_tokens)?,
+                stop_tokens: self.model.tokenizer.stop_token_ids().to_vec(),
+            }),
+        };
+
+        let (frames, outbound) = mpsc::channel(8);
+        frames.send(StageFrame::Prefill(prefill).into_wire()).await?;
+        let mut client = pb::pipeline_client::PipelineClient::new(self.channel(route.first_stage).await?)
+            .with_limits(&self.limits);
+        let mut replies = client.stream(ReceiverStream::new(outbound)).await?.into_inner();
+
+        let mut text = self.model.tokenizer.decode_stream();
+        let mut stops = StopMatcher::new(request.stop.clone());
+        let mut completion_tokens = 0;
+        let mut first_token_at = None;
+        let reset = || StageFrame::Reset(Reset { epoch: route.epoch, sequence_id }).into_wire();
+        let finish = loop {
+            let message = tokio::select! {
+                message = replies.message() => message?,
+                () = events.closed() => {
+                    let _ = frames.send(reset()).await;
+                    break FinishReason::Cancelled;
+                }
+            };
+            let Some(message) = message else { anyhow::bail!("the first stage closed the stream") };
+            let token = match StageFrame::from_wire(message, &self.limits, &expect)? {
+                StageFrame::Token(token) => token,
+                StageFrame::Error(error) => anyhow::bail!("the pipeline refused the request: {}", error.message),
+                other => anyhow::bail!("unexpected frame from the first stage: {other:?}"),
+            };
+            completion_tokens += 1;
+            first_token_at.get_or_insert_with(Instant::now);
+            self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if token.finish == Some(hearth_proto::frame::FinishReason::Stop) {
+                break FinishReason::Stop;
+            }
+            if let Some(piece) = text.step(token.id)? {
+                let status = stops.push(&piece);
+                if !status.emit.is_empty() && events.send(Event::Text(status.emit)).await.is_err() {
+                    let _ = frames.send(reset()).await;
+                    break FinishReason::Cancelled;
+                }
+                if status.stopped {
+                    let _ = frames.send(reset()).await;
+                    break FinishReason::Stop;
+                }
+            }
+            if token.finish == Some(hearth_proto::frame::FinishReason::Length) {
+                break FinishReason::Length;
+            }
+        };
+        if finish != FinishReason::Cancelled {
+            let rest = stops.flush();
+            if !rest.is_empty() {
+                let _ = events.send(Event::Text(rest)).await;
+            }
+        }
+        let first_token_at = first_token_at.unwrap_or_else(Instant::now);
+        Ok(Outcome {
+            finish,
+            prompt_tokens: prompt_len,
+            completion_tokens,
+            time_to_first_token: first_token_at - started,
+            decode_time: first_token_at.elapsed(),
+        })
+    }
+
+    /// The current ready plan, waiting a little for one if the cluster is re-forming.
+    async fn wait_for_route(&self) -> anyhow::Result<Route> {
+        let mut routes = self.routes.clone();
+        let route = match tokio::time::timeout(PLAN_WAIT, routes.wait_for(Option::is_some)).await {
+            Ok(Ok(route)) => *route,
+            _ => None,
+        };
+        route.ok_or_else(|| anyhow::anyhow!("the cluster has no ready plan to serve the model"))
+    }
+
+    async fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+        if let Some(channel) = self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(&addr) {
+            return Ok(channel.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(addr, channel.clone());
+        Ok(channel)
+    }
+}
+
+fn log_outcome(outcome: &Outcome) {
+    if outcome.finish == FinishReason::Cancelled {
+        tracing::info!(tokens = outcome.completion_tokens, "client went away; generation cancelled");
+        return;
+    }
+    let rate = outcome.completion_tokens.saturating_sub(1) as f64 / outcome.decode_time.as_secs_f64().max(1e-9);
+    tracing::info!(
+        prompt_tokens = outcome.prompt_tokens,
+        completion_tokens = outcome.completion_tokens,
+        ttft_ms = outcome.time_to_first_token.as_millis() as u64,
+        tokens_per_s = format!("{rate:.1}"),
+        "generation finished"
+    );
+}
+
+/// A random non-zero id: holders pick sequence ids independently, so they must not collide.
+fn random_sequence_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(Instant::now()).max(1)
+}

@@ -1,0 +1,92 @@
+//! Whatever a peer sends, validation answers with a frame that keeps every promise of
+//! its type, or with an error: never a panic.
+
+mod common;
+
+use common::{assert_invariants, EXPECT, LIMITS};
+use hearth_proto::frame::{Activation, DType, HiddenStates, StageFrame};
+use hearth_proto::handshake::HandshakeStep;
+use hearth_proto::weights::WeightChunk;
+use hearth_proto::{pb, FrameError};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use prost::Message;
+
+fn validate(bytes: &[u8]) -> Option<Result<StageFrame, FrameError>> {
+    let message = pb::StageMessage::decode(bytes).ok()?;
+    Some(StageFrame::from_wire(message, &LIMITS, &EXPECT))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+        if let Some(Ok(frame)) = validate(&bytes) {
+            assert_invariants(&frame);
+        }
+    }
+
+    /// Random bytes rarely decode into anything deep; corrupting real messages does.
+    #[test]
+    fn corrupted_messages_never_panic(
+        message in common::stage_messages(),
+        corruptions in vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+    ) {
+        let mut bytes = message.encode_to_vec();
+        for (at, value) in corruptions {
+            if !bytes.is_empty() {
+                let at = at.index(bytes.len());
+                bytes[at] = value;
+            }
+        }
+        if let Some(Ok(frame)) = validate(&bytes) {
+            assert_invariants(&frame);
+        }
+    }
+
+    #[test]
+    fn hostile_messages_are_refused_or_keep_their_promises(message in common::stage_messages()) {
+        if let Ok(frame) = StageFrame::from_wire(message, &LIMITS, &EXPECT) {
+            assert_invariants(&frame);
+        }
+    }
+
+    #[test]
+    fn hostile_handshakes_and_chunks_never_panic(
+        handshake in common::handshake_messages(),
+        chunk in common::weight_chunks(),
+    ) {
+        if let Ok(HandshakeStep::Hello(hello)) = HandshakeStep::from_wire(handshake) {
+            assert!((1..=128).contains(&hello.node_id.len()));
+        }
+        if let Ok(chunk) = WeightChunk::from_wire(chunk, &LIMITS) {
+            assert!(chunk.data.len() <= LIMITS.max_chunk_bytes);
+            assert!(chunk.offset + chunk.data.len() as u64 <= chunk.tensor_size);
+        }
+    }
+
+    #[test]
+    fn valid_activations_survive_the_wire(
+        rows in 1..=LIMITS.max_positions,
+        dtype in prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::BF16)],
+        start_position in 1..1000u32,
+        seed in any::<u32>(),
+    ) {
+        let values: Vec<f32> = (0..rows * EXPECT.hidden_size)
+            .map(|i| (i as u32 ^ seed) as f32 / 7.0)
+            .collect();
+        let hidden = HiddenStates::from_f32(rows, EXPECT.hidden_size, &values, dtype).unwrap();
+        prop_assume!(hidden.data().len() <= LIMITS.max_frame_bytes);
+        let sent = Activation {
+            epoch: EXPECT.epoch,
+            sequence_id: 5,
+            start_position,
+            hidden,
+            generation: None,
+        };
+        let bytes = StageFrame::from(sent.clone()).into_wire().encode_to_vec();
+        let received = validate(&bytes).expect("decodes").expect("valid");
+        prop_assert_eq!(received, StageFrame::Activation(sent));
+    }
+}
