@@ -1,7 +1,14 @@
-//! Discovery over real mDNS multicast, between two `Discovery` instances in this
-//! process. Traffic stays on the local link, on a private port (not 5353) so these
-//! tests neither see nor disturb real nodes.
+//! Discovery over real mDNS multicast, between `Discovery` instances in this process.
+//!
+//! Tests that start an mDNS daemon never run on this machine's network: each one runs
+//! again, as a child process, inside a network namespace of its own (see
+//! [`in_private_netns`]), where a veth pair joins `hm0` and `hm1`. A node on `hm0`
+//! hears a node on `hm1` only through the pair, so the multicast is real, and none of
+//! it can leave the namespace. The port is a private one besides (not 5353).
 
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hearth_mesh::discovery::{
@@ -13,21 +20,94 @@ use tokio::sync::mpsc::Receiver;
 const TEST_MDNS_PORT: u16 = 5399;
 const PATIENCE: Duration = Duration::from_secs(5);
 
-/// mdns-sd needs an interface that can carry multicast; loopback-only sandboxes have
-/// none, and there the test can only say so.
-fn multicast_capable() -> bool {
-    let capable = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .iter()
-        .any(|intf| InterfacePolicy::Auto.allows(&intf.name, intf.is_loopback()));
-    if !capable {
-        eprintln!("\n*** SKIPPED: no multicast-capable interface (only loopback or container bridges) ***\n");
+/// Set in the child that runs a test inside its private network namespace.
+const IN_NETNS: &str = "HEARTH_MDNS_TEST_NETNS";
+
+/// Run by `sh` inside the new namespace, before it execs the test binary (`$0`, its
+/// arguments `$@`): a veth pair `hm0` <-> `hm1` with an IPv4 address at each end.
+///
+/// Multicast sent on `hm0` comes in on `hm1` and the other way round, but with a
+/// source address that is local to the namespace, which Linux drops as martian
+/// unless `accept_local` is on. No DAD, so the IPv6 link-local addresses work at
+/// once instead of two seconds in. All of it is undone when the namespace goes.
+const NETNS_SETUP: &str = r#"set -e
+ip link set lo up
+if [ -w /proc/sys/net/ipv6/conf/default/accept_dad ]; then
+    echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad
+fi
+ip link add hm0 type veth peer name hm1
+for conf in all hm0 hm1; do
+    echo 1 > /proc/sys/net/ipv4/conf/$conf/accept_local
+done
+ip addr add 10.250.0.1/24 dev hm0
+ip addr add 10.250.0.2/24 dev hm1
+ip link set hm0 up
+ip link set hm1 up
+exec "$0" "$@""#;
+
+/// Whether the calling test should go ahead: true in the child that already runs
+/// inside a private network namespace. Otherwise this runs the test `name` (its full
+/// libtest name) again in such a child, forwards its output, fails if it failed, and
+/// returns false.
+///
+/// Creating the namespace takes root (or, failing that, a user namespace that maps
+/// us to root). Without either the test is skipped loudly; but under `CI=true` as
+/// root, where it must run, not being able to create the namespace is a failure.
+fn in_private_netns(name: &str) -> bool {
+    if std::env::var_os(IN_NETNS).is_some() {
+        return true;
     }
-    capable
+    let root = std::fs::metadata("/proc/self").is_ok_and(|proc| proc.uid() == 0);
+    let ci = std::env::var("CI").is_ok_and(|ci| ci == "true" || ci == "1");
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut unshare = Command::new("unshare");
+    if !root {
+        unshare.args(["--user", "--map-root-user"]);
+    }
+    unshare
+        .args(["--net", "--", "sh", "-c", NETNS_SETUP])
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(IN_NETNS, "1");
+    let why = match unshare.output() {
+        Err(e) => format!("cannot run unshare: {e}"),
+        // libtest exits with 0 or 101; anything else is unshare or the setup failing.
+        Ok(out) if matches!(out.status.code(), Some(0 | 101) | None) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            eprint!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{name} failed in its network namespace: {}",
+                out.status
+            );
+            assert!(
+                stdout.contains("test result: ok. 1 passed"),
+                "{name} did not run in its network namespace"
+            );
+            return false;
+        }
+        Ok(out) => format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    assert!(
+        !(ci && root),
+        "CI=true and root, yet no private network namespace for {name}: {why}"
+    );
+    // Straight to stderr, past the test harness's capture, so the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED: mDNS tests need root to create a private network namespace ***\n    ({name}: {why})\n"
+    );
+    false
 }
 
-fn config() -> DiscoveryConfig {
+/// mDNS on just `interface`: `hm0` or `hm1`, the two ends of the namespace's veth pair.
+fn config(interface: &str) -> DiscoveryConfig {
     DiscoveryConfig {
+        interfaces: InterfacePolicy::Only(interface.to_owned()),
         mdns_port: TEST_MDNS_PORT,
         ..DiscoveryConfig::default()
     }
@@ -84,17 +164,18 @@ fn found(advert: &PeerAdvert) -> impl Fn(&DiscoveryEvent) -> bool + '_ {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_find_each_other_update_and_say_goodbye() {
-    if !multicast_capable() {
+    if !in_private_netns("two_nodes_find_each_other_update_and_say_goodbye") {
         return;
     }
     let cluster = unique_cluster("home");
     let (a_advert, b_advert) = (advert(&cluster, 7700), advert(&cluster, 7800));
     let stranger = advert(&unique_cluster("work"), 7900);
 
-    let (c, _c_rx) = Discovery::start(stranger.clone(), config()).unwrap();
-    let (a, mut a_rx) = Discovery::start(a_advert.clone(), config()).unwrap();
+    // A and B at opposite ends of the pair; the stranger is on B's.
+    let (c, _c_rx) = Discovery::start(stranger.clone(), config("hm1")).unwrap();
+    let (a, mut a_rx) = Discovery::start(a_advert.clone(), config("hm0")).unwrap();
     let started = Instant::now();
-    let (b, mut b_rx) = Discovery::start(b_advert.clone(), config()).unwrap();
+    let (b, mut b_rx) = Discovery::start(b_advert.clone(), config("hm1")).unwrap();
     let (mut a_seen, mut b_seen) = (Vec::new(), Vec::new());
 
     let b_saw_a = wait_for(&mut b_rx, &mut b_seen, "B to find A", found(&a_advert)).await;
@@ -171,10 +252,14 @@ async fn two_nodes_find_each_other_update_and_say_goodbye() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_peers_join_the_same_stream() {
+    // The mDNS daemon joins its multicast group on every interface as it starts.
+    if !in_private_netns("manual_peers_join_the_same_stream") {
+        return;
+    }
     let cluster = unique_cluster("manual");
     let me = advert(&cluster, 7700);
-    // Interfaces only matter for multicast; this test needs none.
-    let (discovery, mut rx) = Discovery::start(me.clone(), config()).unwrap();
+    // This test needs no multicast, but the daemon still starts and announces.
+    let (discovery, mut rx) = Discovery::start(me.clone(), config("hm0")).unwrap();
     let mut seen = Vec::new();
 
     let peer = PeerAdvert {
@@ -213,13 +298,13 @@ async fn manual_peers_join_the_same_stream() {
     discovery.shutdown().await.unwrap();
 }
 
+// These two are refused before any mDNS daemon starts, so they run right here.
+
 #[test]
 fn a_missing_interface_is_refused_by_name() {
-    let config = DiscoveryConfig {
-        interfaces: InterfacePolicy::Only("no-such-if0".to_owned()),
-        ..config()
-    };
-    let err = Discovery::start(advert("x", 7700), config).err().unwrap();
+    let err = Discovery::start(advert("x", 7700), config("no-such-if0"))
+        .err()
+        .unwrap();
     let msg = err.to_string();
     assert!(msg.contains("no-such-if0"), "{msg}");
 }
@@ -230,5 +315,5 @@ fn an_invalid_own_advert_is_refused() {
         control_port: 0,
         ..advert("x", 7700)
     };
-    assert!(Discovery::start(bad, config()).is_err());
+    assert!(Discovery::start(bad, config("no-such-if0")).is_err());
 }

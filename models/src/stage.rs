@@ -1,12 +1,20 @@
 //! A pipeline stage: a contiguous range of decoder blocks, with the token embedding if it
 //! is the first stage and the final norm and LM head if it is the last.
+//!
+//! On the CPU a stage runs its own fused operations (`kernels::ops`, `kernels::attention`)
+//! over buffers it reuses, with an f16 KV cache appended in place: they compute what
+//! llama.cpp's CPU backend computes, bit for bit, so that greedy decoding follows its
+//! reference outputs. Other devices run candle's operations.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use crate::kernels::attention::{self, Heads};
+use crate::kernels::ops::{self, RopePairs};
 use crate::kernels::Matrix;
 use crate::source::{activation_dtype, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
@@ -35,8 +43,15 @@ pub enum StageOutput {
 /// The KV cache of one sequence in one stage. A sequence's cache never mixes with another's.
 #[derive(Debug, Clone)]
 pub struct StageCache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
     positions: usize,
+}
+
+/// One layer's keys and values: f16 rows on the CPU, candle tensors elsewhere.
+#[derive(Debug, Clone)]
+enum LayerCache {
+    Native(attention::KvCache),
+    Candle(KvCache),
 }
 
 impl StageCache {
@@ -53,9 +68,15 @@ pub struct Stage {
     embedding: Option<Matrix>,
     blocks: Vec<Block>,
     head: Option<Head>,
-    rope: Rope,
+    rope: StageRope,
     device: Device,
     dtype: DType,
+}
+
+/// The rotary embedding of whichever path the stage runs.
+enum StageRope {
+    Native(ops::Rope),
+    Candle(Rope),
 }
 
 impl Stage {
@@ -75,14 +96,19 @@ impl Stage {
                 (_, false) => loader.matrix(TensorName::Output)?,
             };
             Some(Head {
-                norm: RmsNorm::new(loader.dense(TensorName::OutputNorm)?, config.rms_norm_eps),
+                norm: RmsNorm::new(loader.dense(TensorName::OutputNorm)?, config.rms_norm_eps)?,
                 output,
             })
         } else {
             None
         };
+        let rope = if device.is_cpu() {
+            StageRope::Native(native_rope(config)?)
+        } else {
+            StageRope::Candle(Rope::new(config, &device)?)
+        };
         Ok(Self {
-            rope: Rope::new(config, &device)?,
+            rope,
             config: config.clone(),
             layers,
             embedding,
@@ -120,10 +146,14 @@ impl Stage {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> StageCache {
-        StageCache {
-            layers: self.blocks.iter().map(|_| KvCache::new(2, KV_CACHE_STEP)).collect(),
-            positions: 0,
-        }
+        let layer = || match &self.rope {
+            StageRope::Native(_) => {
+                let width = self.config.num_kv_heads * self.config.head_dim;
+                LayerCache::Native(attention::KvCache::new(width, KV_CACHE_STEP))
+            }
+            StageRope::Candle(_) => LayerCache::Candle(KvCache::new(2, KV_CACHE_STEP)),
+        };
+        StageCache { layers: self.blocks.iter().map(|_| layer()).collect(), positions: 0 }
     }
 
     /// Runs new positions of one sequence through this stage's layers, appending to `cache`.
@@ -131,23 +161,21 @@ impl Stage {
         if cache.layers.len() != self.blocks.len() {
             return Err(Error::InvalidInput("the cache belongs to another stage".into()));
         }
+        if let StageRope::Native(rope) = &self.rope {
+            return self.forward_native(input, cache, rope);
+        }
         let hidden = self.input_hidden(input)?;
         let seq_len = hidden.dim(1)?;
         let start = cache.positions;
-        if seq_len == 0 {
-            return Err(Error::InvalidInput("no positions to run".into()));
-        }
-        if start + seq_len > self.config.context_length {
-            return Err(Error::InvalidInput(format!(
-                "position {} is past the context of {} tokens",
-                start + seq_len,
-                self.config.context_length
-            )));
-        }
+        self.check_positions(start, seq_len)?;
         let mask = causal_mask(seq_len, start, &self.device, self.dtype)?;
+        let StageRope::Candle(rope) = &self.rope else { unreachable!("the native path returned above") };
         let mut hidden = hidden;
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            hidden = block.forward(&hidden, start, mask.as_ref(), &self.rope, kv)?;
+            let LayerCache::Candle(kv) = kv else {
+                return Err(Error::InvalidInput("the cache belongs to a stage on another device".into()));
+            };
+            hidden = block.forward(&hidden, start, mask.as_ref(), rope, kv)?;
         }
         cache.positions += seq_len;
         match &self.head {
@@ -160,17 +188,29 @@ impl Stage {
         }
     }
 
-    /// Turns the input into hidden states of shape `(1, positions, hidden)`, checking that it
-    /// is what this stage expects.
-    fn input_hidden(&self, input: StageInput<'_>) -> Result<Tensor> {
+    fn check_positions(&self, start: usize, seq_len: usize) -> Result<()> {
+        if seq_len == 0 {
+            return Err(Error::InvalidInput("no positions to run".into()));
+        }
+        if start + seq_len > self.config.context_length {
+            return Err(Error::InvalidInput(format!(
+                "position {} is past the context of {} tokens",
+                start + seq_len,
+                self.config.context_length
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `input` is what this stage takes.
+    fn check_input(&self, input: &StageInput<'_>) -> Result<()> {
         match (input, &self.embedding) {
-            (StageInput::Tokens(tokens), Some(embedding)) => {
+            (StageInput::Tokens(tokens), Some(_)) => {
                 let vocab = self.config.vocab_size;
                 if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
                     return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {vocab}")));
                 }
-                let ids = Tensor::new(tokens, &self.device)?;
-                Ok(embedding.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?)
+                Ok(())
             }
             (StageInput::Hidden(hidden), None) => {
                 let (_, width) = hidden.dims2().map_err(|_| {
@@ -182,7 +222,7 @@ impl Stage {
                         self.config.hidden_size
                     )));
                 }
-                Ok(hidden.to_device(&self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?)
+                Ok(())
             }
             (StageInput::Tokens(_), None) => Err(Error::InvalidInput(format!(
                 "stage {}..{} takes hidden states, not tokens",
@@ -193,6 +233,160 @@ impl Stage {
             }
         }
     }
+
+    /// Turns the input into hidden states of shape `(1, positions, hidden)`, checking that it
+    /// is what this stage expects.
+    fn input_hidden(&self, input: StageInput<'_>) -> Result<Tensor> {
+        self.check_input(&input)?;
+        match (input, &self.embedding) {
+            (StageInput::Tokens(tokens), Some(embedding)) => {
+                let ids = Tensor::new(tokens, &self.device)?;
+                Ok(embedding.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?)
+            }
+            (StageInput::Hidden(hidden), _) => Ok(hidden.to_device(&self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?),
+            (StageInput::Tokens(_), None) => unreachable!("checked above"),
+        }
+    }
+
+    /// The CPU path: this module's fused operations over reused buffers (see the module's
+    /// documentation).
+    fn forward_native(&self, input: StageInput<'_>, cache: &mut StageCache, rope: &ops::Rope) -> Result<StageOutput> {
+        self.check_input(&input)?;
+        let seq_len = match &input {
+            StageInput::Tokens(tokens) => tokens.len(),
+            StageInput::Hidden(hidden) => hidden.dim(0)?,
+        };
+        let start = cache.positions;
+        self.check_positions(start, seq_len)?;
+        for layer in &cache.layers {
+            let LayerCache::Native(kv) = layer else {
+                return Err(Error::InvalidInput("the cache belongs to a stage on another device".into()));
+            };
+            if kv.len() != start {
+                return Err(Error::InvalidInput("the cache was left inconsistent by a failed step".into()));
+            }
+        }
+        let result = SCRATCH.with_borrow_mut(|scratch| -> Result<StageOutput> {
+            let hidden = &mut scratch.hidden;
+            hidden.clear();
+            match (&input, &self.embedding) {
+                (StageInput::Tokens(tokens), Some(embedding)) => embedding.embedding_into(tokens, hidden)?,
+                (StageInput::Hidden(input), _) => {
+                    hidden.extend_from_slice(&input.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                }
+                (StageInput::Tokens(_), None) => unreachable!("checked above"),
+            }
+            let d = self.config.head_dim;
+            scratch.angles.resize(seq_len * rope.angles_len(), 0.0);
+            for (t, angles) in scratch.angles.chunks_exact_mut(rope.angles_len()).enumerate() {
+                rope.angles(start + t, angles);
+            }
+            let heads = Heads { heads: self.config.num_heads, kv_heads: self.config.num_kv_heads, head_dim: d };
+            let last_block = self.blocks.len() - 1;
+            let mut rows = seq_len;
+            for (i, (block, layer)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+                let LayerCache::Native(kv) = layer else { unreachable!("checked above") };
+                // The model's last layer feeds only the head, which reads only the last
+                // position: llama.cpp drops the other rows after attention, and so do we.
+                let last_only = self.head.is_some() && i == last_block;
+                rows = block.forward_native(&heads, rope, start, seq_len, last_only, kv, scratch)?;
+            }
+            let width = self.config.hidden_size;
+            match &self.head {
+                None => Ok(StageOutput::Hidden(Tensor::from_slice(&scratch.hidden[..rows * width], (rows, width), &Device::Cpu)?)),
+                Some(head) => {
+                    let last = &scratch.hidden[(rows - 1) * width..rows * width];
+                    scratch.normed.resize(width, 0.0);
+                    ops::rms_norm(last, &head.norm.values, head.norm.eps, &mut scratch.normed);
+                    let mut logits = Vec::new();
+                    head.output.forward_into(&scratch.normed, 1, &mut logits)?;
+                    Ok(StageOutput::Logits(Tensor::from_vec(logits, self.config.vocab_size, &Device::Cpu)?))
+                }
+            }
+        });
+        match result {
+            Ok(output) => {
+                cache.positions += seq_len;
+                Ok(output)
+            }
+            Err(e) => {
+                // Leave the cache as it was, so the sequence can go on or be retried.
+                for layer in cache.layers.iter_mut() {
+                    if let LayerCache::Native(kv) = layer {
+                        kv.truncate(start);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The CPU path's buffers, reused from step to step.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Buffers for one step of the CPU path, each `positions` rows of some width.
+#[derive(Default)]
+struct Scratch {
+    /// The residual stream.
+    hidden: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attended: Vec<f32>,
+    projected: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// RoPE's cos and sin for each position.
+    angles: Vec<f32>,
+    attention: attention::Scratch,
+}
+
+/// RoPE for the CPU path, with the model's frequency scaling.
+fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
+    let d = config.head_dim;
+    let pairs = match config.rope_layout {
+        RopeLayout::Interleaved => RopePairs::Adjacent,
+        RopeLayout::Halves => RopePairs::Halves,
+    };
+    let (freq_scale, factors) = match &config.rope_scaling {
+        RopeScaling::None => (1.0, None),
+        RopeScaling::Linear { factor } => (1.0 / factor, None),
+        RopeScaling::FrequencyFactors(factors) => {
+            if factors.len() != d / 2 {
+                return Err(Error::InvalidModel(format!(
+                    "rope_freqs has {} factors for {} frequencies",
+                    factors.len(),
+                    d / 2
+                )));
+            }
+            (1.0, Some(factors.clone()))
+        }
+        // As llama.cpp's converter turns Llama 3's scaling into `rope_freqs`.
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
+            let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+            let original = *original_context as f64;
+            let factors = (0..d / 2)
+                .map(|i| {
+                    let frequency = 1.0 / (config.rope_theta as f64).powf(2.0 * i as f64 / d as f64);
+                    let wavelength = 2.0 * std::f64::consts::PI / frequency;
+                    if wavelength < original / high {
+                        1.0
+                    } else if wavelength > original / low {
+                        factor as f32
+                    } else {
+                        let smooth = (original / wavelength - low) / (high - low);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    }
+                })
+                .collect();
+            (1.0, Some(factors))
+        }
+    };
+    Ok(ops::Rope::new(d, config.rope_theta, pairs, freq_scale, factors))
 }
 
 struct Head {
@@ -202,12 +396,15 @@ struct Head {
 
 struct RmsNorm {
     weight: Tensor,
+    /// The weight's values, for the CPU path (empty on other devices).
+    values: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
-    fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps: eps as f32 }
+    fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        let values = cpu_values(&weight)?;
+        Ok(Self { weight, values, eps: eps as f32 })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -219,14 +416,27 @@ impl RmsNorm {
 struct Linear {
     weight: Matrix,
     bias: Option<Tensor>,
+    /// The bias's values, for the CPU path.
+    bias_values: Vec<f32>,
 }
 
 impl Linear {
     fn load(loader: &mut TensorLoader<'_>, weight: TensorName, bias: Option<TensorName>) -> Result<Self> {
-        Ok(Self {
-            weight: loader.matrix(weight)?,
-            bias: bias.map(|b| loader.dense(b)).transpose()?,
-        })
+        let bias = bias.map(|b| loader.dense(b)).transpose()?;
+        let bias_values = match &bias {
+            Some(bias) => cpu_values(bias)?,
+            None => Vec::new(),
+        };
+        Ok(Self { weight: loader.matrix(weight)?, bias, bias_values })
+    }
+
+    /// The CPU path: `m` rows of `x` into `out`, bias added as ggml adds it.
+    fn forward_native(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> Result<()> {
+        self.weight.forward_into(x, m, out)?;
+        if self.bias.is_some() {
+            ops::add_rows(out, &self.bias_values);
+        }
+        Ok(())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -260,7 +470,7 @@ impl Block {
         let name = |t| TensorName::Layer(layer, t);
         let eps = config.rms_norm_eps;
         let bias = |t: LayerTensor| config.qkv_bias.then(|| name(t));
-        let mut norm = |t: LayerTensor| -> Result<RmsNorm> { Ok(RmsNorm::new(loader.dense(name(t))?, eps)) };
+        let mut norm = |t: LayerTensor| -> Result<RmsNorm> { RmsNorm::new(loader.dense(name(t))?, eps) };
         let attention_norm = norm(LayerTensor::AttentionNorm)?;
         let feed_forward_norm = norm(LayerTensor::FeedForwardNorm)?;
         let (query_norm, key_norm) = if config.qk_norm {
@@ -287,6 +497,62 @@ impl Block {
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         })
+    }
+
+    /// The CPU path, on `scratch.hidden` (`positions` rows starting at position `start`,
+    /// appended to `kv`); with `last_only`, the output is the last row alone. Returns the
+    /// rows of `scratch.hidden` after this block.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_native(
+        &self,
+        heads: &Heads,
+        rope: &ops::Rope,
+        start: usize,
+        positions: usize,
+        last_only: bool,
+        kv: &mut attention::KvCache,
+        s: &mut Scratch,
+    ) -> Result<usize> {
+        let width = s.hidden.len() / positions;
+        s.normed.resize(s.hidden.len(), 0.0);
+        ops::rms_norm(&s.hidden, &self.attention_norm.values, self.attention_norm.eps, &mut s.normed);
+        self.query.forward_native(&s.normed, positions, &mut s.q)?;
+        self.key.forward_native(&s.normed, positions, &mut s.k)?;
+        self.value.forward_native(&s.normed, positions, &mut s.v)?;
+        if let (Some(qn), Some(kn)) = (&self.query_norm, &self.key_norm) {
+            ops::rms_norm_in_place(&mut s.q, &qn.values, qn.eps);
+            ops::rms_norm_in_place(&mut s.k, &kn.values, kn.eps);
+        }
+        let angles_len = rope.angles_len();
+        for (t, angles) in s.angles.chunks_exact(angles_len).enumerate() {
+            rope.rotate(&mut s.q[t * heads.q_width()..(t + 1) * heads.q_width()], angles);
+            rope.rotate(&mut s.k[t * heads.kv_width()..(t + 1) * heads.kv_width()], angles);
+        }
+        kv.append(&s.k, &s.v);
+        debug_assert_eq!(kv.len(), start + positions);
+
+        let rows = if last_only { positions - 1..positions } else { 0..positions };
+        let kept = rows.len();
+        s.attended.resize(kept * heads.q_width(), 0.0);
+        let scale = 1.0 / (heads.head_dim as f32).sqrt();
+        let q = &s.q[rows.start * heads.q_width()..];
+        attention::attend(heads, q, kv, positions, rows.clone(), scale, &mut s.attended, &mut s.attention);
+        self.attention_output.forward_native(&s.attended, kept, &mut s.projected)?;
+        if last_only {
+            s.hidden.copy_within(rows.start * width.., 0);
+            s.hidden.truncate(kept * width);
+        }
+        ops::add_assign(&mut s.hidden, &s.projected);
+
+        s.normed.resize(s.hidden.len(), 0.0);
+        ops::rms_norm(&s.hidden, &self.feed_forward_norm.values, self.feed_forward_norm.eps, &mut s.normed);
+        self.gate.forward_native(&s.normed, kept, &mut s.gate)?;
+        self.up.forward_native(&s.normed, kept, &mut s.up)?;
+        let ffn = s.gate.len() / kept;
+        ops::silu_mul(&mut s.gate, &s.up, ffn);
+        self.down.forward_native(&s.gate, kept, &mut s.projected)?;
+        ops::add_assign(&mut s.hidden, &s.projected);
+        Ok(kept)
     }
 
     /// `x` is `(1, positions, hidden)`; `start` is the absolute position of its first row.
@@ -402,6 +668,14 @@ impl Rope {
             RopeLayout::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
         })
     }
+}
+
+/// A vector's values on the CPU as f32, or nothing if it lives on another device.
+fn cpu_values(tensor: &Tensor) -> Result<Vec<f32>> {
+    if !tensor.device().is_cpu() {
+        return Ok(Vec::new());
+    }
+    Ok(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// The additive causal mask for `seq_len` new positions after `start` cached ones, or `None`

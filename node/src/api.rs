@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -30,16 +30,35 @@ const MAX_BODY_BYTES: usize = 4 << 20;
 /// Stop strings a request may give, as OpenAI allows.
 const MAX_STOP_STRINGS: usize = 4;
 
+/// What every handler can reach.
+#[derive(Clone)]
+struct AppState {
+    holder: Holder,
+    cluster: watch::Receiver<ClusterView>,
+}
+
+impl FromRef<AppState> for Holder {
+    fn from_ref(state: &AppState) -> Self {
+        state.holder.clone()
+    }
+}
+
+impl FromRef<AppState> for watch::Receiver<ClusterView> {
+    fn from_ref(state: &AppState) -> Self {
+        state.cluster.clone()
+    }
+}
+
 pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
-        .route("/v1/cluster", get(move || cluster_view(cluster.clone())))
+        .route("/v1/cluster", get(cluster_view))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(holder)
+        .with_state(AppState { holder, cluster })
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -115,19 +134,27 @@ async fn not_found() -> ApiError {
         .status(StatusCode::NOT_FOUND)
 }
 
-async fn health(State(holder): State<Holder>) -> Json<Value> {
+/// 200 when the node can serve requests (its cluster has a ready plan), else 503.
+async fn health(State(holder): State<Holder>, State(cluster): State<watch::Receiver<ClusterView>>) -> Response {
     let counters = holder.counters();
     let load = std::sync::atomic::Ordering::Relaxed;
-    Json(json!({
-        "status": "ok",
+    let (ready, problem) = {
+        let view = cluster.borrow();
+        (view.ready, view.problem.clone())
+    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = Json(json!({
+        "status": if ready { "ok" } else { "starting" },
+        "problem": problem,
         "model": holder.model_id(),
         "active_requests": counters.active.load(load),
         "queued_requests": counters.queued.load(load),
         "generated_tokens_total": counters.generated_tokens.load(load),
-    }))
+    }));
+    (status, body).into_response()
 }
 
-async fn cluster_view(cluster: watch::Receiver<ClusterView>) -> Json<ClusterView> {
+async fn cluster_view(State(cluster): State<watch::Receiver<ClusterView>>) -> Json<ClusterView> {
     Json(cluster.borrow().clone())
 }
 
@@ -202,15 +229,24 @@ enum Endpoint {
     Chat,
 }
 
-async fn completions(State(holder): State<Holder>, body: Bytes) -> Result<Response, ApiError> {
-    handle(holder, body, Endpoint::Completions).await
+async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    handle(state, body, Endpoint::Completions).await
 }
 
-async fn chat_completions(State(holder): State<Holder>, body: Bytes) -> Result<Response, ApiError> {
-    handle(holder, body, Endpoint::Chat).await
+async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    handle(state, body, Endpoint::Chat).await
 }
 
-async fn handle(holder: Holder, body: Bytes, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn handle(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Response, ApiError> {
+    // A cluster that cannot hold the model says so at once; one still forming gets a few
+    // seconds' grace from the holder.
+    if let Some(problem) = state.cluster.borrow().problem.clone() {
+        return Err(ApiError::invalid(format!("the cluster cannot serve the model right now: {problem}"))
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .kind("server_error")
+            .code("cluster_unavailable"));
+    }
+    let holder = state.holder;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
     let Value::Object(fields) = &body else {

@@ -267,7 +267,13 @@ impl Node {
                 }
                 self.problem = None;
             }
-            Ok(None) => {}
+            // Not the coordinator, or nothing changed: whatever kept an earlier plan from
+            // forming is the coordinator's to report now.
+            Ok(None) => {
+                if self.problem.take().is_some() {
+                    self.publish_view();
+                }
+            }
             Err(error) => {
                 tracing::error!("the cluster cannot hold the model: {error}");
                 self.problem = Some(error.to_string());
@@ -280,6 +286,8 @@ impl Node {
     /// already holds when the range is unchanged) and reports ready.
     async fn follow(&mut self, plan: Plan) {
         tracing::info!(epoch = plan.epoch, coordinator = %plan.coordinator, "following a new plan");
+        // A plan exists, so the cluster holds the model again.
+        self.problem = None;
         let position = plan.stages.iter().position(|stage| stage.node_id == self.me.node_id);
         self.plan = Some(plan.clone());
         self.publish_view();

@@ -281,7 +281,7 @@ impl Worker {
                     let _ = done.send(());
                 }
                 Work::Command(Command::Uninstall(done)) => {
-                    self.sequences.clear();
+                    self.drop_sequences("this stage left the plan");
                     self.next = None;
                     self.ring = None;
                     let _ = done.send(self.role.take());
@@ -300,7 +300,7 @@ impl Worker {
 
     fn install(&mut self, role: StageRole) {
         // Sequences of an older plan cannot continue here: their holders replay them.
-        self.sequences.clear();
+        self.drop_sequences("the plan changed");
         self.next = match role.next {
             Some(Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, role.epoch, self.work.clone())),
             _ => None,
@@ -398,7 +398,12 @@ impl Worker {
         let Some(role) = &self.role else { anyhow::bail!("no stage") };
         if start_position == 0 {
             let sampling = match (&generation, role.stage.is_last()) {
-                (Some(g), true) => Some((sampler_from(g), g.clone())),
+                (Some(g), true) => {
+                    // Reversed, so that each step pops the next forced token off the end.
+                    let mut settings = g.clone();
+                    settings.forced_tokens.reverse();
+                    Some((sampler_from(g), settings))
+                }
                 _ => None,
             };
             let sequence = Sequence { cache: role.stage.new_cache(), upstream, sampling };
@@ -449,8 +454,11 @@ impl Worker {
                     .sampling
                     .as_mut()
                     .ok_or_else(|| anyhow::anyhow!("sequence {sequence_id} reached the last stage without its sampling settings"))?;
-                let values = logits.to_vec1::<f32>()?;
-                let id = sampler.sample(&values);
+                // A replay's known tokens come first, without drawing from the sampler.
+                let id = match settings.forced_tokens.pop() {
+                    Some(forced) => forced,
+                    None => sampler.sample(&logits.to_vec1::<f32>()?),
+                };
                 let position = sequence.cache.positions() as u32;
                 let finish = if settings.stop_tokens.contains(&id) {
                     Some(FinishReason::Stop)
@@ -503,6 +511,16 @@ impl Worker {
             return Ok(());
         }
         self.step(sequence_id, Input::Tokens(&[token.id]), None).await
+    }
+
+    /// Forgets every sequence, telling whoever waits on each (its holder, on the first
+    /// stage) so that it replays it instead of waiting for ever.
+    fn drop_sequences(&mut self, why: &str) {
+        let epoch = self.role.as_ref().map_or(0, |role| role.epoch);
+        for (sequence_id, sequence) in self.sequences.drain() {
+            let refusal = StageError { epoch, sequence_id, code: ErrorCode::StaleEpoch, message: why.to_string() };
+            let _ = sequence.upstream.send(Ok(StageFrame::Error(refusal).into_wire()));
+        }
     }
 
     /// A neighbour refused a frame, or a link broke: the sequences concerned fail, and their

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use hearth_models::chat_template::{ChatMessage, ChatTemplate};
 use hearth_models::sampling::StopMatcher;
 use hearth_models::tokenizer::Tokenizer;
-use hearth_proto::frame::{Expect, Generation as WireGeneration, Prefill, Reset, Sampling, StageFrame};
+use hearth_proto::frame::{
+    Expect, FinishReason as WireFinish, Generation as WireGeneration, Prefill, Reset, Sampling, StageFrame,
+};
 use hearth_proto::{pb, Limits};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,6 +29,20 @@ const MAX_ACTIVE: usize = 8;
 const QUEUE_CAPACITY: usize = 64;
 /// How long a request waits for the cluster to have a ready plan.
 const PLAN_WAIT: Duration = Duration::from_secs(10);
+/// After a failure, how long a request waits for a newer plan before retrying the old one.
+const REPLAN_WAIT: Duration = Duration::from_secs(3);
+/// Tries of one request (the first and its replays) before it fails.
+const MAX_ATTEMPTS: usize = 6;
+
+/// Where a request stands: all a replay needs.
+struct Progress<'a> {
+    generated: Vec<u32>,
+    /// The sampler's position in its random stream after the last generated token.
+    word_pos: u128,
+    text: hearth_models::tokenizer::TextStream<'a>,
+    stops: StopMatcher,
+    first_token_at: Option<Instant>,
+}
 
 /// The pipeline requests go through: the plan's epoch and where its first stage listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,16 +153,74 @@ impl Holder {
 }
 
 impl Inner {
+    /// Drives one request to its end. When the pipeline fails under it (a stage dies, the
+    /// plan changes), the request is replayed on the next plan: the prompt goes in again,
+    /// then the tokens generated so far are forced one step at a time (the original
+    /// computation, step for step), and sampling resumes where it stopped, so the client
+    /// sees exactly the tokens it would have seen without the fault.
     async fn run(&self, request: &Generation, events: &mpsc::Sender<Event>) -> anyhow::Result<Outcome> {
         let started = Instant::now();
-        let route = self.wait_for_route().await?;
+        anyhow::ensure!(
+            request.prompt.len() <= self.limits.max_positions,
+            "prompts longer than {} tokens are not supported yet",
+            self.limits.max_positions
+        );
+        let mut progress = Progress {
+            generated: Vec::new(),
+            word_pos: 0,
+            text: self.model.tokenizer.decode_stream(),
+            stops: StopMatcher::new(request.stop.clone()),
+            first_token_at: None,
+        };
+        let mut failed_epoch = None;
+        let mut attempts = 0;
+        let finish = loop {
+            let route = self.route_after(failed_epoch).await?;
+            match self.attempt(request, route, &mut progress, events).await {
+                Ok(finish) => break finish,
+                Err(failure) => {
+                    attempts += 1;
+                    anyhow::ensure!(attempts < MAX_ATTEMPTS, "giving up after {attempts} attempts: {failure:#}");
+                    tracing::warn!(
+                        epoch = route.epoch,
+                        generated = progress.generated.len(),
+                        "the pipeline failed under a request; replaying it: {failure:#}"
+                    );
+                    failed_epoch = Some(route.epoch);
+                }
+            }
+        };
+        if finish != FinishReason::Cancelled {
+            let rest = progress.stops.flush();
+            if !rest.is_empty() {
+                let _ = events.send(Event::Text(rest)).await;
+            }
+        }
+        let first_token_at = progress.first_token_at.unwrap_or_else(Instant::now);
+        Ok(Outcome {
+            finish,
+            prompt_tokens: request.prompt.len(),
+            completion_tokens: progress.generated.len(),
+            time_to_first_token: first_token_at - started,
+            decode_time: first_token_at.elapsed(),
+        })
+    }
+
+    /// One pass of a request through the pipeline of `route`, from where `progress` left
+    /// off. Errors mean the pipeline failed and the request may be replayed.
+    async fn attempt(
+        &self,
+        request: &Generation,
+        route: Route,
+        progress: &mut Progress<'_>,
+        events: &mpsc::Sender<Event>,
+    ) -> anyhow::Result<FinishReason> {
         let expect = Expect {
             epoch: route.epoch,
             hidden_size: self.model.hidden_size,
             vocab_size: self.model.vocab_size.try_into().unwrap_or(u32::MAX),
         };
         let sequence_id = random_sequence_id();
-        let prompt_len = request.prompt.len();
         let prefill = Prefill {
             epoch: route.epoch,
             sequence_id,
@@ -158,30 +232,28 @@ impl Inner {
                     top_p: request.sampling.top_p,
                     top_k: request.sampling.top_k.try_into().unwrap_or(u32::MAX),
                     seed: request.sampling.seed,
-                    word_pos: 0,
+                    word_pos: progress.word_pos,
                 },
-                max_len: u32::try_from(prompt_len + request.max_tokens)?,
+                max_len: u32::try_from(request.prompt.len() + request.max_tokens)?,
                 stop_tokens: self.model.tokenizer.stop_token_ids().to_vec(),
+                forced_tokens: progress.generated.clone(),
             }),
         };
+        // The tokens of a replay come back first; they are known already.
+        let mut replayed = progress.generated.len();
 
         let (frames, outbound) = mpsc::channel(8);
         frames.send(StageFrame::Prefill(prefill).into_wire()).await?;
         let mut client = pb::pipeline_client::PipelineClient::new(self.channel(route.first_stage).await?)
             .with_limits(&self.limits);
         let mut replies = client.stream(ReceiverStream::new(outbound)).await?.into_inner();
-
-        let mut text = self.model.tokenizer.decode_stream();
-        let mut stops = StopMatcher::new(request.stop.clone());
-        let mut completion_tokens = 0;
-        let mut first_token_at = None;
         let reset = || StageFrame::Reset(Reset { epoch: route.epoch, sequence_id }).into_wire();
-        let finish = loop {
+        loop {
             let message = tokio::select! {
                 message = replies.message() => message?,
                 () = events.closed() => {
                     let _ = frames.send(reset()).await;
-                    break FinishReason::Cancelled;
+                    return Ok(FinishReason::Cancelled);
                 }
             };
             let Some(message) = message else { anyhow::bail!("the first stage closed the stream") };
@@ -190,41 +262,56 @@ impl Inner {
                 StageFrame::Error(error) => anyhow::bail!("the pipeline refused the request: {}", error.message),
                 other => anyhow::bail!("unexpected frame from the first stage: {other:?}"),
             };
-            completion_tokens += 1;
-            first_token_at.get_or_insert_with(Instant::now);
-            self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if token.finish == Some(hearth_proto::frame::FinishReason::Stop) {
-                break FinishReason::Stop;
+            if replayed > 0 {
+                let expected = progress.generated[progress.generated.len() - replayed];
+                anyhow::ensure!(token.id == expected, "the replay produced token {} instead of {expected}", token.id);
+                replayed -= 1;
+                continue;
             }
-            if let Some(piece) = text.step(token.id)? {
-                let status = stops.push(&piece);
+            progress.generated.push(token.id);
+            progress.word_pos = token.word_pos;
+            progress.first_token_at.get_or_insert_with(Instant::now);
+            self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if token.finish == Some(WireFinish::Stop) {
+                return Ok(FinishReason::Stop);
+            }
+            if let Some(piece) = progress.text.step(token.id)? {
+                let status = progress.stops.push(&piece);
                 if !status.emit.is_empty() && events.send(Event::Text(status.emit)).await.is_err() {
                     let _ = frames.send(reset()).await;
-                    break FinishReason::Cancelled;
+                    return Ok(FinishReason::Cancelled);
                 }
                 if status.stopped {
                     let _ = frames.send(reset()).await;
-                    break FinishReason::Stop;
+                    return Ok(FinishReason::Stop);
                 }
             }
-            if token.finish == Some(hearth_proto::frame::FinishReason::Length) {
-                break FinishReason::Length;
-            }
-        };
-        if finish != FinishReason::Cancelled {
-            let rest = stops.flush();
-            if !rest.is_empty() {
-                let _ = events.send(Event::Text(rest)).await;
+            if token.finish == Some(WireFinish::Length) {
+                return Ok(FinishReason::Length);
             }
         }
-        let first_token_at = first_token_at.unwrap_or_else(Instant::now);
-        Ok(Outcome {
-            finish,
-            prompt_tokens: prompt_len,
-            completion_tokens,
-            time_to_first_token: first_token_at - started,
-            decode_time: first_token_at.elapsed(),
-        })
+    }
+
+    /// The route to use: after a failure on `failed_epoch`, prefer a newer plan (the
+    /// cluster is re-forming), but settle for the same one if none comes soon — the
+    /// failure may have been passing.
+    async fn route_after(&self, failed_epoch: Option<u64>) -> anyhow::Result<Route> {
+        if let Some(failed) = failed_epoch {
+            let mut routes = self.routes.clone();
+            let newer = match tokio::time::timeout(
+                REPLAN_WAIT,
+                routes.wait_for(|route| route.is_some_and(|r| r.epoch > failed)),
+            )
+            .await
+            {
+                Ok(Ok(route)) => *route,
+                _ => None,
+            };
+            if let Some(route) = newer {
+                return Ok(route);
+            }
+        }
+        self.wait_for_route().await
     }
 
     /// The current ready plan, waiting a little for one if the cluster is re-forming.

@@ -25,6 +25,9 @@ use crate::FrameError;
 /// The most stop tokens one sequence may have.
 pub const MAX_STOP_TOKENS: usize = 64;
 
+/// A replay carries at most this many already generated tokens.
+pub const MAX_FORCED_TOKENS: usize = 65_536;
+
 /// A received [`pb::StageError`] keeps at most this many bytes of its message.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 
@@ -385,11 +388,14 @@ pub struct Generation {
     pub max_len: u32,
     /// Token ids that finish the sequence when sampled; at most [`MAX_STOP_TOKENS`].
     pub stop_tokens: Vec<u32>,
+    /// A replay's already generated tokens, emitted in order before sampling resumes; at
+    /// most [`MAX_FORCED_TOKENS`].
+    pub forced_tokens: Vec<u32>,
 }
 
 impl Generation {
     fn from_wire(generation: pb::Generation, vocab_size: u32) -> Result<Self, FrameError> {
-        let pb::Generation { sampling, max_len, stop_tokens } = generation;
+        let pb::Generation { sampling, max_len, stop_tokens, forced_tokens } = generation;
         let sampling = Sampling::from_wire(sampling.ok_or(FrameError::Missing("sampling state"))?)?;
         if max_len == 0 {
             return Err(FrameError::ZeroMaxLen);
@@ -402,12 +408,20 @@ impl Generation {
             });
         }
         stop_tokens.iter().try_for_each(|&token| check_token(token, vocab_size))?;
-        Ok(Self { sampling, max_len, stop_tokens })
+        if forced_tokens.len() > MAX_FORCED_TOKENS {
+            return Err(FrameError::TooMany {
+                what: "forced tokens",
+                got: forced_tokens.len() as u64,
+                max: MAX_FORCED_TOKENS as u64,
+            });
+        }
+        forced_tokens.iter().try_for_each(|&token| check_token(token, vocab_size))?;
+        Ok(Self { sampling, max_len, stop_tokens, forced_tokens })
     }
 
     fn into_wire(self) -> pb::Generation {
-        let Self { sampling, max_len, stop_tokens } = self;
-        pb::Generation { sampling: Some(sampling.into_wire()), max_len, stop_tokens }
+        let Self { sampling, max_len, stop_tokens, forced_tokens } = self;
+        pb::Generation { sampling: Some(sampling.into_wire()), max_len, stop_tokens, forced_tokens }
     }
 }
 

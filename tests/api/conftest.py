@@ -173,7 +173,15 @@ def start_server(name: str, extra_args: Sequence[str], log_dir: Path) -> HearthS
     binary = find_binary()
     model = os.environ.get("HEARTH_MODEL", DEFAULT_MODEL)
     port = free_port()
-    command = [str(binary), "serve", "--model", model, "--api-addr", f"127.0.0.1:{port}", *extra_args]
+    # A one-node cluster of its own, on loopback only: its planes on free ports, its own
+    # identity and cluster name (so the two servers never join each other), and mDNS kept
+    # off the machine's real network.
+    data_dir = log_dir / f"data-{name}"
+    command = [
+        str(binary), "serve", "--model", model, "--api-addr", f"127.0.0.1:{port}",
+        "--data-addr", "127.0.0.1:0", "--control-addr", "127.0.0.1:0", "--interface", "lo",
+        "--cluster", f"api-tests-{name}-{os.getpid()}", "--data-dir", str(data_dir), *extra_args,
+    ]
     log_path = log_dir / f"hearth-serve-{name}.log"
     env = {**os.environ, "RUST_LOG": "info"}
     with log_path.open("wb") as log_file:

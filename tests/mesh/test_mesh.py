@@ -116,13 +116,6 @@ def model_id(mesh: Mesh) -> str:
 
 
 @pytest.fixture(scope="session")
-def prompts() -> list[str]:
-    """The prompts of the golden fixture (tests/fixtures/smollm2-q4_1.json)."""
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "smollm2-q4_1.json"
-    return [entry["prompt"] for entry in json.loads(fixture.read_text())["completions"]]
-
-
-@pytest.fixture(scope="session")
 def reference(single_node: Any, prompts: list[str]) -> dict[str, str]:
     """``{prompt: hearth generate's greedy MAX_TOKENS-token continuation}``."""
     return dict(single_node.prefetch(prompts, MAX_TOKENS))

@@ -18,13 +18,19 @@
 //! `threads.rs`) without changing any result.
 
 mod activation;
+pub(crate) mod attention;
 mod format;
+pub(crate) mod ops;
+#[cfg(target_arch = "x86_64")]
+mod ops_x86;
 mod portable;
 mod product;
 mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+mod ops_tests;
 #[cfg(test)]
 mod tests;
 
@@ -73,6 +79,45 @@ impl Matrix {
         match self {
             Self::Native(matrix) => matrix.embedding(ids),
             Self::Candle(matrix) => matrix.embedding(ids),
+        }
+    }
+
+    /// `x @ selfᵀ` on the CPU for the `m` rows of `x`, into `out` (resized to `m` rows of
+    /// outputs). Native matrices allocate nothing once `out` and this thread's buffers
+    /// have grown to the size of the product.
+    pub(crate) fn forward_into(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> candle_core::Result<()> {
+        match self {
+            Self::Native(matrix) => {
+                if x.len() != m * matrix.cols {
+                    bail!("{} values are not {m} rows of {}", x.len(), matrix.cols);
+                }
+                out.clear();
+                out.resize(m * matrix.rows, 0.0);
+                product::multiply_into(matrix, x, m, threads::num_threads(), Isa::detect(), out);
+            }
+            Self::Candle(matrix) => {
+                if m == 0 || x.len() % m != 0 {
+                    bail!("{} values are not {m} rows", x.len());
+                }
+                let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
+                let y = matrix.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
+                out.clear();
+                out.extend_from_slice(&y.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rows named by `ids`, dequantized on the CPU, appended to `out`.
+    pub(crate) fn embedding_into(&self, ids: &[u32], out: &mut Vec<f32>) -> candle_core::Result<()> {
+        match self {
+            Self::Native(matrix) => matrix.embedding_into(ids, out),
+            Self::Candle(matrix) => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                let rows = matrix.embedding(&ids)?.to_dtype(DType::F32)?.flatten_all()?;
+                out.extend_from_slice(&rows.to_vec1::<f32>()?);
+                Ok(())
+            }
         }
     }
 }
@@ -132,20 +177,28 @@ impl QuantMatrix {
     /// The rows named by `ids`, dequantized to f32 exactly as ggml's `get_rows` does.
     pub(crate) fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let ids_flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        let mut out = vec![0.0f32; ids_flat.len() * self.cols];
-        for (&id, out) in ids_flat.iter().zip(out.chunks_exact_mut(self.cols)) {
+        let mut out = Vec::with_capacity(ids_flat.len() * self.cols);
+        self.embedding_into(&ids_flat, &mut out)?;
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.cols);
+        Tensor::from_vec(out, shape, &Device::Cpu)
+    }
+
+    /// [`QuantMatrix::embedding`] appended to `out`.
+    pub(crate) fn embedding_into(&self, ids: &[u32], out: &mut Vec<f32>) -> candle_core::Result<()> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.rows) {
+            bail!("row {id} is outside a matrix of {} rows", self.rows);
+        }
+        let start = out.len();
+        out.resize(start + ids.len() * self.cols, 0.0);
+        for (&id, out) in ids.iter().zip(out[start..].chunks_exact_mut(self.cols)) {
             let id = id as usize;
-            if id >= self.rows {
-                bail!("row {id} is outside a matrix of {} rows", self.rows);
-            }
             let row = self.row_bytes(id..id + 1);
             for (block, out) in row.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
                 self.format.dequantize_block(block, out);
             }
         }
-        let mut shape = ids.dims().to_vec();
-        shape.push(self.cols);
-        Tensor::from_vec(out, shape, &Device::Cpu)
+        Ok(())
     }
 
     /// `m` rows of `cols` values times this matrix, on up to `threads` threads: `m` rows of

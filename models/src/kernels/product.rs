@@ -1,8 +1,9 @@
 //! One matrix product as a job for the thread pool: chunks of weight rows, each chunk
 //! writing its outputs into a shared vector of atomics (plain stores on any hardware that
-//! runs these kernels), which becomes the output tensor's storage afterwards.
+//! runs these kernels), copied into the caller's buffer afterwards.
 //!
-//! A thread keeps its last job to reuse its buffers, so a product allocates only its output.
+//! A thread keeps its last job to reuse its buffers, so a product into a caller's buffer
+//! allocates nothing.
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
@@ -24,8 +25,17 @@ const CHUNKS_PER_THREAD: usize = 4;
 /// `matrix` times the `m` rows of `x`, on up to `threads` threads with the kernels of `isa`:
 /// `m` rows of outputs.
 pub(super) fn multiply(matrix: &QuantMatrix, x: &[f32], m: usize, threads: usize, isa: Isa) -> Vec<f32> {
+    let mut out = vec![0.0; m * matrix.rows];
+    multiply_into(matrix, x, m, threads, isa, &mut out);
+    out
+}
+
+/// [`multiply`] into `out` (`m` rows of `matrix.rows` values), allocating nothing once this
+/// thread's buffers have grown to the size of the product.
+pub(super) fn multiply_into(matrix: &QuantMatrix, x: &[f32], m: usize, threads: usize, isa: Isa, out: &mut [f32]) {
+    assert_eq!(out.len(), m * matrix.rows, "output of the wrong size");
     if m == 0 || matrix.rows == 0 {
-        return vec![0.0; m * matrix.rows];
+        return;
     }
     let blocks = matrix.cols / BLOCK;
     let work = matrix.rows * blocks * m;
@@ -40,17 +50,20 @@ pub(super) fn multiply(matrix: &QuantMatrix, x: &[f32], m: usize, threads: usize
     let job: Arc<dyn Job> = product.clone();
     threads::run(&job, threads);
     drop(job);
-    match Arc::get_mut(&mut product) {
-        Some(state) => {
-            let out = state.finish();
-            LAST.with(|last| last.set(Some(product)));
-            out
-        }
-        // A worker that came too late to help still holds the job for a moment: copy the
-        // results out and leave the job to it.
-        None => product.out.iter().map(|v| f32::from_bits(v.load(Ordering::Relaxed))).collect(),
+    for (out, v) in out.iter_mut().zip(&product.out) {
+        *out = f32::from_bits(v.load(Ordering::Relaxed));
+    }
+    // A worker that came too late to help may still hold the job for a moment: then it
+    // is left to it, and the next product starts a new one.
+    if let Some(state) = Arc::get_mut(&mut product) {
+        state.finish();
+        LAST.with(|last| last.set(Some(product)));
     }
 }
+
+/// Buffers larger than this many values are not kept between products: one long prompt
+/// should not pin its buffers for the life of the thread.
+const KEEP_VALUES: usize = 1 << 18;
 
 thread_local! {
     /// The last product this thread started, kept for its buffers.
@@ -81,7 +94,8 @@ impl Product {
         for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts.chunks_exact_mut(blocks)) {
             isa.quantize_row(x, acts, with_sum);
         }
-        self.out = (0..m * matrix.rows).map(|_| AtomicU32::new(0)).collect();
+        self.out.clear();
+        self.out.resize_with(m * matrix.rows, || AtomicU32::new(0));
         self.chunks = Chunks::new(matrix.rows.div_ceil(chunk_rows));
         self.matrix = Some(matrix.clone());
         self.isa = Some(isa);
@@ -89,11 +103,15 @@ impl Product {
         self.chunk_rows = chunk_rows;
     }
 
-    /// Takes the outputs, and lets go of the weights.
-    fn finish(&mut self) -> Vec<f32> {
+    /// Lets go of the weights, and of buffers too large to keep.
+    fn finish(&mut self) {
         self.matrix = None;
-        // Same size and alignment: this reuses the allocation rather than copying.
-        std::mem::take(&mut self.out).into_iter().map(|v| f32::from_bits(v.into_inner())).collect()
+        if self.out.capacity() > KEEP_VALUES {
+            self.out = Vec::new();
+        }
+        if self.acts.capacity() * BLOCK > KEEP_VALUES {
+            self.acts = Vec::new();
+        }
     }
 
     fn rows_of(&self, chunk: usize, rows: usize) -> Range<usize> {

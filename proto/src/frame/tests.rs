@@ -14,6 +14,7 @@ fn generation() -> Generation {
         sampling: Sampling { temperature: 0.7, top_p: 0.9, top_k: 40, seed: 1234, word_pos: 0 },
         max_len: 64,
         stop_tokens: vec![2, 99],
+        forced_tokens: vec![5, 6],
     }
 }
 

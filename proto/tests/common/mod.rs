@@ -49,11 +49,13 @@ fn generations() -> impl Strategy<Value = pb::Generation> {
         prop_oneof![8 => sampling.prop_map(Some), 1 => Just(None)],
         prop_oneof![8 => 1..u32::MAX, 1 => Just(0)],
         vec(tokens(), 0..70),
+        vec(tokens(), 0..8),
     )
-        .prop_map(|(sampling, max_len, stop_tokens)| pb::Generation {
+        .prop_map(|(sampling, max_len, stop_tokens, forced_tokens)| pb::Generation {
             sampling,
             max_len,
             stop_tokens,
+            forced_tokens,
         })
 }
 

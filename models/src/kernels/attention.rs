@@ -1,0 +1,261 @@
+//! Attention over an f16 KV cache, summed in llama.cpp's order.
+//!
+//! llama.cpp (without flash attention, its default) keeps K and V in f16 and computes
+//! `softmax(scale * K q) V` as two f16 matrix products around a softmax: queries and
+//! probabilities are rounded to f16 first, so every product of two terms is exact in f32
+//! and only the order of the additions decides the result. That order depends on the batch:
+//!
+//! - a batch of two or more positions goes through llamafile's tinyBLAS (`sgemm.cpp`,
+//!   16-lane AVX-512 vectors): term `i` of a sum goes to lane `i % 16`, each lane adds its
+//!   terms in order, and `_mm512_reduce_add_ps` sums the lanes ([`Sum::Lanes16`]);
+//! - a single position goes through `ggml_vec_dot_f16`: four 16-lane accumulators take
+//!   the terms below `n & !63` (term `i` to lane `i % 64`), are summed as `(a0 + a2) +
+//!   (a1 + a3)` and then across lanes, and the rest of the terms are added one by one in
+//!   f64 ([`Sum::VecDot`]).
+//!
+//! For the products with V, `n` is the cache's length as llama.cpp pads it, to a multiple
+//! of 32, beyond which the probabilities are zeros. Zeros change no sum, so only the
+//! positions a query sees are added here, but which of them fall in the f64 part depends
+//! on the padded length.
+//!
+//! [`attend_portable`] is the reference; `ops_x86.rs` has the same in AVX2.
+
+use half::f16;
+
+use super::ops::{reduce16, round_f16, softmax};
+use super::Isa;
+
+/// llama.cpp pads the KV cache it attends over to a multiple of this (without flash attention).
+const KV_PAD: usize = 32;
+
+/// The number of heads and their size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Heads {
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl Heads {
+    pub(crate) fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub(crate) fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// The KV head query head `h` reads (ggml broadcasts K and V over consecutive heads).
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+}
+
+/// How a sum of products is added up (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sum {
+    Lanes16,
+    /// `ggml_vec_dot_f16` over `n` terms.
+    VecDot { n: usize },
+}
+
+impl Sum {
+    /// The order of `K q` for a batch of `batch` positions.
+    pub(crate) fn scores(heads: &Heads, batch: usize) -> Self {
+        // tinyBLAS takes the product when its inner dimension is a multiple of 16.
+        if batch >= 2 && heads.head_dim % 16 == 0 {
+            Self::Lanes16
+        } else {
+            Self::VecDot { n: heads.head_dim }
+        }
+    }
+
+    /// The order of `V p` for a batch of `batch` positions attending over `n_kv` (padded).
+    fn values(heads: &Heads, batch: usize, n_kv: usize) -> Self {
+        // tinyBLAS takes it when the rows of the output (the head's dimensions) come in
+        // multiples of 4; `n_kv` is always a multiple of 16.
+        if batch >= 2 && heads.head_dim % 4 == 0 {
+            Self::Lanes16
+        } else {
+            Self::VecDot { n: n_kv }
+        }
+    }
+}
+
+/// One sequence's keys and values for one layer, in f16, one row of `kv_width` values per
+/// position; appended in place, growing in steps of `step` positions.
+#[derive(Debug, Clone)]
+pub(crate) struct KvCache {
+    keys: Vec<f16>,
+    values: Vec<f16>,
+    width: usize,
+    step: usize,
+}
+
+impl KvCache {
+    pub(crate) fn new(width: usize, step: usize) -> Self {
+        Self { keys: Vec::new(), values: Vec::new(), width, step: step.max(1) }
+    }
+
+    /// Positions held.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len() / self.width
+    }
+
+    /// Bytes held (allocated, not just used).
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * 2
+    }
+
+    /// Appends rows of keys and values (as many rows as `keys` holds), rounded to f16.
+    pub(crate) fn append(&mut self, keys: &[f32], values: &[f32]) {
+        assert!(keys.len() == values.len() && keys.len() % self.width == 0);
+        let needed = self.keys.len() + keys.len();
+        if needed > self.keys.capacity() {
+            let positions = (needed / self.width).div_ceil(self.step) * self.step;
+            let extra = positions * self.width - self.keys.len();
+            self.keys.reserve_exact(extra);
+            self.values.reserve_exact(extra);
+        }
+        self.keys.extend(keys.iter().map(|&k| f16::from_f32(k)));
+        self.values.extend(values.iter().map(|&v| f16::from_f32(v)));
+    }
+
+    /// Forgets positions from `len` on.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.keys.truncate(len * self.width);
+        self.values.truncate(len * self.width);
+    }
+
+    pub(crate) fn keys(&self) -> &[f16] {
+        &self.keys
+    }
+
+    pub(crate) fn values(&self) -> &[f16] {
+        &self.values
+    }
+}
+
+/// Buffers one thread reuses across calls.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    query: Vec<f32>,
+    scores: Vec<f32>,
+    lanes: Vec<f32>,
+}
+
+/// Attention of a batch of `batch` new positions (the last `batch` of `cache`), for query
+/// rows `rows` of the batch: `q` holds those rows (`heads * head_dim` each, RoPE applied),
+/// `out` receives them.
+pub(crate) fn attend(
+    heads: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    batch: usize,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let isa = Isa::detect();
+    attend_with(isa, heads, q, cache, batch, rows, scale, out, scratch);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_with(
+    isa: Isa,
+    heads: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    batch: usize,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let d = heads.head_dim;
+    let context = cache.len();
+    assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
+    assert!(q.len() == rows.len() * heads.q_width() && out.len() == q.len());
+    let start = context - batch;
+    let n_kv = context.next_multiple_of(KV_PAD);
+    let score_sum = Sum::scores(heads, batch);
+    let value_sum = Sum::values(heads, batch, n_kv);
+    for (t, (q, out)) in rows.zip(q.chunks_exact(heads.q_width()).zip(out.chunks_exact_mut(heads.q_width()))) {
+        let seen = start + t + 1;
+        for (h, (q, out)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            let g = heads.kv_head(h);
+            scratch.query.clear();
+            scratch.query.extend(q.iter().map(|&v| round_f16(v)));
+            scratch.scores.resize(seen, 0.0);
+            let keys = &cache.keys[g * d..];
+            let values = &cache.values[g * d..];
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2(avx2) => {
+                    super::ops_x86::scores(avx2, score_sum, &scratch.query, keys, cache.width, &mut scratch.scores);
+                    softmax(&mut scratch.scores, scale, true);
+                    super::ops_x86::weighted_values(
+                        avx2,
+                        value_sum,
+                        &scratch.scores,
+                        values,
+                        cache.width,
+                        out,
+                        &mut scratch.lanes,
+                    );
+                }
+                Isa::Portable => {
+                    scores_portable(score_sum, &scratch.query, keys, cache.width, &mut scratch.scores);
+                    super::ops::softmax_portable(&mut scratch.scores, scale, true);
+                    weighted_values_portable(value_sum, &scratch.scores, values, cache.width, out);
+                }
+            }
+        }
+    }
+}
+
+/// Adds up `n` products `term(i)` in the order `sum` describes; `terms` of them may be
+/// nonzero (the rest are zeros, which change nothing).
+#[inline(always)]
+pub(crate) fn sum_portable(sum: Sum, terms: usize, term: impl Fn(usize) -> f32) -> f32 {
+    match sum {
+        Sum::Lanes16 => {
+            let mut lanes = [0.0f32; 16];
+            for i in 0..terms {
+                lanes[i % 16] += term(i);
+            }
+            reduce16(&lanes)
+        }
+        Sum::VecDot { n } => {
+            let simd = n & !63;
+            let mut acc = [0.0f32; 64];
+            for i in 0..terms.min(simd) {
+                acc[i % 64] += term(i);
+            }
+            let lanes: [f32; 16] = std::array::from_fn(|l| (acc[l] + acc[l + 32]) + (acc[l + 16] + acc[l + 48]));
+            let mut total = reduce16(&lanes) as f64;
+            for i in simd..terms {
+                total += term(i) as f64;
+            }
+            total as f32
+        }
+    }
+}
+
+/// `scores[j] = keys[j] . query` for each position `j` of `scores`; key rows are `stride`
+/// apart and `query.len()` long.
+pub(crate) fn scores_portable(sum: Sum, query: &[f32], keys: &[f16], stride: usize, scores: &mut [f32]) {
+    let d = query.len();
+    for (j, score) in scores.iter_mut().enumerate() {
+        let key = &keys[j * stride..j * stride + d];
+        *score = sum_portable(sum, d, |i| key[i].to_f32() * query[i]);
+    }
+}
+
+/// `out[i] = sum_j probs[j] * values[j][i]`; value rows are `stride` apart.
+pub(crate) fn weighted_values_portable(sum: Sum, probs: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+    for (i, out) in out.iter_mut().enumerate() {
+        *out = sum_portable(sum, probs.len(), |j| values[j * stride + i].to_f32() * probs[j]);
+    }
+}

@@ -1,0 +1,268 @@
+//! The operations of `ops.rs` and `attention.rs` against llama.cpp's own intermediate
+//! tensors (`llama_cpp_ops.json`, see its `about`), bit for bit, on every instruction set;
+//! and the vector code against the portable code on inputs that reach its special cases.
+
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use super::attention::{self, Heads, KvCache, Scratch, Sum};
+use super::ops::{self, Rope, RopePairs};
+use super::Isa;
+
+fn fixture() -> Value {
+    // A larger fixture of the same shape can be named for a wider check.
+    match std::env::var_os("HEARTH_OPS_FIXTURE") {
+        Some(path) => serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap(),
+        None => serde_json::from_str(include_str!("llama_cpp_ops.json")).unwrap(),
+    }
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+fn f16s(value: &Value) -> Vec<f32> {
+    let hex = value.as_str().unwrap().as_bytes();
+    hex.chunks_exact(4)
+        .map(|h| {
+            let byte = |i: usize| u8::from_str_radix(std::str::from_utf8(&h[i..i + 2]).unwrap(), 16).unwrap();
+            f16::from_bits(u16::from_le_bytes([byte(0), byte(2)])).to_f32()
+        })
+        .collect()
+}
+
+/// How many values differ in their bits, and the first that does.
+fn differences(got: &[f32], expected: &[f32]) -> (usize, Option<(usize, f32, f32)>) {
+    assert_eq!(got.len(), expected.len());
+    let differing: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != expected[i].to_bits()).collect();
+    (differing.len(), differing.first().map(|&i| (i, got[i], expected[i])))
+}
+
+fn assert_same(got: &[f32], expected: &[f32], what: impl std::fmt::Display) {
+    let (count, first) = differences(got, expected);
+    assert_eq!(count, 0, "{what}: {count} of {} values differ from llama.cpp's, first (index, ours, theirs) {first:?}", got.len());
+}
+
+#[test]
+fn rms_norm_matches_llama_cpp() {
+    let fixture = fixture();
+    let eps = fixture["eps"].as_f64().unwrap() as f32;
+    for (i, case) in fixture["norms"].as_array().unwrap().iter().enumerate() {
+        let x = floats(&case["input"]);
+        let ones = vec![1.0f32; x.len()];
+        let mut out = vec![0.0; x.len()];
+        ops::rms_norm(&x, &ones, eps, &mut out);
+        assert_same(&out, &floats(&case["output"]), format!("norm {i}"));
+        ops::rms_norm_in_place(&mut out, &ones, 0.0);
+        let mut again = x.clone();
+        ops::rms_norm_in_place(&mut again, &ones, eps);
+        assert_same(&again, &floats(&case["output"]), format!("norm {i} in place"));
+    }
+}
+
+#[test]
+fn rope_matches_llama_cpp() {
+    let fixture = fixture();
+    let d = fixture["head_dim"].as_u64().unwrap() as usize;
+    let rope = Rope::new(d, fixture["rope_base"].as_f64().unwrap() as f32, RopePairs::Adjacent, 1.0, None);
+    let mut angles = vec![0.0; rope.angles_len()];
+    for (i, case) in fixture["ropes"].as_array().unwrap().iter().enumerate() {
+        let position = case["position"].as_u64().unwrap() as usize;
+        rope.angles(position, &mut angles);
+        let expected = floats(&case["output"]);
+        let mut x = floats(&case["input"]);
+        rope.rotate(&mut x, &angles);
+        assert_same(&x, &expected, format!("rope {i}, position {position}"));
+        let mut x = floats(&case["input"]);
+        rope.rotate_portable(&mut x, &angles);
+        assert_same(&x, &expected, format!("portable rope {i}, position {position}"));
+    }
+}
+
+#[test]
+fn silu_gate_matches_llama_cpp() {
+    let fixture = fixture();
+    for (i, case) in fixture["silus"].as_array().unwrap().iter().enumerate() {
+        let gate = floats(&case["gate"]);
+        let up = floats(&case["up"]);
+        let silu: Vec<f32> = gate.iter().map(|&g| ops::silu(g)).collect();
+        assert_same(&silu, &floats(&case["silu"]), format!("silu {i}"));
+        let expected = floats(&case["product"]);
+        let mut got = gate.clone();
+        ops::silu_mul(&mut got, &up, gate.len());
+        assert_same(&got, &expected, format!("silu gate {i}"));
+        let mut got = gate.clone();
+        ops::silu_mul_portable(&mut got, &up, gate.len());
+        assert_same(&got, &expected, format!("portable silu gate {i}"));
+    }
+}
+
+#[test]
+fn attention_matches_llama_cpp() {
+    let fixture = fixture();
+    let d = fixture["head_dim"].as_u64().unwrap() as usize;
+    let group = fixture["query_heads_per_kv_head"].as_u64().unwrap() as usize;
+    let scale = fixture["scale"].as_f64().unwrap() as f32;
+    let heads = Heads { heads: group, kv_heads: 1, head_dim: d };
+    let mut scratch = Scratch::default();
+    for case in fixture["attentions"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let keys = f16s(&case["keys"]);
+        let values = f16s(&case["values"]);
+        let batch = case["batch"].as_u64().unwrap() as usize;
+        let mut cache = KvCache::new(d, 7);
+        cache.append(&keys, &values);
+        let start = cache.len() - batch;
+        for row in case["rows"].as_array().unwrap() {
+            let t = row["row"].as_u64().unwrap() as usize;
+            let seen = start + t + 1;
+            let q = floats(&row["queries"]);
+            let expected_scores = floats(&row["scores"]);
+            let expected_probs = floats(&row["probs"]);
+            for h in 0..group {
+                let query: Vec<f32> = q[h * d..(h + 1) * d].iter().map(|&v| ops::round_f16(v)).collect();
+                let mut scores = vec![0.0; seen];
+                attention::scores_portable(Sum::scores(&heads, batch), &query, cache.keys(), d, &mut scores);
+                let what = format!("{name}, row {t}, head {h}");
+                assert_same(&scores, &expected_scores[h * seen..(h + 1) * seen], format!("scores of {what}"));
+                #[cfg(target_arch = "x86_64")]
+                if let Isa::Avx2(avx2) = Isa::detect() {
+                    let mut fast = vec![0.0; seen];
+                    super::ops_x86::scores(avx2, Sum::scores(&heads, batch), &query, cache.keys(), d, &mut fast);
+                    assert_same(&fast, &scores, format!("AVX2 scores of {what}"));
+                }
+                let mut probs = scores.clone();
+                ops::softmax_portable(&mut probs, scale, false);
+                assert_same(&probs, &expected_probs[h * seen..(h + 1) * seen], format!("probabilities of {what}"));
+                let mut probs = scores.clone();
+                ops::softmax(&mut probs, scale, false);
+                assert_same(&probs, &expected_probs[h * seen..(h + 1) * seen], format!("probabilities of {what}"));
+            }
+            for isa in Isa::all() {
+                let mut out = vec![0.0; q.len()];
+                attention::attend_with(isa, &heads, &q, &cache, batch, t..t + 1, scale, &mut out, &mut scratch);
+                assert_same(&out, &floats(&row["outputs"]), format!("{isa:?} attention of {name}, row {t}"));
+            }
+        }
+    }
+}
+
+/// Inputs around the edges of the exponential's range, and random ones.
+fn exp_inputs(rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut x = vec![
+        0.0, -0.0, 1.0, -1.0, 88.0, 88.5, 88.7, 88.72, 88.8, 89.0, 100.0, 133.0, 134.0, -87.0, -87.5, -88.0, -100.0,
+        -103.0, -103.9, -104.0, -110.0, -132.0, -133.0, -134.0, -140.0, f32::INFINITY, f32::NEG_INFINITY, 1e-30,
+        -1e-30, 0.5, -0.5, 20.0, -20.0,
+    ];
+    x.extend((0..4000).map(|_| rng.random_range(-120.0f32..100.0)));
+    x.extend((0..4000).map(|_| rng.random_range(-8.0f32..8.0)));
+    x.resize(x.len().next_multiple_of(8), 0.25);
+    x
+}
+
+#[test]
+fn exponential_behaves_at_the_edges() {
+    assert_eq!(ops::expf(0.0), 1.0);
+    assert_eq!(ops::expf(f32::NEG_INFINITY), 0.0);
+    assert_eq!(ops::expf(f32::INFINITY), f32::INFINITY);
+    assert!(ops::expf(f32::NAN).is_nan());
+    // Within ggml's stated error of the true value, subnormal results included.
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for x in exp_inputs(&mut rng) {
+        let (ours, exact) = (ops::expf(x) as f64, (x as f64).exp());
+        if exact < f32::MAX as f64 && exact > 1e-37 {
+            assert!((ours - exact).abs() <= 2.5e-7 * exact, "e^{x}: {ours} vs {exact}");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vector_exponential_equals_the_scalar_one() {
+    let Isa::Avx2(avx2) = Isa::detect() else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let x = exp_inputs(&mut rng);
+    for chunk in x.chunks_exact(8) {
+        let lanes: [f32; 8] = chunk.try_into().unwrap();
+        let got = super::ops_x86::exp_lanes(avx2, lanes);
+        for (i, (&g, &x)) in got.iter().zip(chunk).enumerate() {
+            let want = ops::expf(x);
+            assert!(g.to_bits() == want.to_bits(), "lane {i}: e^{x} = {g} vs {want}");
+        }
+    }
+    // Rows whose length is not a multiple of 16 leave a tail to the C library.
+    let up: Vec<f32> = (0..x.len()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    for row in [8, 24, 40, x.len()] {
+        let n = x.len() / row * row;
+        let (mut fast, mut portable) = (x[..n].to_vec(), x[..n].to_vec());
+        super::ops_x86::silu_mul(avx2, &mut fast, &up[..n], row);
+        ops::silu_mul_portable(&mut portable, &up[..n], row);
+        let (count, first) = differences(&fast, &portable);
+        assert_eq!(count, 0, "rows of {row}: first difference {first:?}");
+    }
+}
+
+/// Random heads, caches and batches: every instruction set attends exactly as the
+/// portable code, over every summation order.
+#[test]
+fn every_isa_attends_like_the_portable_code() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for (heads, kv_heads, d) in [(9, 3, 64), (4, 2, 8), (2, 1, 128), (4, 4, 24), (2, 2, 80), (2, 1, 6)] {
+        let shape = Heads { heads, kv_heads, head_dim: d };
+        for (start, batch) in [(0, 1), (0, 5), (3, 1), (31, 1), (32, 1), (40, 1), (63, 1), (64, 1), (80, 1), (127, 1), (0, 70), (20, 30)]
+        {
+            let context = start + batch;
+            let mut cache = KvCache::new(shape.kv_width(), 16);
+            let kv: Vec<f32> = (0..2 * context * shape.kv_width()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let (k, v) = kv.split_at(context * shape.kv_width());
+            cache.append(k, v);
+            let q: Vec<f32> = (0..batch * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut expected = vec![0.0; q.len()];
+            let mut scratch = Scratch::default();
+            attention::attend_with(Isa::Portable, &shape, &q, &cache, batch, 0..batch, 0.3, &mut expected, &mut scratch);
+            assert!(expected.iter().all(|v| v.is_finite()));
+            for isa in Isa::all() {
+                let mut got = vec![0.0; q.len()];
+                attention::attend_with(isa, &shape, &q, &cache, batch, 0..batch, 0.3, &mut got, &mut scratch);
+                let (count, first) = differences(&got, &expected);
+                assert_eq!(count, 0, "{isa:?}, {heads}/{kv_heads} heads of {d}, {batch} after {start}: first {first:?}");
+                // A subset of the rows gives the same rows.
+                let rows = batch / 2..batch;
+                let width = shape.q_width();
+                let mut part = vec![0.0; rows.len() * width];
+                attention::attend_with(
+                    isa,
+                    &shape,
+                    &q[rows.start * width..],
+                    &cache,
+                    batch,
+                    rows.clone(),
+                    0.3,
+                    &mut part,
+                    &mut scratch,
+                );
+                assert_eq!(part, expected[rows.start * width..], "{isa:?}: rows {rows:?} alone");
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_grows_in_steps_and_appends_in_place() {
+    let mut cache = KvCache::new(4, 8);
+    cache.append(&[1.0; 8], &[2.0; 8]);
+    assert_eq!(cache.len(), 2);
+    assert_eq!(cache.allocated_bytes(), 2 * 8 * 4 * 2);
+    let keys = cache.keys().as_ptr();
+    cache.append(&[1.0; 24], &[2.0; 24]);
+    assert_eq!(cache.len(), 8);
+    assert_eq!(cache.keys().as_ptr(), keys, "appending within the step moved the cache");
+    cache.append(&[0.1; 4], &[0.2; 4]);
+    assert_eq!(cache.len(), 9);
+    assert_eq!(cache.allocated_bytes(), 2 * 16 * 4 * 2);
+    assert_eq!(cache.keys()[35], f16::from_f32(0.1));
+    cache.truncate(3);
+    assert_eq!(cache.len(), 3);
+}
