@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs every test of Hearth: Rust unit and integration tests, then the OpenAI API suite
-# against a real `hearth serve`. Installs what the tests need first (pip packages, the
-# default model). Usage: scripts/test.sh
+# Runs every test of Hearth: Rust unit and integration tests, the OpenAI API suite against
+# a real `hearth serve`, and the multi-node suites on Linux network namespaces. Installs
+# what the tests need first (pip packages, iproute2, the default model).
+# Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Reuse a build folder outside the clone when there is one: a clean release build of
-# candle and friends takes many minutes on a small machine.
+# candle, tonic and libp2p takes many minutes on a small machine.
 if [[ -z "${CARGO_TARGET_DIR:-}" && -d "$HOME/.cache/hearth-target" ]]; then
   export CARGO_TARGET_DIR="$HOME/.cache/hearth-target"
 fi
@@ -14,6 +15,10 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 
 echo "== installing test dependencies"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+# The namespace tests drive `ip` and `tc`; as root we can install them.
+if [[ $EUID -eq 0 ]] && ! command -v tc >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) >/dev/null
+fi
 
 echo "== building (release)"
 cargo build --release --workspace --all-targets
@@ -24,5 +29,6 @@ echo "== fetching the default model"
 echo "== Rust tests"
 cargo test --release --workspace
 
-echo "== API tests (openai client against hearth serve)"
-HEARTH_BIN="$target/release/hearth" python3 -m pytest tests/api -q
+echo "== API and multi-node tests (pytest)"
+# The namespace suites skip, loudly, without root; CI runs as root, where they must run.
+HEARTH_BIN="$target/release/hearth" python3 -m pytest tests/api tests/mesh -q -rs

@@ -39,6 +39,8 @@ pub struct ClusterOptions {
     pub control_listen: SocketAddr,
     pub peers: Vec<ManualPeer>,
     pub interfaces: InterfacePolicy,
+    /// Advertise and browse with mDNS; without it only `peers` are joined.
+    pub mdns: bool,
     pub usable_memory_bytes: u64,
     pub backend: Backend,
     /// The address the API listens on, announced to peers for `hearth status`.
@@ -137,12 +139,14 @@ pub async fn join(
         cluster_hash,
     };
     let discovery = DiscoveryConfig { interfaces: options.interfaces.clone(), ..DiscoveryConfig::default() };
-    let (discovery, discovery_events) = match Discovery::start(advert, discovery) {
-        Ok((discovery, events)) => (Some(discovery), events),
-        Err(error) => {
+    let started = if options.mdns { Some(Discovery::start(advert, discovery)) } else { None };
+    let (discovery, discovery_events) = match started {
+        Some(Ok((discovery, events))) => (Some(discovery), events),
+        Some(Err(error)) => {
             tracing::warn!("mDNS discovery is off ({error}); only --peer addresses will be joined");
             (None, mpsc::channel(1).1)
         }
+        None => (None, mpsc::channel(1).1),
     };
 
     let (route_tx, routes) = watch::channel(None);

@@ -92,6 +92,9 @@ struct ServeArgs {
     /// loopback, container and VM bridges).
     #[arg(long)]
     interface: Option<String>,
+    /// Do not advertise or look for peers with mDNS; only --peer addresses are joined.
+    #[arg(long)]
+    no_mdns: bool,
     /// Memory this node offers for model layers and KV caches, its OS reserve already
     /// taken off (e.g. 300MiB, 24GiB; default: physical memory less a reserve).
     #[arg(long, value_parser = parse_memory_limit)]
@@ -260,6 +263,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         control_listen: args.control_addr,
         peers: args.peers,
         interfaces: args.interface.map_or(InterfacePolicy::Auto, InterfacePolicy::Only),
+        mdns: !args.no_mdns,
         usable_memory_bytes: args.memory_limit.unwrap_or_else(hearth_node::system::default_usable_memory),
         backend: backend_of(&device),
         api_addr: args.api_addr,

@@ -174,12 +174,12 @@ def start_server(name: str, extra_args: Sequence[str], log_dir: Path) -> HearthS
     model = os.environ.get("HEARTH_MODEL", DEFAULT_MODEL)
     port = free_port()
     # A one-node cluster of its own, on loopback only: its planes on free ports, its own
-    # identity and cluster name (so the two servers never join each other), and mDNS kept
-    # off the machine's real network.
+    # identity and cluster name (so the two servers never join each other), and no mDNS,
+    # which would otherwise reach the machine's real network.
     data_dir = log_dir / f"data-{name}"
     command = [
         str(binary), "serve", "--model", model, "--api-addr", f"127.0.0.1:{port}",
-        "--data-addr", "127.0.0.1:0", "--control-addr", "127.0.0.1:0", "--interface", "lo",
+        "--data-addr", "127.0.0.1:0", "--control-addr", "127.0.0.1:0", "--no-mdns",
         "--cluster", f"api-tests-{name}-{os.getpid()}", "--data-dir", str(data_dir), *extra_args,
     ]
     log_path = log_dir / f"hearth-serve-{name}.log"
