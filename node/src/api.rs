@@ -5,9 +5,11 @@
 //! offending parameter.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
+use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -49,16 +51,44 @@ impl FromRef<AppState> for watch::Receiver<ClusterView> {
     }
 }
 
-pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>) -> Router {
-    Router::new()
-        .route("/health", get(health))
+/// The API's routes. With `api_key`, every `/v1` request must carry
+/// `Authorization: Bearer <api_key>`, as OpenAI clients send it; `/health` stays open so
+/// that supervisors can probe the node.
+pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>, api_key: Option<String>) -> Router {
+    let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster_view))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .fallback(not_found)
+        .fallback(not_found);
+    let v1 = match api_key {
+        Some(key) => v1.layer(middleware::from_fn_with_state(Arc::<str>::from(key), require_api_key)),
+        None => v1,
+    };
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(AppState { holder, cluster })
+}
+
+/// Refuses requests without the right bearer token, in OpenAI's error shape.
+async fn require_api_key(State(key): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("incorrect API key provided").into_response(),
+        None => ApiError::unauthorized("no API key provided: send `Authorization: Bearer <key>`").into_response(),
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -95,6 +125,10 @@ impl ApiError {
     fn status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self
+    }
+
+    fn unauthorized(message: &str) -> Self {
+        Self::invalid(message).status(StatusCode::UNAUTHORIZED).code("invalid_api_key")
     }
 
     fn internal(message: impl Into<String>) -> Self {

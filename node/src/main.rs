@@ -72,9 +72,16 @@ struct ModelArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Address the API listens on.
+    /// Address the API listens on. Loopback by default: to serve the LAN, bind another
+    /// address, and set an API key.
     #[arg(long, default_value = DEFAULT_API_ADDR)]
     api_addr: SocketAddr,
+    /// Require `Authorization: Bearer <KEY>` on every API request.
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
+    api_key: Option<String>,
+    /// Read the API key from this file (its first line).
+    #[arg(long)]
+    api_key_file: Option<std::path::PathBuf>,
     /// Address the data plane (hidden states between stages) listens on.
     #[arg(long, default_value = DEFAULT_DATA_ADDR)]
     data_addr: SocketAddr,
@@ -268,6 +275,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         backend: backend_of(&device),
         api_addr: args.api_addr,
     };
+    let api_key = match (args.api_key, &args.api_key_file) {
+        (Some(key), _) => Some(key),
+        (None, Some(path)) => Some(read_key_file(path)?),
+        (None, None) => None,
+    };
+    if api_key.is_none() && !args.api_addr.ip().is_loopback() {
+        tracing::warn!("the API listens on {} without an API key: anyone who can reach it can use the model", args.api_addr);
+    }
     let limits = hearth_proto::Limits::default();
     let data_plane = DataPlane::start(args.data_addr, limits)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -286,11 +301,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             holder.model_id(),
             listener.local_addr().unwrap_or(args.api_addr)
         );
-        axum::serve(listener, api::router(holder, cluster.view))
+        axum::serve(listener, api::router(holder, cluster.view, api_key))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving the API")
     })
+}
+
+fn read_key_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key from {}", path.display()))?;
+    let key = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(!key.is_empty(), "{} holds no API key", path.display());
+    Ok(key)
 }
 
 fn backend_of(device: &candle_core::Device) -> Backend {

@@ -48,7 +48,11 @@ MARKERS = {
     "context": "context-window limits (runs a second server with --context 256)",
     "concurrency": "several requests at once, client disconnects",
     "chat": "/v1/chat/completions",
+    "auth": "API keys (runs a third server with --api-key)",
 }
+
+# The key the `keyed_server` requires.
+API_KEY = "hearth-test-key-0123456789"
 
 
 def find_binary() -> Path:
@@ -165,7 +169,7 @@ class HearthServer:
 # Servers started in this session, so hooks can check them and attach their logs.
 _SERVERS: dict[str, HearthServer] = {}
 # Which fixture gives which server (a test "uses" a server when its fixture closure has it).
-_FIXTURE_TO_SERVER = {"server": "default", "small_context_server": "context256"}
+_FIXTURE_TO_SERVER = {"server": "default", "small_context_server": "context256", "keyed_server": "keyed"}
 
 
 def start_server(name: str, extra_args: Sequence[str], log_dir: Path) -> HearthServer:
@@ -252,6 +256,19 @@ def http(server: HearthServer) -> Iterator[httpx.Client]:
 
 
 # --- fixtures: small-context server -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HearthServer]:
+    """`hearth serve --api-key-file ...`: every /v1 request needs the bearer token."""
+    directory = tmp_path_factory.mktemp("hearth-keyed")
+    key_file = directory / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    hearth = start_server("keyed", ["--api-key-file", str(key_file)], directory)
+    try:
+        yield hearth
+    finally:
+        hearth.stop()
 
 
 @pytest.fixture(scope="session")
