@@ -2,11 +2,13 @@
 //!
 //! [`place`] decides which node runs which layers of the model; [`parse_size`] and
 //! [`format_bytes`] read and print the byte sizes that decision is made of.
+//! [`cluster_key`] is the secret that keeps strangers out of a cluster.
 //! [`identity`] gives each node its key pair and node id; [`discovery`] finds the other
 //! nodes of its cluster on the local network.
 //! [`control`] connects the nodes, tracks who is live and carries the plan;
 //! [`coordinator`] decides who plans and what the plan is.
 
+pub mod cluster_key;
 pub mod control;
 pub mod coordinator;
 pub mod discovery;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hearth_mesh::cluster_key::ClusterKey;
 use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, NodeInfo, Plan};
 use hearth_mesh::coordinator::{coordinator, next_plan, plan_is_ready};
 use hearth_mesh::ModelProfile;
@@ -33,6 +34,16 @@ struct Node {
 
 impl Node {
     async fn start(key: Keypair, cluster: &str, memory: u64) -> Self {
+        Self::start_keyed(key, cluster, memory, None).await
+    }
+
+    /// A node of a private cluster (with `cluster_key`).
+    async fn start_keyed(
+        key: Keypair,
+        cluster: &str,
+        memory: u64,
+        cluster_key: Option<ClusterKey>,
+    ) -> Self {
         let node_id = key.public().to_peer_id().to_base58();
         let info = NodeInfo {
             node_id,
@@ -47,6 +58,7 @@ impl Node {
             keypair: key,
             listen: "127.0.0.1:0".parse().unwrap(),
             cluster_hash: cluster.into(),
+            cluster_key,
         };
         let (plane, events, addr) = ControlPlane::start(config, info.clone()).await.unwrap();
         assert_eq!(plane.node_id(), info.node_id);
@@ -336,6 +348,46 @@ async fn clusters_do_not_mix() {
         tx.is_none() && ty.is_none(),
         "no node of another cluster becomes a member"
     );
+}
+
+/// Nodes with the same cluster key join; a node with another key, or none, is never a
+/// member of their cluster, whoever dials whom.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_nodes_with_the_cluster_key_join() {
+    init_logs();
+    let keys = sorted_keys(4);
+    let secret = ClusterKey::generate();
+    let mut a = Node::start_keyed(keys[0].clone(), "private", GIB, Some(secret.clone())).await;
+    let mut b = Node::start_keyed(keys[1].clone(), "private", GIB, Some(secret)).await;
+    let mut wrong =
+        Node::start_keyed(keys[2].clone(), "private", GIB, Some(ClusterKey::generate())).await;
+    let mut open = Node::start_keyed(keys[3].clone(), "private", GIB, None).await;
+
+    a.plane.dial(b.addr);
+    let pair = ids(&[&a, &b]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let joined = |node: &Node| node.member_ids() == pair;
+    let (ta, tb) = tokio::join!(a.until(deadline, joined), b.until(deadline, joined));
+    assert!(ta.is_some() && tb.is_some(), "nodes with the same key join");
+
+    // Outsiders dial in, and are dialled.
+    wrong.plane.dial(a.addr);
+    open.plane.dial(b.addr);
+    a.plane.dial(open.addr);
+    b.plane.dial(wrong.addr);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let outsider = |node: &Node| node.members.len() != 2;
+    let lonely = |node: &Node| node.members.len() > 1;
+    let (ta, tb, tw, to) = tokio::join!(
+        a.until(deadline, outsider),
+        b.until(deadline, outsider),
+        wrong.until(deadline, lonely),
+        open.until(deadline, lonely),
+    );
+    assert!(ta.is_none() && tb.is_none(), "no outsider becomes a member: {:?} {:?}", a.member_ids(), b.member_ids());
+    assert!(tw.is_none() && to.is_none(), "outsiders see no one");
+    assert_eq!(a.member_ids(), pair);
+    assert_eq!(b.member_ids(), pair);
 }
 
 /// Forwards TCP connections to `target` until `cut` is set; then it stops forwarding

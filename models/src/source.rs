@@ -258,7 +258,11 @@ impl ModelSource {
             layer_bytes,
             embedding_bytes,
             head_bytes: head + size(TensorName::OutputNorm),
-            kv_bytes_per_token_per_layer: self.config.kv_bytes_per_token_per_layer(dense_bytes as usize),
+            // The CPU path keeps K and V in f16 (as llama.cpp does); other devices in the
+            // activation dtype.
+            kv_bytes_per_token_per_layer: self
+                .config
+                .kv_bytes_per_token_per_layer(if device.is_cpu() { 2 } else { dense_bytes as usize }),
         }
     }
 

@@ -243,7 +243,9 @@ impl Stage {
                 let ids = Tensor::new(tokens, &self.device)?;
                 Ok(embedding.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?)
             }
-            (StageInput::Hidden(hidden), _) => Ok(hidden.to_device(&self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?),
+            (StageInput::Hidden(hidden), _) => {
+                Ok(hidden.to_device(&self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?)
+            }
             (StageInput::Tokens(_), None) => unreachable!("checked above"),
         }
     }
@@ -272,7 +274,8 @@ impl Stage {
             match (&input, &self.embedding) {
                 (StageInput::Tokens(tokens), Some(embedding)) => embedding.embedding_into(tokens, hidden)?,
                 (StageInput::Hidden(input), _) => {
-                    hidden.extend_from_slice(&input.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                    let input = input.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+                    hidden.extend_from_slice(&input.to_vec1::<f32>()?);
                 }
                 (StageInput::Tokens(_), None) => unreachable!("checked above"),
             }
@@ -293,7 +296,10 @@ impl Stage {
             }
             let width = self.config.hidden_size;
             match &self.head {
-                None => Ok(StageOutput::Hidden(Tensor::from_slice(&scratch.hidden[..rows * width], (rows, width), &Device::Cpu)?)),
+                None => {
+                    let hidden = &scratch.hidden[..rows * width];
+                    Ok(StageOutput::Hidden(Tensor::from_slice(hidden, (rows, width), &Device::Cpu)?))
+                }
                 Some(head) => {
                     let last = &scratch.hidden[(rows - 1) * width..rows * width];
                     scratch.normed.resize(width, 0.0);
@@ -304,6 +310,9 @@ impl Stage {
                 }
             }
         });
+        if seq_len > 1 {
+            SCRATCH.with_borrow_mut(Scratch::release_if_large);
+        }
         match result {
             Ok(output) => {
                 cache.positions += seq_len;
@@ -327,6 +336,10 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// Buffers larger than this many values are dropped after a step: one long prompt should
+/// not pin its buffers for the life of the thread.
+const KEEP_VALUES: usize = 1 << 18;
+
 /// Buffers for one step of the CPU path, each `positions` rows of some width.
 #[derive(Default)]
 struct Scratch {
@@ -343,6 +356,28 @@ struct Scratch {
     /// RoPE's cos and sin for each position.
     angles: Vec<f32>,
     attention: attention::Scratch,
+}
+
+impl Scratch {
+    fn release_if_large(&mut self) {
+        let buffers = [
+            &mut self.hidden,
+            &mut self.normed,
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.attended,
+            &mut self.projected,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.angles,
+        ];
+        for buffer in buffers {
+            if buffer.capacity() > KEEP_VALUES {
+                *buffer = Vec::new();
+            }
+        }
+    }
 }
 
 /// RoPE for the CPU path, with the model's frequency scaling.

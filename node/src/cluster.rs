@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use candle_core::Device;
+use hearth_mesh::cluster_key::ClusterKey;
 use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, NodeInfo, Plan};
 use hearth_mesh::coordinator::{next_plan, plan_is_ready};
 use hearth_mesh::discovery::{
@@ -45,6 +46,8 @@ pub struct ClusterOptions {
     pub backend: Backend,
     /// The address the API listens on, announced to peers for `hearth status`.
     pub api_addr: SocketAddr,
+    /// With a key, the control plane is a private network only its holders can join.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 /// The cluster as `GET /v1/cluster` and `hearth status` show it.
@@ -116,6 +119,7 @@ pub async fn join(
         keypair: identity.keypair().clone(),
         listen: options.control_listen,
         cluster_hash: cluster_hash.to_string(),
+        cluster_key: options.cluster_key.clone(),
     };
     let (control, control_events, control_addr) =
         ControlPlane::start(config, me.clone()).await.context("starting the control plane")?;

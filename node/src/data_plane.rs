@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use candle_core::Tensor;
@@ -27,7 +28,10 @@ use hearth_proto::{pb, FrameError, Limits};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{AuthedChannel, Credentials};
 
 /// Frames waiting to go out on one link before the sender waits.
 const LINK_BUFFER: usize = 64;
@@ -79,8 +83,9 @@ enum Work {
 type Upstream = mpsc::UnboundedSender<Result<pb::StageMessage, Status>>;
 
 impl DataPlane {
-    /// Binds `listen` and starts the data plane thread.
-    pub fn start(listen: SocketAddr, limits: Limits) -> anyhow::Result<Self> {
+    /// Binds `listen` and starts the data plane thread. With `credentials` (a cluster
+    /// key), peers must prove they hold the key, both ways (see [`crate::auth`]).
+    pub fn start(listen: SocketAddr, limits: Limits, credentials: Option<Arc<Credentials>>) -> anyhow::Result<Self> {
         let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding the data plane to {listen}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -95,7 +100,7 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, command_rx));
+                runtime.block_on(run(listener, limits, credentials, command_rx));
             })
             .context("starting the data plane thread")?;
         Ok(Self { commands, addr })
@@ -123,10 +128,16 @@ impl DataPlane {
     }
 }
 
-async fn run(listener: std::net::TcpListener, limits: Limits, commands: mpsc::UnboundedReceiver<Command>) {
+async fn run(
+    listener: std::net::TcpListener,
+    limits: Limits,
+    credentials: Option<Arc<Credentials>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+) {
     let (work, work_rx) = mpsc::unbounded_channel();
     let service = Service { work: work.clone() };
-    let server = pb::pipeline_server::PipelineServer::new(service).with_limits(&limits);
+    let (auth, session_check) = crate::auth::server(credentials.clone());
+    let server = InterceptedService::new(pb::pipeline_server::PipelineServer::new(service).with_limits(&limits), session_check);
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -138,6 +149,7 @@ async fn run(listener: std::net::TcpListener, limits: Limits, commands: mpsc::Un
     tokio::spawn(async move {
         if let Err(error) = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .add_optional_service(auth)
             .add_service(server)
             .serve_with_incoming(incoming)
             .await
@@ -154,7 +166,7 @@ async fn run(listener: std::net::TcpListener, limits: Limits, commands: mpsc::Un
             }
         }
     });
-    Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, work }.run(work_rx).await;
+    Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, credentials, work }.run(work_rx).await;
 }
 
 /// The gRPC face of the data plane: every inbound message goes to the worker.
@@ -209,31 +221,45 @@ struct Sequence {
 /// A stream to a neighbour's data plane.
 struct Link {
     frames: mpsc::Sender<pb::StageMessage>,
+    // What it takes to open the link again after its connection broke: a neighbour that
+    // restarts into the same plan must be reachable again without a new plan.
+    addr: SocketAddr,
+    limits: Limits,
+    credentials: Option<Arc<Credentials>>,
+    epoch: u64,
+    work: mpsc::UnboundedSender<Work>,
 }
 
 impl Link {
     /// Opens a stream to `addr`. Messages queue until the connection is up; refusals and
     /// failures come back to the worker as [`Work::Downstream`].
-    fn open(addr: SocketAddr, limits: Limits, epoch: u64, work: mpsc::UnboundedSender<Work>) -> Self {
+    fn open(
+        addr: SocketAddr,
+        limits: Limits,
+        credentials: Option<Arc<Credentials>>,
+        epoch: u64,
+        work: mpsc::UnboundedSender<Work>,
+    ) -> Self {
         let (frames, outbound) = mpsc::channel(LINK_BUFFER);
+        let link = Self { frames, addr, limits, credentials: credentials.clone(), epoch, work: work.clone() };
         tokio::spawn(async move {
             let failure = |message: String| StageError { epoch, sequence_id: 0, code: ErrorCode::Internal, message };
-            let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-                Ok(endpoint) => endpoint.tcp_nodelay(true).connect().await,
-                Err(error) => {
-                    let _ = work.send(Work::Downstream(failure(format!("bad address {addr}: {error}"))));
-                    return;
-                }
-            };
-            let channel = match channel {
+            let channel = match AuthedChannel::connect(addr, credentials).await {
                 Ok(channel) => channel,
                 Err(error) => {
-                    let _ = work.send(Work::Downstream(failure(format!("cannot reach the stage at {addr}: {error}"))));
+                    let _ = work.send(Work::Downstream(failure(format!("cannot link to the stage at {addr}: {error:#}"))));
                     return;
                 }
             };
-            let mut client = pb::pipeline_client::PipelineClient::new(channel).with_limits(&limits);
-            let mut replies = match client.stream(ReceiverStream::new(outbound)).await {
+            let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&limits);
+            let request = match channel.request(ReceiverStream::new(outbound)).await {
+                Ok(request) => request,
+                Err(error) => {
+                    let _ = work.send(Work::Downstream(failure(format!("cannot link to the stage at {addr}: {error}"))));
+                    return;
+                }
+            };
+            let mut replies = match client.stream(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => {
                     let _ = work.send(Work::Downstream(failure(format!("the stage at {addr} refused the link: {status}"))));
@@ -254,10 +280,15 @@ impl Link {
                 }
             }
         });
-        Self { frames }
+        link
     }
 
-    async fn send(&self, frame: StageFrame) -> bool {
+    /// Sends a frame, first opening the link again if its connection has gone.
+    async fn send(&mut self, frame: StageFrame) -> bool {
+        if self.frames.is_closed() {
+            tracing::info!(addr = %self.addr, "opening the link to the neighbouring stage again");
+            *self = Self::open(self.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+        }
         self.frames.send(frame.into_wire()).await.is_ok()
     }
 }
@@ -269,6 +300,7 @@ struct Worker {
     /// The last stage's link to a remote first stage.
     ring: Option<Link>,
     limits: Limits,
+    credentials: Option<Arc<Credentials>>,
     work: mpsc::UnboundedSender<Work>,
 }
 
@@ -302,11 +334,11 @@ impl Worker {
         // Sequences of an older plan cannot continue here: their holders replay them.
         self.drop_sequences("the plan changed");
         self.next = match role.next {
-            Some(Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, role.epoch, self.work.clone())),
+            Some(Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, self.credentials.clone(), role.epoch, self.work.clone())),
             _ => None,
         };
         self.ring = match (role.next, role.first) {
-            (None, Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, role.epoch, self.work.clone())),
+            (None, Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, self.credentials.clone(), role.epoch, self.work.clone())),
             _ => None,
         };
         tracing::info!(epoch = role.epoch, layers = ?role.stage.layers(), "data plane serving its stage");
@@ -373,7 +405,7 @@ impl Worker {
             }
             StageFrame::Reset(Reset { sequence_id, .. }) => {
                 self.sequences.remove(&sequence_id);
-                if let Some(next) = &self.next {
+                if let Some(next) = &mut self.next {
                     next.send(StageFrame::Reset(Reset { epoch, sequence_id })).await;
                 }
                 Ok(())
@@ -446,7 +478,7 @@ impl Worker {
                 let values = hidden.flatten_all()?.to_vec1::<f32>()?;
                 let hidden = HiddenStates::from_f32(rows, cols, &values, DType::F32)?;
                 let frame = Activation { epoch, sequence_id, start_position, hidden, generation };
-                let next = self.next.as_ref().ok_or_else(|| anyhow::anyhow!("this stage has no next stage"))?;
+                let next = self.next.as_mut().ok_or_else(|| anyhow::anyhow!("this stage has no next stage"))?;
                 anyhow::ensure!(next.send(StageFrame::Activation(frame)).await, "the link to the next stage is closed");
             }
             StageOutput::Logits(logits) => {
@@ -473,7 +505,7 @@ impl Worker {
                 if finish.is_some() && !role.stage.is_first() {
                     self.sequences.remove(&sequence_id);
                 }
-                match &self.ring {
+                match &mut self.ring {
                     // The first stage is here too: queue the token behind other work, so that
                     // sequences take turns.
                     None => {
@@ -505,7 +537,7 @@ impl Worker {
         let holder_gone = sequence.upstream.send(Ok(StageFrame::Token(token.clone()).into_wire())).is_err();
         if token.finish.is_some() || holder_gone {
             self.sequences.remove(&sequence_id);
-            if let Some(next) = &self.next {
+            if let Some(next) = &mut self.next {
                 next.send(StageFrame::Reset(Reset { epoch, sequence_id })).await;
             }
             return Ok(());

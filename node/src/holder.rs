@@ -21,6 +21,7 @@ use hearth_proto::{pb, Limits};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::auth::{AuthedChannel, Credentials};
 use crate::engine::{Counters, Event, FinishReason, Generation, Outcome};
 
 /// Sequences one holder keeps in the pipeline at once; more wait in the queue.
@@ -80,12 +81,20 @@ struct Inner {
     slots: Semaphore,
     limits: Limits,
     /// One HTTP/2 connection per first stage, shared by all requests.
-    channels: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    channels: Mutex<HashMap<SocketAddr, Arc<AuthedChannel>>>,
+    /// With a cluster key: what this node proves itself to the first stage with.
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl Holder {
     /// `routes` carries the current ready plan, or `None` while there is none.
-    pub fn new(model: ModelInfo, routes: watch::Receiver<Option<Route>>, limits: Limits) -> Self {
+    /// `credentials` (with a cluster key) are what this node shakes hands with.
+    pub fn new(
+        model: ModelInfo,
+        routes: watch::Receiver<Option<Route>>,
+        limits: Limits,
+        credentials: Option<Arc<Credentials>>,
+    ) -> Self {
         let inner = Inner {
             model,
             counters: Counters::default(),
@@ -93,6 +102,7 @@ impl Holder {
             slots: Semaphore::new(MAX_ACTIVE),
             limits,
             channels: Mutex::new(HashMap::new()),
+            credentials,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -244,9 +254,17 @@ impl Inner {
 
         let (frames, outbound) = mpsc::channel(8);
         frames.send(StageFrame::Prefill(prefill).into_wire()).await?;
-        let mut client = pb::pipeline_client::PipelineClient::new(self.channel(route.first_stage).await?)
-            .with_limits(&self.limits);
-        let mut replies = client.stream(ReceiverStream::new(outbound)).await?.into_inner();
+        let channel = self.channel(route.first_stage).await?;
+        let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&self.limits);
+        let request = channel.request(ReceiverStream::new(outbound)).await?;
+        let mut replies = match client.stream(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                // A refused ticket (the stage restarted, say): the replay shakes hands again.
+                channel.check_status(&status).await;
+                return Err(status.into());
+            }
+        };
         let reset = || StageFrame::Reset(Reset { epoch: route.epoch, sequence_id }).into_wire();
         loop {
             let message = tokio::select! {
@@ -324,7 +342,7 @@ impl Inner {
         route.ok_or_else(|| anyhow::anyhow!("the cluster has no ready plan to serve the model"))
     }
 
-    async fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    async fn channel(&self, addr: SocketAddr) -> anyhow::Result<Arc<AuthedChannel>> {
         if let Some(channel) = self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(&addr) {
             return Ok(channel.clone());
         }
@@ -332,6 +350,7 @@ impl Inner {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
+        let channel = Arc::new(AuthedChannel::new(channel, addr, self.credentials.clone()));
         self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(addr, channel.clone());
         Ok(channel)
     }

@@ -2,6 +2,7 @@
 //! pieces the `hearth` command line puts together.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod cluster;
 pub mod data_plane;

@@ -19,7 +19,7 @@ use hearth_node::device::{self, DeviceChoice};
 use hearth_node::engine::{Counters, Generation, Model};
 use hearth_node::holder::{Holder, ModelInfo};
 use hearth_node::model_store::{ModelSpec, ModelStore};
-use hearth_node::{api, bench, status};
+use hearth_node::{api, auth, bench, status};
 
 /// The API's default address: loopback only, so nothing on the network reaches a node
 /// unless its owner says so.
@@ -48,6 +48,23 @@ enum Command {
     Pull(PullArgs),
     /// Show the cluster a running node is part of: nodes, layers, epoch, coordinator.
     Status(StatusArgs),
+    /// Manage the cluster key.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a fresh random cluster key (32 bytes, hex): written to --out with mode
+    /// 0600, or printed.
+    New {
+        /// The file to write; refused if it exists, unless --force.
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+        /// Replace an existing file.
+        #[arg(long, requires = "out")]
+        force: bool,
+    },
 }
 
 /// How to find and run the model: shared by every command that loads one.
@@ -110,6 +127,10 @@ struct ServeArgs {
     /// platform's data folder).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// The cluster key (from `hearth key new`): only nodes holding it join the cluster.
+    /// Also read, in hex, from $HEARTH_CLUSTER_KEY. Without one, anyone on the link can.
+    #[arg(long, value_name = "PATH")]
+    cluster_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -178,7 +199,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) | Command::Pull(_) => "info",
-        Command::Generate(_) | Command::Bench(_) | Command::Status(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) | Command::Status(_) | Command::Key(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -203,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench::run(open_model(&args.model)?, args.decode_tokens, args.repeat),
         Command::Status(args) => status::print(&args.api, args.json),
+        Command::Key(KeyCommand::New { out, force }) => auth::new_key(out.as_deref(), force),
         Command::Pull(args) => {
             let store = ModelStore::from_env()?;
             tracing::info!(cache = %store.cache_dir().display(), "resolving {:?}", args.model);
@@ -264,6 +286,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => hearth_mesh::identity::default_data_dir()?,
     };
+    let cluster_key = auth::load_cluster_key(args.cluster_key_file.as_deref())?;
+    let credentials = match &cluster_key {
+        Some(key) => {
+            let identity = hearth_mesh::identity::Identity::load_or_create(&data_dir)?;
+            Some(Arc::new(auth::Credentials::new(key, identity.node_id().to_string())))
+        }
+        None => None,
+    };
     let options = ClusterOptions {
         cluster_name: args.cluster,
         data_dir,
@@ -274,6 +304,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         usable_memory_bytes: args.memory_limit.unwrap_or_else(hearth_node::system::default_usable_memory),
         backend: backend_of(&device),
         api_addr: args.api_addr,
+        cluster_key,
     };
     let api_key = match (args.api_key, &args.api_key_file) {
         (Some(key), _) => Some(key),
@@ -284,7 +315,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("the API listens on {} without an API key: anyone who can reach it can use the model", args.api_addr);
     }
     let limits = hearth_proto::Limits::default();
-    let data_plane = DataPlane::start(args.data_addr, limits)?;
+    let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -295,7 +326,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the API to {}", args.api_addr))?;
         let cluster = cluster::join(options, Arc::new(source), device, data_plane).await?;
-        let holder = Holder::new(model, cluster.routes, limits);
+        let holder = Holder::new(model, cluster.routes, limits, credentials);
         tracing::info!(
             "serving {} on http://{}/v1 (OpenAI-compatible)",
             holder.model_id(),

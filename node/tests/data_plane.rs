@@ -62,7 +62,7 @@ async fn three_stages_over_grpc_generate_what_one_process_does() {
     let cuts = [0, 5, 17, n];
     let limits = Limits::default();
     let planes: Vec<DataPlane> =
-        cuts.windows(2).map(|_| DataPlane::start(loopback(), limits).expect("data plane starts")).collect();
+        cuts.windows(2).map(|_| DataPlane::start(loopback(), limits, None).expect("data plane starts")).collect();
     for (i, window) in cuts.windows(2).enumerate() {
         let stage = source.load_stage(window[0]..window[1], &Device::Cpu).expect("stage loads");
         let next = planes.get(i + 1).map(|p| Neighbour::Remote(p.addr()));
@@ -70,7 +70,7 @@ async fn three_stages_over_grpc_generate_what_one_process_does() {
         planes[i].install(StageRole { epoch: 3, stage, next, first }).await.expect("installs");
     }
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_stage: planes[0].addr() }));
-    let holder = Holder::new(info, route, limits);
+    let holder = Holder::new(info, route, limits, None);
 
     for (prompt, sampling) in [
         ("The capital of France is", SamplingParams::greedy()),
@@ -94,7 +94,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
     use hearth_proto::pb;
     let source = default_model();
     let n = source.config().num_layers;
-    let plane = DataPlane::start(loopback(), Limits::default()).expect("starts");
+    let plane = DataPlane::start(loopback(), Limits::default(), None).expect("starts");
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch: 1, stage, next: None, first: Neighbour::Local }).await.expect("installs");
 
@@ -118,7 +118,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
     // The stage still serves a well-formed request.
     let info = model_info(&source);
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_stage: plane.addr() }));
-    let holder = Holder::new(info, route, Limits::default());
+    let holder = Holder::new(info, route, Limits::default(), None);
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),
         sampling: SamplingParams::greedy(),

@@ -3,7 +3,9 @@
 //!
 //! Each node is identified by its Ed25519 key; its node id is the base58 string of the
 //! libp2p `PeerId` derived from it. Connections are TCP, encrypted and authenticated
-//! with Noise, multiplexed with yamux. On top of them run:
+//! with Noise, multiplexed with yamux; with a cluster key, a private network layer keyed
+//! by it sits between TCP and Noise, so peers without the key cannot even complete the
+//! Noise handshake. On top of them run:
 //!
 //! - **gossipsub** on one topic per cluster, derived from the cluster hash, so clusters
 //!   sharing a network never see each other's messages. Every message is signed by its
@@ -31,6 +33,7 @@
 //! that missed it, converge.
 
 mod membership;
+mod pnet;
 mod swarm;
 mod wire;
 
@@ -97,6 +100,9 @@ pub struct ControlConfig {
     /// The cluster's hash as discovery advertises it. The gossip topic is derived from
     /// it, so clusters never see each other's messages.
     pub cluster_hash: String,
+    /// With a key, the control plane is a private network keyed by it: only peers
+    /// holding the same key can connect. Without one, anyone on the link can.
+    pub cluster_key: Option<crate::cluster_key::ClusterKey>,
 }
 
 /// What the control plane tells its owner.

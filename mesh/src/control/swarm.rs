@@ -10,7 +10,7 @@ use libp2p::gossipsub::{self, MessageAcceptance, PublishError, TopicHash};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identity, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm, SwarmBuilder};
+use libp2p::{identity, ping, Multiaddr, PeerId, Swarm, SwarmBuilder};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
@@ -92,7 +92,7 @@ pub(super) async fn spawn(
     events: mpsc::Sender<ControlEvent>,
 ) -> Result<SocketAddr, ControlError> {
     let topic = gossipsub::IdentTopic::new(format!("/hearth/control/1/{}", config.cluster_hash));
-    let mut swarm = build_swarm(keypair, topic.hash())?;
+    let mut swarm = build_swarm(keypair, topic.hash(), config.cluster_key.as_ref())?;
     swarm
         .behaviour_mut()
         .gossipsub
@@ -141,6 +141,7 @@ pub(super) async fn spawn(
         redialed: HashMap::new(),
         events_open: true,
         outbox: Outbox::default(),
+        private: config.cluster_key.is_some(),
     };
     task.members_changed();
     tracing::info!(parent: &span, %bound, "control plane listening");
@@ -151,6 +152,7 @@ pub(super) async fn spawn(
 fn build_swarm(
     keypair: identity::Keypair,
     topic: TopicHash,
+    cluster_key: Option<&crate::cluster_key::ClusterKey>,
 ) -> Result<Swarm<Behaviour>, ControlError> {
     let setup = |e: Box<dyn std::error::Error + Send + Sync>| ControlError::Setup(e);
     let gossip_config = gossipsub::ConfigBuilder::default()
@@ -170,11 +172,7 @@ fn build_swarm(
 
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| super::pnet::transport(key, cluster_key))
         .map_err(|e| setup(Box::new(e)))?
         .with_behaviour(|key| {
             let gossipsub = gossipsub::Behaviour::new_with_subscription_filter(
@@ -232,6 +230,8 @@ struct Task {
     /// False once the receiver is dropped: nobody listens, and events are not kept.
     events_open: bool,
     outbox: Outbox,
+    /// The control plane is a private network (it has a cluster key).
+    private: bool,
 }
 
 impl Task {
@@ -391,7 +391,18 @@ impl Task {
                 send_back_addr,
                 error,
                 ..
-            } => tracing::debug!(from = %send_back_addr, "incoming connection failed: {error}"),
+            } => {
+                if self.private {
+                    // Behind the private network layer, a handshake that fails is most
+                    // often a peer without the cluster key.
+                    tracing::warn!(
+                        from = %send_back_addr,
+                        "refused a control connection (a peer without the cluster key, or a broken link): {error}"
+                    );
+                } else {
+                    tracing::debug!(from = %send_back_addr, "incoming connection failed: {error}");
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 if let Some(addr) = to_socket_addr(&address) {
                     // Peers reject an announcement listing more; the first suffice.

@@ -20,9 +20,15 @@
 //!
 //! [`attend_portable`] is the reference; `ops_x86.rs` has the same in AVX2.
 
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use half::f16;
 
-use super::ops::{reduce16, round_f16, softmax};
+use super::ops::{reduce16, round_f16};
+use super::threads::{Chunks, Job};
 use super::Isa;
 
 /// llama.cpp pads the KV cache it attends over to a multiple of this (without flash attention).
@@ -103,6 +109,7 @@ impl KvCache {
     }
 
     /// Bytes held (allocated, not just used).
+    #[cfg(test)]
     pub(crate) fn allocated_bytes(&self) -> usize {
         (self.keys.capacity() + self.values.capacity()) * 2
     }
@@ -127,12 +134,9 @@ impl KvCache {
         self.values.truncate(len * self.width);
     }
 
+    #[cfg(test)]
     pub(crate) fn keys(&self) -> &[f16] {
         &self.keys
-    }
-
-    pub(crate) fn values(&self) -> &[f16] {
-        &self.values
     }
 }
 
@@ -144,23 +148,103 @@ pub(crate) struct Scratch {
     lanes: Vec<f32>,
 }
 
+/// Below this many multiply-adds, attention runs on the calling thread alone.
+const PARALLEL_WORK: usize = 1 << 20;
+
+/// Work items (a query row and head) per chunk handed to a thread.
+const CHUNKS_PER_THREAD: usize = 8;
+
 /// Attention of a batch of `batch` new positions (the last `batch` of `cache`), for query
 /// rows `rows` of the batch: `q` holds those rows (`heads * head_dim` each, RoPE applied),
-/// `out` receives them.
+/// `out` receives them. Large batches and long contexts are spread over the product
+/// threads; the results do not depend on how.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     heads: &Heads,
     q: &[f32],
-    cache: &KvCache,
+    cache: &mut KvCache,
     batch: usize,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     scale: f32,
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
     let isa = Isa::detect();
-    attend_with(isa, heads, q, cache, batch, rows, scale, out, scratch);
+    let threads = super::threads::num_threads();
+    let context = cache.len();
+    let work = rows.len() * heads.heads * context * heads.head_dim;
+    if threads > 1 && work >= PARALLEL_WORK && rows.len() * heads.heads > 1 {
+        attend_parallel(isa, heads, q, cache, batch, rows, scale, out, threads);
+    } else {
+        attend_with(isa, heads, q, cache, batch, rows, scale, out, scratch);
+    }
 }
 
+/// The sums, and the positions `start..` of the batch, of one call.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    heads: Heads,
+    start: usize,
+    scale: f32,
+    score_sum: Sum,
+    value_sum: Sum,
+}
+
+impl Plan {
+    fn new(heads: &Heads, cache: &KvCache, batch: usize, rows: &Range<usize>, scale: f32) -> Self {
+        let context = cache.len();
+        assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
+        assert!(heads.heads % heads.kv_heads == 0);
+        let n_kv = context.next_multiple_of(KV_PAD);
+        Self {
+            heads: *heads,
+            start: context - batch,
+            scale,
+            score_sum: Sum::scores(heads, batch),
+            value_sum: Sum::values(heads, batch, n_kv),
+        }
+    }
+
+    /// Head `h` of batch row `t`: `q` is that head's query, `out` its output.
+    #[allow(clippy::too_many_arguments)]
+    fn one(
+        &self,
+        isa: Isa,
+        cache_keys: &[f16],
+        cache_values: &[f16],
+        t: usize,
+        h: usize,
+        q: &[f32],
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let d = self.heads.head_dim;
+        let width = self.heads.kv_width();
+        let seen = self.start + t + 1;
+        let g = self.heads.kv_head(h);
+        scratch.query.clear();
+        scratch.query.extend(q.iter().map(|&v| round_f16(v)));
+        scratch.scores.resize(seen, 0.0);
+        let keys = &cache_keys[g * d..];
+        let values = &cache_values[g * d..];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(avx2) => {
+                super::ops_x86::scores(avx2, self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
+                super::ops_x86::softmax(avx2, &mut scratch.scores, self.scale, true);
+                let lanes = &mut scratch.lanes;
+                super::ops_x86::weighted_values(avx2, self.value_sum, &scratch.scores, values, width, out, lanes);
+            }
+            Isa::Portable => {
+                scores_portable(self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
+                super::ops::softmax_portable(&mut scratch.scores, self.scale, true);
+                weighted_values_portable(self.value_sum, &scratch.scores, values, width, out);
+            }
+        }
+    }
+}
+
+/// [`attend`] on this thread, with the instruction set `isa`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_with(
     isa: Isa,
@@ -168,51 +252,112 @@ pub(crate) fn attend_with(
     q: &[f32],
     cache: &KvCache,
     batch: usize,
-    rows: std::ops::Range<usize>,
+    rows: Range<usize>,
     scale: f32,
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let d = heads.head_dim;
-    let context = cache.len();
-    assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
-    assert!(q.len() == rows.len() * heads.q_width() && out.len() == q.len());
-    let start = context - batch;
-    let n_kv = context.next_multiple_of(KV_PAD);
-    let score_sum = Sum::scores(heads, batch);
-    let value_sum = Sum::values(heads, batch, n_kv);
-    for (t, (q, out)) in rows.zip(q.chunks_exact(heads.q_width()).zip(out.chunks_exact_mut(heads.q_width()))) {
-        let seen = start + t + 1;
+    let plan = Plan::new(heads, cache, batch, &rows, scale);
+    let (w, d) = (heads.q_width(), heads.head_dim);
+    assert!(q.len() == rows.len() * w && out.len() == q.len());
+    for (t, (q, out)) in rows.zip(q.chunks_exact(w).zip(out.chunks_exact_mut(w))) {
         for (h, (q, out)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let g = heads.kv_head(h);
-            scratch.query.clear();
-            scratch.query.extend(q.iter().map(|&v| round_f16(v)));
-            scratch.scores.resize(seen, 0.0);
-            let keys = &cache.keys[g * d..];
-            let values = &cache.values[g * d..];
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2(avx2) => {
-                    super::ops_x86::scores(avx2, score_sum, &scratch.query, keys, cache.width, &mut scratch.scores);
-                    softmax(&mut scratch.scores, scale, true);
-                    super::ops_x86::weighted_values(
-                        avx2,
-                        value_sum,
-                        &scratch.scores,
-                        values,
-                        cache.width,
-                        out,
-                        &mut scratch.lanes,
-                    );
-                }
-                Isa::Portable => {
-                    scores_portable(score_sum, &scratch.query, keys, cache.width, &mut scratch.scores);
-                    super::ops::softmax_portable(&mut scratch.scores, scale, true);
-                    weighted_values_portable(value_sum, &scratch.scores, values, cache.width, out);
-                }
-            }
+            plan.one(isa, &cache.keys, &cache.values, t, h, q, out, scratch);
         }
     }
+}
+
+/// [`attend`] on up to `threads` threads: the cache's rows move into a job for the
+/// thread pool for the call (no copy), and come back after.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_parallel(
+    isa: Isa,
+    heads: &Heads,
+    q: &[f32],
+    cache: &mut KvCache,
+    batch: usize,
+    rows: Range<usize>,
+    scale: f32,
+    out: &mut [f32],
+    threads: usize,
+) {
+    let plan = Plan::new(heads, cache, batch, &rows, scale);
+    assert!(q.len() == rows.len() * heads.q_width() && out.len() == q.len());
+    let items = rows.len() * heads.heads;
+    let chunks = (threads * CHUNKS_PER_THREAD).min(items);
+    let mut job = Arc::new(AttentionJob {
+        isa,
+        plan,
+        first_row: rows.start,
+        q: q.to_vec(),
+        keys: std::mem::take(&mut cache.keys),
+        values: std::mem::take(&mut cache.values),
+        out: (0..out.len()).map(|_| AtomicU32::new(0)).collect(),
+        chunks: Chunks::new(chunks),
+        chunk_count: chunks,
+    });
+    let shared: Arc<dyn Job> = job.clone();
+    super::threads::run(&shared, threads);
+    drop(shared);
+    for (out, v) in out.iter_mut().zip(&job.out) {
+        *out = f32::from_bits(v.load(Ordering::Relaxed));
+    }
+    // A worker that came too late to help may hold the job a moment longer.
+    let job = loop {
+        match Arc::try_unwrap(job) {
+            Ok(job) => break job,
+            Err(shared) => {
+                job = shared;
+                std::thread::yield_now();
+            }
+        }
+    };
+    cache.keys = job.keys;
+    cache.values = job.values;
+}
+
+/// One call of [`attend`] as a job for the thread pool: chunk `c` takes the work items
+/// (row and head) `c, c + chunk_count, ...`, so that the long rows at the end of a batch
+/// are shared out.
+struct AttentionJob {
+    isa: Isa,
+    plan: Plan,
+    first_row: usize,
+    q: Vec<f32>,
+    keys: Vec<f16>,
+    values: Vec<f16>,
+    /// The outputs, as f32 bits.
+    out: Vec<AtomicU32>,
+    chunks: Chunks,
+    chunk_count: usize,
+}
+
+impl Job for AttentionJob {
+    fn chunks(&self) -> &Chunks {
+        &self.chunks
+    }
+
+    fn run_chunk(&self, chunk: usize) {
+        let heads = &self.plan.heads;
+        let d = heads.head_dim;
+        let items = self.q.len() / d;
+        JOB_SCRATCH.with_borrow_mut(|(scratch, head_out)| {
+            head_out.resize(d, 0.0);
+            for item in (chunk..items).step_by(self.chunk_count) {
+                let (t, h) = (self.first_row + item / heads.heads, item % heads.heads);
+                let q = &self.q[item * d..(item + 1) * d];
+                self.plan.one(self.isa, &self.keys, &self.values, t, h, q, head_out, scratch);
+                for (out, v) in self.out[item * d..(item + 1) * d].iter().zip(head_out.iter()) {
+                    out.store(v.to_bits(), Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
+
+thread_local! {
+    /// A pool thread's buffers for attention jobs.
+    static JOB_SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new(Default::default());
 }
 
 /// Adds up `n` products `term(i)` in the order `sum` describes; `terms` of them may be

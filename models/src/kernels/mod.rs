@@ -91,7 +91,7 @@ impl Matrix {
                 if x.len() != m * matrix.cols {
                     bail!("{} values are not {m} rows of {}", x.len(), matrix.cols);
                 }
-                out.clear();
+                // Every value is overwritten: no need to clear.
                 out.resize(m * matrix.rows, 0.0);
                 product::multiply_into(matrix, x, m, threads::num_threads(), Isa::detect(), out);
             }

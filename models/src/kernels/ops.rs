@@ -177,7 +177,8 @@ pub(crate) fn libm_silu(x: f32) -> f32 {
 /// Turns one row of raw attention scores (the positions a query sees) into probabilities,
 /// as ggml's `soft_max_ext`, and with `to_f16` rounds them to f16 as ggml does before their
 /// product with V. Masked positions (after these) would add exact zeros, which change
-/// nothing.
+/// nothing. (Attention calls the instruction sets' versions directly.)
+#[cfg(test)]
 pub(crate) fn softmax(scores: &mut [f32], scale: f32, to_f16: bool) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
@@ -233,7 +234,13 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    pub(crate) fn new(head_dim: usize, base: f32, pairs: RopePairs, freq_scale: f32, factors: Option<Vec<f32>>) -> Self {
+    pub(crate) fn new(
+        head_dim: usize,
+        base: f32,
+        pairs: RopePairs,
+        freq_scale: f32,
+        factors: Option<Vec<f32>>,
+    ) -> Self {
         assert!(head_dim % 2 == 0 && factors.as_ref().is_none_or(|f| f.len() == head_dim / 2));
         Self { head_dim, pairs, theta_scale: base.powf(-2.0 / head_dim as f32), freq_scale, factors }
     }

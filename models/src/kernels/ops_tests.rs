@@ -42,7 +42,8 @@ fn differences(got: &[f32], expected: &[f32]) -> (usize, Option<(usize, f32, f32
 
 fn assert_same(got: &[f32], expected: &[f32], what: impl std::fmt::Display) {
     let (count, first) = differences(got, expected);
-    assert_eq!(count, 0, "{what}: {count} of {} values differ from llama.cpp's, first (index, ours, theirs) {first:?}", got.len());
+    let n = got.len();
+    assert_eq!(count, 0, "{what}: {count} of {n} values differ from llama.cpp's, first (at, ours, theirs) {first:?}");
 }
 
 #[test]
@@ -109,43 +110,62 @@ fn attention_matches_llama_cpp() {
     let mut scratch = Scratch::default();
     for case in fixture["attentions"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        let keys = f16s(&case["keys"]);
-        let values = f16s(&case["values"]);
-        let batch = case["batch"].as_u64().unwrap() as usize;
-        let mut cache = KvCache::new(d, 7);
-        cache.append(&keys, &values);
-        let start = cache.len() - batch;
-        for row in case["rows"].as_array().unwrap() {
-            let t = row["row"].as_u64().unwrap() as usize;
-            let seen = start + t + 1;
-            let q = floats(&row["queries"]);
-            let expected_scores = floats(&row["scores"]);
-            let expected_probs = floats(&row["probs"]);
-            for h in 0..group {
-                let query: Vec<f32> = q[h * d..(h + 1) * d].iter().map(|&v| ops::round_f16(v)).collect();
-                let mut scores = vec![0.0; seen];
-                attention::scores_portable(Sum::scores(&heads, batch), &query, cache.keys(), d, &mut scores);
-                let what = format!("{name}, row {t}, head {h}");
-                assert_same(&scores, &expected_scores[h * seen..(h + 1) * seen], format!("scores of {what}"));
-                #[cfg(target_arch = "x86_64")]
-                if let Isa::Avx2(avx2) = Isa::detect() {
-                    let mut fast = vec![0.0; seen];
-                    super::ops_x86::scores(avx2, Sum::scores(&heads, batch), &query, cache.keys(), d, &mut fast);
-                    assert_same(&fast, &scores, format!("AVX2 scores of {what}"));
-                }
-                let mut probs = scores.clone();
-                ops::softmax_portable(&mut probs, scale, false);
-                assert_same(&probs, &expected_probs[h * seen..(h + 1) * seen], format!("probabilities of {what}"));
-                let mut probs = scores.clone();
-                ops::softmax(&mut probs, scale, false);
-                assert_same(&probs, &expected_probs[h * seen..(h + 1) * seen], format!("probabilities of {what}"));
-            }
-            for isa in Isa::all() {
-                let mut out = vec![0.0; q.len()];
-                attention::attend_with(isa, &heads, &q, &cache, batch, t..t + 1, scale, &mut out, &mut scratch);
-                assert_same(&out, &floats(&row["outputs"]), format!("{isa:?} attention of {name}, row {t}"));
+        let (keys, values) = (f16s(&case["keys"]), f16s(&case["values"]));
+        for step in case["steps"].as_array().unwrap() {
+            let batch = step["batch"].as_u64().unwrap() as usize;
+            let context = step["context"].as_u64().unwrap() as usize;
+            let mut cache = KvCache::new(d, 7);
+            cache.append(&keys[..context * d], &values[..context * d]);
+            for row in step["rows"].as_array().unwrap() {
+                let t = row["row"].as_u64().unwrap() as usize;
+                let what = format!("{name}, {batch} positions after {}, row {t}", context - batch);
+                check_attention_row(&heads, &cache, batch, t, row, scale, &what, &mut scratch);
             }
         }
+    }
+}
+
+/// One query row of an attention case: its scores, probabilities and outputs.
+#[allow(clippy::too_many_arguments)]
+fn check_attention_row(
+    heads: &Heads,
+    cache: &KvCache,
+    batch: usize,
+    t: usize,
+    row: &Value,
+    scale: f32,
+    what: &str,
+    scratch: &mut Scratch,
+) {
+    let d = heads.head_dim;
+    let seen = cache.len() - batch + t + 1;
+    let q = floats(&row["queries"]);
+    let expected_scores = floats(&row["scores"]);
+    let expected_probs = floats(&row["probs"]);
+    for h in 0..heads.heads {
+        let query: Vec<f32> = q[h * d..(h + 1) * d].iter().map(|&v| ops::round_f16(v)).collect();
+        let sum = Sum::scores(heads, batch);
+        let mut scores = vec![0.0; seen];
+        attention::scores_portable(sum, &query, cache.keys(), d, &mut scores);
+        let range = h * seen..(h + 1) * seen;
+        assert_same(&scores, &expected_scores[range.clone()], format!("scores of {what}, head {h}"));
+        #[cfg(target_arch = "x86_64")]
+        if let Isa::Avx2(avx2) = Isa::detect() {
+            let mut fast = vec![0.0; seen];
+            super::ops_x86::scores(avx2, sum, &query, cache.keys(), d, &mut fast);
+            assert_same(&fast, &scores, format!("AVX2 scores of {what}, head {h}"));
+        }
+        let mut probs = scores.clone();
+        ops::softmax_portable(&mut probs, scale, false);
+        assert_same(&probs, &expected_probs[range.clone()], format!("probabilities of {what}, head {h}"));
+        let mut probs = scores.clone();
+        ops::softmax(&mut probs, scale, false);
+        assert_same(&probs, &expected_probs[range], format!("probabilities of {what}, head {h}"));
+    }
+    for isa in Isa::all() {
+        let mut out = vec![0.0; q.len()];
+        attention::attend_with(isa, heads, &q, cache, batch, t..t + 1, scale, &mut out, scratch);
+        assert_same(&out, &floats(&row["outputs"]), format!("{isa:?} attention of {what}"));
     }
 }
 
@@ -211,8 +231,10 @@ fn every_isa_attends_like_the_portable_code() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for (heads, kv_heads, d) in [(9, 3, 64), (4, 2, 8), (2, 1, 128), (4, 4, 24), (2, 2, 80), (2, 1, 6)] {
         let shape = Heads { heads, kv_heads, head_dim: d };
-        for (start, batch) in [(0, 1), (0, 5), (3, 1), (31, 1), (32, 1), (40, 1), (63, 1), (64, 1), (80, 1), (127, 1), (0, 70), (20, 30)]
-        {
+        // Decoding on each side of the f64 part's boundaries (n_kv 32, 64, 96, 128), and batches.
+        let decoding = [(3, 1), (31, 1), (32, 1), (40, 1), (63, 1), (64, 1), (80, 1), (127, 1)];
+        let batches = decoding.into_iter().chain([(0, 1), (0, 5), (0, 70), (20, 30)]);
+        for (start, batch) in batches {
             let context = start + batch;
             let mut cache = KvCache::new(shape.kv_width(), 16);
             let kv: Vec<f32> = (0..2 * context * shape.kv_width()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
@@ -221,13 +243,15 @@ fn every_isa_attends_like_the_portable_code() {
             let q: Vec<f32> = (0..batch * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let mut expected = vec![0.0; q.len()];
             let mut scratch = Scratch::default();
-            attention::attend_with(Isa::Portable, &shape, &q, &cache, batch, 0..batch, 0.3, &mut expected, &mut scratch);
+            let all = 0..batch;
+            attention::attend_with(Isa::Portable, &shape, &q, &cache, batch, all, 0.3, &mut expected, &mut scratch);
             assert!(expected.iter().all(|v| v.is_finite()));
             for isa in Isa::all() {
                 let mut got = vec![0.0; q.len()];
                 attention::attend_with(isa, &shape, &q, &cache, batch, 0..batch, 0.3, &mut got, &mut scratch);
                 let (count, first) = differences(&got, &expected);
-                assert_eq!(count, 0, "{isa:?}, {heads}/{kv_heads} heads of {d}, {batch} after {start}: first {first:?}");
+                let what = format!("{isa:?}, {heads}/{kv_heads} heads of {d}, {batch} after {start}");
+                assert_eq!(count, 0, "{what}: first difference {first:?}");
                 // A subset of the rows gives the same rows.
                 let rows = batch / 2..batch;
                 let width = shape.q_width();
@@ -244,6 +268,32 @@ fn every_isa_attends_like_the_portable_code() {
                     &mut scratch,
                 );
                 assert_eq!(part, expected[rows.start * width..], "{isa:?}: rows {rows:?} alone");
+            }
+        }
+    }
+}
+
+/// Attention spread over threads computes what one thread computes.
+#[test]
+fn threads_attend_like_one() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let shape = Heads { heads: 9, kv_heads: 3, head_dim: 64 };
+    for (start, batch, rows) in [(0, 40, 0..40), (10, 30, 29..30), (100, 1, 0..1)] {
+        let context = start + batch;
+        let mut cache = KvCache::new(shape.kv_width(), 64);
+        let kv: Vec<f32> = (0..2 * context * shape.kv_width()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let (k, v) = kv.split_at(context * shape.kv_width());
+        cache.append(k, v);
+        let q: Vec<f32> = (0..rows.len() * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        for isa in Isa::all() {
+            let mut expected = vec![0.0; q.len()];
+            let mut scratch = Scratch::default();
+            attention::attend_with(isa, &shape, &q, &cache, batch, rows.clone(), 0.125, &mut expected, &mut scratch);
+            for threads in [2, 3, 5] {
+                let mut got = vec![0.0; q.len()];
+                attention::attend_parallel(isa, &shape, &q, &mut cache, batch, rows.clone(), 0.125, &mut got, threads);
+                assert_eq!(got, expected, "{isa:?}, {threads} threads, {batch} after {start}");
+                assert_eq!(cache.len(), context, "the cache came back");
             }
         }
     }

@@ -344,10 +344,12 @@ unsafe fn block<const W: usize>(
         Sum::Lanes16 => len,
         Sum::VecDot { n } => (n & !63).min(len),
     };
-    // `lanes[c]`: the sum of terms `c, c + classes, ...` for each of the 8 * W dimensions.
-    lanes.clear();
+    // `lanes[c]`: the sum of terms `c, c + classes, ...` for each of the 8 * W dimensions;
+    // zeros for the classes no term falls in.
     lanes.resize(classes * 8 * W, 0.0);
-    for c in 0..classes.min(simd) {
+    let used = classes.min(simd);
+    lanes[used * 8 * W..].fill(0.0);
+    for c in 0..used {
         let mut acc = [_mm256_setzero_ps(); W];
         let mut j = c;
         while j < simd {

@@ -94,7 +94,7 @@ impl Product {
         for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts.chunks_exact_mut(blocks)) {
             isa.quantize_row(x, acts, with_sum);
         }
-        self.out.clear();
+        // Every value is overwritten: no need to clear.
         self.out.resize_with(m * matrix.rows, || AtomicU32::new(0));
         self.chunks = Chunks::new(matrix.rows.div_ceil(chunk_rows));
         self.matrix = Some(matrix.clone());
@@ -135,9 +135,11 @@ impl Job for Product {
             results.resize(rows.len() * m, 0.0);
             let weights = matrix.row_bytes(rows.clone());
             isa.product_rows(matrix.format, weights, matrix.cols / BLOCK, &self.acts, m, results);
-            for (r, values) in rows.zip(results.chunks_exact(m)) {
-                for (i, v) in values.iter().enumerate() {
-                    self.out[i * matrix.rows + r].store(v.to_bits(), Ordering::Relaxed);
+            // Written one output row at a time, so that the stores are contiguous.
+            for i in 0..m {
+                let out = &self.out[i * matrix.rows + rows.start..i * matrix.rows + rows.end];
+                for (out, v) in out.iter().zip(results[i..].iter().step_by(m)) {
+                    out.store(v.to_bits(), Ordering::Relaxed);
                 }
             }
         });
