@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cluster::ClusterView;
+use crate::data_plane::DataPlaneStats;
 use crate::engine::{self, Event, Generation, Outcome};
 use crate::holder::{Holder, SubmitError};
 
@@ -34,9 +35,11 @@ const MAX_STOP_STRINGS: usize = 4;
 
 /// What every handler can reach.
 #[derive(Clone)]
-struct AppState {
-    holder: Holder,
-    cluster: watch::Receiver<ClusterView>,
+pub struct AppState {
+    pub holder: Holder,
+    pub cluster: watch::Receiver<ClusterView>,
+    /// This node's data plane, for its counters.
+    pub data_plane: Arc<DataPlaneStats>,
 }
 
 impl FromRef<AppState> for Holder {
@@ -54,7 +57,7 @@ impl FromRef<AppState> for watch::Receiver<ClusterView> {
 /// The API's routes. With `api_key`, every `/v1` request must carry
 /// `Authorization: Bearer <api_key>`, as OpenAI clients send it; `/health` stays open so
 /// that supervisors can probe the node.
-pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>, api_key: Option<String>) -> Router {
+pub fn router(state: AppState, api_key: Option<String>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster_view))
@@ -69,7 +72,7 @@ pub fn router(holder: Holder, cluster: watch::Receiver<ClusterView>, api_key: Op
         .route("/health", get(health))
         .merge(v1)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(AppState { holder, cluster })
+        .with_state(state)
 }
 
 /// Refuses requests without the right bearer token, in OpenAI's error shape.
@@ -169,7 +172,8 @@ async fn not_found() -> ApiError {
 }
 
 /// 200 when the node can serve requests (its cluster has a ready plan), else 503.
-async fn health(State(holder): State<Holder>, State(cluster): State<watch::Receiver<ClusterView>>) -> Response {
+async fn health(State(state): State<AppState>) -> Response {
+    let (holder, cluster) = (&state.holder, &state.cluster);
     let counters = holder.counters();
     let load = std::sync::atomic::Ordering::Relaxed;
     let (ready, problem) = {
@@ -184,6 +188,10 @@ async fn health(State(holder): State<Holder>, State(cluster): State<watch::Recei
         "active_requests": counters.active.load(load),
         "queued_requests": counters.queued.load(load),
         "generated_tokens_total": counters.generated_tokens.load(load),
+        "data_plane": {
+            "frames_accepted": state.data_plane.frames_accepted.load(load),
+            "frames_refused": state.data_plane.frames_refused.load(load),
+        },
     }));
     (status, body).into_response()
 }

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -60,6 +61,17 @@ pub struct StageRole {
 pub struct DataPlane {
     commands: mpsc::UnboundedSender<Command>,
     addr: SocketAddr,
+    stats: Arc<DataPlaneStats>,
+}
+
+/// What the data plane has received, for `/health`: a node outside the cluster (no key,
+/// wrong key) must show none accepted.
+#[derive(Debug, Default)]
+pub struct DataPlaneStats {
+    /// Frames that passed validation and were acted on.
+    pub frames_accepted: AtomicU64,
+    /// Frames refused: malformed, over a limit, for another epoch, or with no stage here.
+    pub frames_refused: AtomicU64,
 }
 
 enum Command {
@@ -90,6 +102,8 @@ impl DataPlane {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(DataPlaneStats::default());
+        let worker_stats = stats.clone();
         std::thread::Builder::new()
             .name("hearth-data-plane".into())
             .spawn(move || {
@@ -100,10 +114,15 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, credentials, command_rx));
+                runtime.block_on(run(listener, limits, credentials, command_rx, worker_stats));
             })
             .context("starting the data plane thread")?;
-        Ok(Self { commands, addr })
+        Ok(Self { commands, addr, stats })
+    }
+
+    /// Counts of the frames received so far.
+    pub fn stats(&self) -> &Arc<DataPlaneStats> {
+        &self.stats
     }
 
     /// The address the data plane listens on.
@@ -133,6 +152,7 @@ async fn run(
     limits: Limits,
     credentials: Option<Arc<Credentials>>,
     commands: mpsc::UnboundedReceiver<Command>,
+    stats: Arc<DataPlaneStats>,
 ) {
     let (work, work_rx) = mpsc::unbounded_channel();
     let service = Service { work: work.clone() };
@@ -166,7 +186,7 @@ async fn run(
             }
         }
     });
-    Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, credentials, work }.run(work_rx).await;
+    Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, credentials, work, stats }.run(work_rx).await;
 }
 
 /// The gRPC face of the data plane: every inbound message goes to the worker.
@@ -294,6 +314,7 @@ impl Link {
 }
 
 struct Worker {
+    stats: Arc<DataPlaneStats>,
     role: Option<StageRole>,
     sequences: HashMap<u64, Sequence>,
     next: Option<Link>,
@@ -357,10 +378,14 @@ impl Worker {
 
     async fn inbound(&mut self, message: pb::StageMessage, upstream: Upstream) {
         let Some(expect) = self.expect() else {
+            self.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             let _ = upstream.send(Err(Status::unavailable("this node has no stage in the current plan yet")));
             return;
         };
-        let frame = match StageFrame::from_wire(message, &self.limits, &expect) {
+        let frame = StageFrame::from_wire(message, &self.limits, &expect);
+        let counter = if frame.is_ok() { &self.stats.frames_accepted } else { &self.stats.frames_refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let frame = match frame {
             Ok(frame) => frame,
             // A frame for another epoch is a stale sender, not a broken one: refuse it in-stream.
             Err(error @ (FrameError::StaleEpoch { .. } | FrameError::EpochAhead { .. })) => {

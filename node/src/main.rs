@@ -316,6 +316,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let limits = hearth_proto::Limits::default();
     let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
+    let data_plane_stats = data_plane.stats().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -332,7 +333,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             holder.model_id(),
             listener.local_addr().unwrap_or(args.api_addr)
         );
-        axum::serve(listener, api::router(holder, cluster.view, api_key))
+        axum::serve(listener, api::router(api::AppState { holder, cluster: cluster.view, data_plane: data_plane_stats }, api_key))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving the API")
