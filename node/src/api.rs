@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::middleware::{self, Next};
 use axum::http::{header, StatusCode};
@@ -271,12 +272,25 @@ enum Endpoint {
     Chat,
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    handle(state, body, Endpoint::Completions).await
+async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    handle(state, body?, Endpoint::Completions).await
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    handle(state, body, Endpoint::Chat).await
+async fn chat_completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    handle(state, body?, Endpoint::Chat).await
+}
+
+impl From<BytesRejection> for ApiError {
+    /// Too large a body, or one that could not be read, in OpenAI's error shape.
+    fn from(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than {} bytes", MAX_BODY_BYTES)
+        } else {
+            format!("cannot read the request body: {}", rejection.body_text())
+        };
+        Self::invalid(message).status(status)
+    }
 }
 
 async fn handle(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Response, ApiError> {

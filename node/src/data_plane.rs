@@ -215,7 +215,9 @@ impl pb::pipeline_server::Pipeline for Service {
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!("inbound stream ended: {status}");
+                        // Undecodable or over the size limit: refuse it to the sender's face.
+                        tracing::warn!("refusing an inbound stream: {status}");
+                        let _ = upstream.send(Err(status));
                         break;
                     }
                 }

@@ -196,8 +196,8 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
         eprintln!("{what}: {code:?}");
         big += 1;
     }
-    // Over the gRPC message limit: tonic on the data plane refuses to decode it. That ends
-    // the inbound stream; the reply must not be a success.
+    // Over the gRPC message limit: tonic on the data plane refuses to decode it, and the
+    // sender is told so with an error status.
     let over = limits.max_message_bytes() + 1024;
     let answer = send_one(&mut client, activation(epoch, 300, vec![1, over as u64 / 4], vec![0x3f; over])).await;
     eprintln!("{over} bytes (over the message limit): {answer:?}");
