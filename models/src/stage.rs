@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use crate::config::{ModelConfig, RopeLayout, RopeScaling};
@@ -273,10 +273,7 @@ impl Stage {
             hidden.clear();
             match (&input, &self.embedding) {
                 (StageInput::Tokens(tokens), Some(embedding)) => embedding.embedding_into(tokens, hidden)?,
-                (StageInput::Hidden(input), _) => {
-                    let input = input.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
-                    hidden.extend_from_slice(&input.to_vec1::<f32>()?);
-                }
+                (StageInput::Hidden(input), _) => extend_from_tensor(hidden, input)?,
                 (StageInput::Tokens(_), None) => unreachable!("checked above"),
             }
             let d = self.config.head_dim;
@@ -311,7 +308,9 @@ impl Stage {
             }
         });
         if seq_len > 1 {
+            // A long prompt's buffers are not kept for the steps that follow.
             SCRATCH.with_borrow_mut(Scratch::release_if_large);
+            crate::kernels::release_large_buffers();
         }
         match result {
             Ok(output) => {
@@ -703,6 +702,21 @@ impl Rope {
             RopeLayout::Halves => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
         })
     }
+}
+
+/// Appends the values of `tensor` (any shape) to `out` as f32: straight from its storage
+/// when it already holds them contiguously on the CPU.
+fn extend_from_tensor(out: &mut Vec<f32>, tensor: &Tensor) -> Result<()> {
+    if tensor.device().is_cpu() && tensor.dtype() == DType::F32 {
+        let (storage, layout) = tensor.storage_and_layout();
+        if let (Storage::Cpu(storage), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            out.extend_from_slice(&storage.as_slice::<f32>()?[start..end]);
+            return Ok(());
+        }
+    }
+    let values = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    out.extend_from_slice(&values.to_vec1::<f32>()?);
+    Ok(())
 }
 
 /// A vector's values on the CPU as f32, or nothing if it lives on another device.

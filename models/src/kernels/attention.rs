@@ -7,7 +7,9 @@
 //!
 //! - a batch of two or more positions goes through llamafile's tinyBLAS (`sgemm.cpp`,
 //!   16-lane AVX-512 vectors): term `i` of a sum goes to lane `i % 16`, each lane adds its
-//!   terms in order, and `_mm512_reduce_add_ps` sums the lanes ([`Sum::Lanes16`]);
+//!   terms in order, and `_mm512_reduce_add_ps` sums the lanes ([`Sum::Lanes16`]). tinyBLAS
+//!   takes `K q` only when the head size is a multiple of 16, and `V p` only when it is a
+//!   multiple of 4; ggml's own product (next) takes the rest;
 //! - a single position goes through `ggml_vec_dot_f16`: four 16-lane accumulators take
 //!   the terms below `n & !63` (term `i` to lane `i % 64`), are summed as `(a0 + a2) +
 //!   (a1 + a3)` and then across lanes, and the rest of the terms are added one by one in
@@ -18,12 +20,16 @@
 //! positions a query sees are added here, but which of them fall in the f64 part depends
 //! on the padded length.
 //!
-//! [`attend_portable`] is the reference; `ops_x86.rs` has the same in AVX2.
+//! Query heads share KV heads as ggml broadcasts them (head `h` reads KV head
+//! `h / (heads / kv_heads)`). Each query row and head is computed on its own, so splitting
+//! the work over threads ([`attend_parallel`]) or rows changes nothing. The plain Rust
+//! ([`scores_portable`], [`weighted_values_portable`]) is the reference; `ops_x86.rs` has
+//! the same in AVX2.
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use half::f16;
 
@@ -69,7 +75,7 @@ impl Sum {
     /// The order of `K q` for a batch of `batch` positions.
     pub(crate) fn scores(heads: &Heads, batch: usize) -> Self {
         // tinyBLAS takes the product when its inner dimension is a multiple of 16.
-        if batch >= 2 && heads.head_dim % 16 == 0 {
+        if batch >= 2 && heads.head_dim.is_multiple_of(16) {
             Self::Lanes16
         } else {
             Self::VecDot { n: heads.head_dim }
@@ -80,7 +86,7 @@ impl Sum {
     fn values(heads: &Heads, batch: usize, n_kv: usize) -> Self {
         // tinyBLAS takes it when the rows of the output (the head's dimensions) come in
         // multiples of 4; `n_kv` is always a multiple of 16.
-        if batch >= 2 && heads.head_dim % 4 == 0 {
+        if batch >= 2 && heads.head_dim.is_multiple_of(4) {
             Self::Lanes16
         } else {
             Self::VecDot { n: n_kv }
@@ -116,7 +122,7 @@ impl KvCache {
 
     /// Appends rows of keys and values (as many rows as `keys` holds), rounded to f16.
     pub(crate) fn append(&mut self, keys: &[f32], values: &[f32]) {
-        assert!(keys.len() == values.len() && keys.len() % self.width == 0);
+        assert!(keys.len() == values.len() && keys.len().is_multiple_of(self.width));
         let needed = self.keys.len() + keys.len();
         if needed > self.keys.capacity() {
             let positions = (needed / self.width).div_ceil(self.step) * self.step;
@@ -194,7 +200,7 @@ impl Plan {
     fn new(heads: &Heads, cache: &KvCache, batch: usize, rows: &Range<usize>, scale: f32) -> Self {
         let context = cache.len();
         assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
-        assert!(heads.heads % heads.kv_heads == 0);
+        assert!(heads.heads.is_multiple_of(heads.kv_heads));
         let n_kv = context.next_multiple_of(KV_PAD);
         Self {
             heads: *heads,
@@ -268,7 +274,8 @@ pub(crate) fn attend_with(
 }
 
 /// [`attend`] on up to `threads` threads: the cache's rows move into a job for the
-/// thread pool for the call (no copy), and come back after.
+/// thread pool for the call (no copy), and come back after. Jobs are kept for reuse, so
+/// that a step allocates nothing once they have grown to size.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend_parallel(
     isa: Isa,
@@ -285,36 +292,45 @@ pub(crate) fn attend_parallel(
     assert!(q.len() == rows.len() * heads.q_width() && out.len() == q.len());
     let items = rows.len() * heads.heads;
     let chunks = (threads * CHUNKS_PER_THREAD).min(items);
-    let mut job = Arc::new(AttentionJob {
-        isa,
-        plan,
-        first_row: rows.start,
-        q: q.to_vec(),
-        keys: std::mem::take(&mut cache.keys),
-        values: std::mem::take(&mut cache.values),
-        out: (0..out.len()).map(|_| AtomicU32::new(0)).collect(),
-        chunks: Chunks::new(chunks),
-        chunk_count: chunks,
-    });
+    // Workers get jobs only while they are offered, so a kept job no worker holds any
+    // more is this thread's alone.
+    let mut job = SPARE_JOBS
+        .with_borrow_mut(|spare| spare.iter().position(|j| Arc::strong_count(j) == 1).map(|i| spare.swap_remove(i)))
+        .unwrap_or_else(|| Arc::new(AttentionJob::new(isa, plan)));
+    {
+        let state = Arc::get_mut(&mut job).expect("an unshared job");
+        state.isa = isa;
+        state.plan = plan;
+        state.first_row = rows.start;
+        state.q.clear();
+        state.q.extend_from_slice(q);
+        std::mem::swap(state.keys.get_mut().unwrap_or_else(PoisonError::into_inner), &mut cache.keys);
+        std::mem::swap(state.values.get_mut().unwrap_or_else(PoisonError::into_inner), &mut cache.values);
+        // Every value is overwritten: no need to clear.
+        state.out.resize_with(out.len(), || AtomicU32::new(0));
+        state.chunks = Chunks::new(chunks);
+        state.chunk_count = chunks;
+    }
     let shared: Arc<dyn Job> = job.clone();
     super::threads::run(&shared, threads);
     drop(shared);
     for (out, v) in out.iter_mut().zip(&job.out) {
         *out = f32::from_bits(v.load(Ordering::Relaxed));
     }
-    // A worker that came too late to help may hold the job a moment longer.
-    let job = loop {
-        match Arc::try_unwrap(job) {
-            Ok(job) => break job,
-            Err(shared) => {
-                job = shared;
-                std::thread::yield_now();
-            }
+    // The cache's rows come back even if a worker that came too late to help still holds
+    // the job: it runs no more chunks, so it does not read them.
+    std::mem::swap(&mut *job.keys.write().unwrap_or_else(PoisonError::into_inner), &mut cache.keys);
+    std::mem::swap(&mut *job.values.write().unwrap_or_else(PoisonError::into_inner), &mut cache.values);
+    SPARE_JOBS.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_JOB_COUNT {
+            spare.push(job);
         }
-    };
-    cache.keys = job.keys;
-    cache.values = job.values;
+    });
 }
+
+/// Attention jobs a thread keeps for reuse (more than one, in case a worker still holds
+/// the last).
+const SPARE_JOB_COUNT: usize = 4;
 
 /// One call of [`attend`] as a job for the thread pool: chunk `c` takes the work items
 /// (row and head) `c, c + chunk_count, ...`, so that the long rows at the end of a batch
@@ -324,12 +340,30 @@ struct AttentionJob {
     plan: Plan,
     first_row: usize,
     q: Vec<f32>,
-    keys: Vec<f16>,
-    values: Vec<f16>,
+    /// The cache's rows for the call, empty between calls; locked only to move them in
+    /// and out (chunks share a read lock).
+    keys: RwLock<Vec<f16>>,
+    values: RwLock<Vec<f16>>,
     /// The outputs, as f32 bits.
     out: Vec<AtomicU32>,
     chunks: Chunks,
     chunk_count: usize,
+}
+
+impl AttentionJob {
+    fn new(isa: Isa, plan: Plan) -> Self {
+        Self {
+            isa,
+            plan,
+            first_row: 0,
+            q: Vec::new(),
+            keys: RwLock::default(),
+            values: RwLock::default(),
+            out: Vec::new(),
+            chunks: Chunks::default(),
+            chunk_count: 1,
+        }
+    }
 }
 
 impl Job for AttentionJob {
@@ -341,12 +375,14 @@ impl Job for AttentionJob {
         let heads = &self.plan.heads;
         let d = heads.head_dim;
         let items = self.q.len() / d;
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let values = self.values.read().unwrap_or_else(PoisonError::into_inner);
         JOB_SCRATCH.with_borrow_mut(|(scratch, head_out)| {
             head_out.resize(d, 0.0);
             for item in (chunk..items).step_by(self.chunk_count) {
                 let (t, h) = (self.first_row + item / heads.heads, item % heads.heads);
                 let q = &self.q[item * d..(item + 1) * d];
-                self.plan.one(self.isa, &self.keys, &self.values, t, h, q, head_out, scratch);
+                self.plan.one(self.isa, &keys, &values, t, h, q, head_out, scratch);
                 for (out, v) in self.out[item * d..(item + 1) * d].iter().zip(head_out.iter()) {
                     out.store(v.to_bits(), Ordering::Relaxed);
                 }
@@ -358,6 +394,8 @@ impl Job for AttentionJob {
 thread_local! {
     /// A pool thread's buffers for attention jobs.
     static JOB_SCRATCH: RefCell<(Scratch, Vec<f32>)> = RefCell::new(Default::default());
+    /// Attention jobs this thread ran, kept for reuse.
+    static SPARE_JOBS: RefCell<Vec<Arc<AttentionJob>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Adds up `n` products `term(i)` in the order `sum` describes; `terms` of them may be

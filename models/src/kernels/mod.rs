@@ -16,6 +16,9 @@
 //! Instruction sets are picked at run time; `portable.rs` is the reference every SIMD
 //! version must equal bit for bit. Output rows are split across threads (`product.rs`,
 //! `threads.rs`) without changing any result.
+//!
+//! The rest of the decoder's arithmetic on the CPU (RMS norm, RoPE, SiLU and its gate,
+//! attention over an f16 KV cache) is in `ops.rs` and `attention.rs`, just as exact.
 
 mod activation;
 pub(crate) mod attention;
@@ -42,6 +45,7 @@ use candle_core::{bail, DType, Device, Module, Storage, Tensor};
 
 use activation::Q8Block;
 use format::{WeightFormat, BLOCK};
+pub(crate) use product::release_large_buffers;
 
 /// A weight matrix for products: native kernels where they apply, candle's elsewhere
 /// (other formats, dense weights, GPUs).
@@ -96,7 +100,7 @@ impl Matrix {
                 product::multiply_into(matrix, x, m, threads::num_threads(), Isa::detect(), out);
             }
             Self::Candle(matrix) => {
-                if m == 0 || x.len() % m != 0 {
+                if m == 0 || !x.len().is_multiple_of(m) {
                     bail!("{} values are not {m} rows", x.len());
                 }
                 let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;

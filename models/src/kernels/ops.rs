@@ -8,19 +8,27 @@
 //! - RMS norm (`ggml_compute_forward_rms_norm_f32`): squares rounded to f32 and summed in
 //!   f64, the mean rounded to f32, `scale = 1 / sqrtf(mean + eps)`, `x * scale`; the weight
 //!   is a separate multiplication (`ggml_mul`), so each output is rounded twice.
-//! - RoPE (`ggml_rope_cache_init`, `rope_yarn`): the angle of pair `i` at position `p` is
-//!   `p * s^i` built by repeated f32 multiplication, `s = powf(base, -2 / n_dims)`; glibc's
-//!   `cosf` and `sinf`; rotations compiled with fused multiply-adds (GCC contracts
-//!   `x0*c - x1*s` into `fma(x0, c, -(x1*s))` and `x0*s + x1*c` into `fma(x0, s, x1*c)`).
+//! - RoPE (`ggml_rope_cache_init`, `rope_yarn` without YaRN): the angle of pair `i` at
+//!   position `p` is `p * s^i` built by repeated f32 multiplication, `s = powf(base, -2 /
+//!   n_dims)`, divided by the pair's frequency factor if any and times `freq_scale`
+//!   (linear scaling); the C library's `cosf` and `sinf`; rotations compiled with fused
+//!   multiply-adds (GCC contracts `x0*c - x1*s` into `fma(x0, c, -(x1*s))` and `x0*s +
+//!   x1*c` into `fma(x0, s, x1*c)`).
 //! - SiLU (`ggml_v_silu`): `x / (1 + exp(-x))` with ggml's AVX-512 `ggml_v_expf`, a
-//!   polynomial that differs from glibc's `expf` (and from ggml's own AVX2 version) in the
-//!   last bits; the gate is a separate multiplication.
+//!   polynomial that differs from the C library's `expf` (and from ggml's own AVX2
+//!   version) in the last bits, 16 values at a time; the rest of a row goes through the C
+//!   library's `expf`. The gate is a separate multiplication.
 //! - Softmax (`ggml_compute_forward_soft_max_f32`): scores scaled in f32, the maximum
 //!   subtracted, `ggml_v_expf`, the exponentials summed sixteen at a time (an AVX-512
 //!   register's horizontal sum) into an f64, each multiplied by `(float)(1.0 / sum)`.
 //!
+//! Rust's `cos`, `sin`, `exp` and `powf` on f32 call the C library's functions, as ggml
+//! does: glibc's on Linux, where the reference ran (another C library may round some
+//! angles differently in the last bit).
+//!
 //! Everything here is plain Rust; `ops_x86.rs` has AVX2 versions of the hot loops, which
-//! the tests hold to these bit for bit.
+//! the tests (`ops_tests.rs`, against llama.cpp's own tensors in `llama_cpp_ops.json`)
+//! hold to these bit for bit.
 
 use half::f16;
 
@@ -45,7 +53,7 @@ pub(crate) fn reduce16(v: &[f32; 16]) -> f32 {
 /// RMS norm of each row of `x` (rows as long as `weight`), times `weight`, into `out`.
 pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
-    assert!(n > 0 && x.len() % n == 0 && out.len() == x.len());
+    assert!(n > 0 && x.len().is_multiple_of(n) && out.len() == x.len());
     for (x, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
         let scale = rms_scale(x, eps);
         for ((out, &x), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -57,7 +65,7 @@ pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// [`rms_norm`] in place.
 pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let n = weight.len();
-    assert!(n > 0 && x.len() % n == 0);
+    assert!(n > 0 && x.len().is_multiple_of(n));
     for x in x.chunks_exact_mut(n) {
         let scale = rms_scale(x, eps);
         for (x, &w) in x.iter_mut().zip(weight) {
@@ -158,7 +166,7 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32], row: usize) {
 }
 
 pub(crate) fn silu_mul_portable(gate: &mut [f32], up: &[f32], row: usize) {
-    assert!(gate.len() == up.len() && row > 0 && gate.len() % row == 0);
+    assert!(gate.len() == up.len() && row > 0 && gate.len().is_multiple_of(row));
     let vector = row & !15;
     for (gate, up) in gate.chunks_exact_mut(row).zip(up.chunks_exact(row)) {
         for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
@@ -241,7 +249,7 @@ impl Rope {
         freq_scale: f32,
         factors: Option<Vec<f32>>,
     ) -> Self {
-        assert!(head_dim % 2 == 0 && factors.as_ref().is_none_or(|f| f.len() == head_dim / 2));
+        assert!(head_dim.is_multiple_of(2) && factors.as_ref().is_none_or(|f| f.len() == head_dim / 2));
         Self { head_dim, pairs, theta_scale: base.powf(-2.0 / head_dim as f32), freq_scale, factors }
     }
 

@@ -100,6 +100,55 @@ fn silu_gate_matches_llama_cpp() {
     }
 }
 
+/// RoPE's other pairing and its frequency scalings, SiLU with a tail, and RMS norm over
+/// heads, from single ggml ops.
+#[test]
+fn other_variants_match_ggml() {
+    let fixture = fixture();
+    let ggml = &fixture["ggml_ops"];
+    for (i, case) in ggml["ropes"].as_array().unwrap().iter().enumerate() {
+        let d = case["head_dim"].as_u64().unwrap() as usize;
+        let pairs = match case["pairs"].as_str().unwrap() {
+            "halves" => RopePairs::Halves,
+            _ => RopePairs::Adjacent,
+        };
+        let base = case["base"].as_f64().unwrap() as f32;
+        let freq_scale = case["freq_scale"].as_f64().unwrap() as f32;
+        let factors = case.get("factors").map(floats);
+        let rope = Rope::new(d, base, pairs, freq_scale, factors);
+        let positions = case["positions"].as_array().unwrap();
+        let (input, expected) = (floats(&case["input"]), floats(&case["output"]));
+        let per_position = input.len() / positions.len();
+        let mut angles = vec![0.0; rope.angles_len()];
+        for (k, position) in positions.iter().enumerate() {
+            let position = position.as_u64().unwrap() as usize;
+            rope.angles(position, &mut angles);
+            let range = k * per_position..(k + 1) * per_position;
+            let mut x = input[range.clone()].to_vec();
+            rope.rotate(&mut x, &angles);
+            assert_same(&x, &expected[range.clone()], format!("rope case {i} ({pairs:?}), position {position}"));
+            let mut x = input[range.clone()].to_vec();
+            rope.rotate_portable(&mut x, &angles);
+            assert_same(&x, &expected[range], format!("portable rope case {i}, position {position}"));
+        }
+    }
+    let silu = &ggml["silu_rows"];
+    let row = silu["row"].as_u64().unwrap() as usize;
+    let (gate, up, expected) = (floats(&silu["gate"]), floats(&silu["up"]), floats(&silu["product"]));
+    let mut got = gate.clone();
+    ops::silu_mul(&mut got, &up, row);
+    assert_same(&got, &expected, format!("silu gate on rows of {row}"));
+    let mut got = gate.clone();
+    ops::silu_mul_portable(&mut got, &up, row);
+    assert_same(&got, &expected, format!("portable silu gate on rows of {row}"));
+    let norm = &ggml["rms_norm_rows"];
+    let (x, weight, expected) = (floats(&norm["input"]), floats(&norm["weight"]), floats(&norm["output"]));
+    let eps = norm["eps"].as_f64().unwrap() as f32;
+    let mut got = x.clone();
+    ops::rms_norm_in_place(&mut got, &weight, eps);
+    assert_same(&got, &expected, "rms norm over heads");
+}
+
 #[test]
 fn attention_matches_llama_cpp() {
     let fixture = fixture();

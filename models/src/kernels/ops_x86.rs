@@ -16,7 +16,7 @@ use super::x86::Avx2;
 
 /// `gate = silu(gate) * up` on rows of `row` values (see [`super::ops::silu_mul`]).
 pub(crate) fn silu_mul(_: Avx2, gate: &mut [f32], up: &[f32], row: usize) {
-    assert!(gate.len() == up.len() && row > 0 && gate.len() % row == 0);
+    assert!(gate.len() == up.len() && row > 0 && gate.len().is_multiple_of(row));
     // SAFETY: the token proves the CPU features; lengths are checked above.
     unsafe { silu_mul_avx2(gate, up, row) }
 }
@@ -199,7 +199,7 @@ pub(crate) fn scores(_: Avx2, sum: Sum, query: &[f32], keys: &[f16], stride: usi
         assert!(last * stride + d <= keys.len());
     }
     match sum {
-        Sum::Lanes16 => assert!(d % 16 == 0),
+        Sum::Lanes16 => assert!(d.is_multiple_of(16)),
         Sum::VecDot { n } => assert_eq!(n, d),
     }
     // SAFETY: the token proves the CPU features; every key row read is in `keys` (checked
@@ -263,7 +263,7 @@ pub(crate) fn weighted_values(
     lanes: &mut Vec<f32>,
 ) {
     let d = out.len();
-    if d % 8 != 0 {
+    if !d.is_multiple_of(8) {
         return super::attention::weighted_values_portable(sum, probs, values, stride, out);
     }
     if let Some(last) = probs.len().checked_sub(1) {
@@ -388,12 +388,11 @@ unsafe fn block<const W: usize>(
         for i in 0..8 {
             h[i] = _mm256_add_ps(sixteen[i], sixteen[i + 8]);
         }
-        let q = [0, 1, 2, 3].map(|i| (h[i], h[i + 4]));
         let q = [
-            _mm256_add_ps(q[0].0, q[0].1),
-            _mm256_add_ps(q[1].0, q[1].1),
-            _mm256_add_ps(q[2].0, q[2].1),
-            _mm256_add_ps(q[3].0, q[3].1),
+            _mm256_add_ps(h[0], h[4]),
+            _mm256_add_ps(h[1], h[5]),
+            _mm256_add_ps(h[2], h[6]),
+            _mm256_add_ps(h[3], h[7]),
         ];
         let total = _mm256_add_ps(_mm256_add_ps(q[0], q[2]), _mm256_add_ps(q[1], q[3]));
         let out = &mut out[8 * v..8 * v + 8];
@@ -405,10 +404,10 @@ unsafe fn block<const W: usize>(
         // The terms past the vector part, added in f64 one position at a time.
         let mut low = _mm256_cvtps_pd(_mm256_castps256_ps128(total));
         let mut high = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(total));
-        for j in simd..len {
+        for (j, &p) in probs.iter().enumerate().skip(simd) {
             // SAFETY: the caller guarantees row `j` holds 8 * W values.
             let x = unsafe { load_f16(values.as_ptr().add(j * stride + 8 * v)) };
-            let product = _mm256_mul_ps(x, _mm256_set1_ps(probs[j]));
+            let product = _mm256_mul_ps(x, _mm256_set1_ps(p));
             low = _mm256_add_pd(low, _mm256_cvtps_pd(_mm256_castps256_ps128(product)));
             high = _mm256_add_pd(high, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(product)));
         }

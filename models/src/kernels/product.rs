@@ -2,13 +2,13 @@
 //! writing its outputs into a shared vector of atomics (plain stores on any hardware that
 //! runs these kernels), copied into the caller's buffer afterwards.
 //!
-//! A thread keeps its last job to reuse its buffers, so a product into a caller's buffer
+//! A thread keeps its jobs to reuse their buffers, so a product into a caller's buffer
 //! allocates nothing.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::activation::Q8Block;
 use super::format::{ActivationFormat, BLOCK};
@@ -17,6 +17,9 @@ use super::{Isa, QuantMatrix};
 
 /// Below this many block products (about 5 µs of work), a chunk is not worth a thread.
 const MIN_BLOCKS_PER_CHUNK: usize = 4096;
+
+/// Weight rows per tile when a chunk's results are transposed into the output.
+const TILE_ROWS: usize = 32;
 
 /// Chunks per thread: more than one lets threads that start late, or that the OS delays,
 /// take less of the work.
@@ -43,39 +46,72 @@ pub(super) fn multiply_into(matrix: &QuantMatrix, x: &[f32], m: usize, threads: 
     let chunks = if threads == 1 { 1 } else { (threads * CHUNKS_PER_THREAD).min(work / MIN_BLOCKS_PER_CHUNK) };
     let chunk_rows = matrix.rows.div_ceil(chunks);
 
-    // Kept only when no worker held it, and workers get jobs only while they are offered,
-    // so the kept job is this thread's alone; a new one otherwise.
-    let mut product = LAST.with(Cell::take).filter(|p| Arc::strong_count(p) == 1).unwrap_or_default();
+    // Workers get jobs only while they are offered, so a kept job no worker holds any more
+    // is this thread's alone.
+    let mut product = SPARE
+        .with_borrow_mut(|spare| spare.iter().position(|p| Arc::strong_count(p) == 1).map(|i| spare.swap_remove(i)))
+        .unwrap_or_default();
     Arc::get_mut(&mut product).expect("an unshared job").prepare(isa, matrix, x, m, chunk_rows);
     let job: Arc<dyn Job> = product.clone();
     threads::run(&job, threads);
     drop(job);
-    for (out, v) in out.iter_mut().zip(&product.out) {
-        *out = f32::from_bits(v.load(Ordering::Relaxed));
+    match Arc::get_mut(&mut product) {
+        // The job is this thread's alone again: plain reads, which vectorize.
+        Some(state) => {
+            for (out, v) in out.iter_mut().zip(state.out.iter_mut()) {
+                *out = f32::from_bits(*v.get_mut());
+            }
+        }
+        // A worker that came too late to help still holds the job for a moment (and will
+        // find nothing left to do): kept all the same, for when it lets go.
+        None => {
+            for (out, v) in out.iter_mut().zip(&product.out) {
+                *out = f32::from_bits(v.load(Ordering::Relaxed));
+            }
+        }
     }
-    // A worker that came too late to help may still hold the job for a moment: then it
-    // is left to it, and the next product starts a new one.
-    if let Some(state) = Arc::get_mut(&mut product) {
-        state.finish();
-        LAST.with(|last| last.set(Some(product)));
-    }
+    // A kept job does not keep the weights alive.
+    *product.matrix.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARES {
+            spare.push(product);
+        }
+    });
 }
 
-/// Buffers larger than this many values are not kept between products: one long prompt
-/// should not pin its buffers for the life of the thread.
-const KEEP_VALUES: usize = 1 << 18;
+/// Jobs a thread keeps for their buffers: more than one, so that a worker still holding
+/// the last one does not make the next product start afresh.
+const SPARES: usize = 4;
+
+/// Buffers of more than this many values are let go by [`release_large_buffers`].
+const KEEP_VALUES: usize = 1 << 16;
+
+/// Lets go of this thread's buffers for products if they are large: they grow to the
+/// largest product the thread ran, and a long prompt should not pin its buffers for the
+/// life of the thread.
+pub(crate) fn release_large_buffers() {
+    SPARE.with_borrow_mut(|spare| {
+        spare.retain(|p| p.out.capacity() <= KEEP_VALUES && p.acts.capacity() * BLOCK <= KEEP_VALUES)
+    });
+    CHUNK_OUT.with_borrow_mut(|results| {
+        if results.capacity() > KEEP_VALUES {
+            *results = Vec::new();
+        }
+    });
+}
 
 thread_local! {
-    /// The last product this thread started, kept for its buffers.
-    static LAST: Cell<Option<Arc<Product>>> = const { Cell::new(None) };
+    /// Products this thread ran, kept for their buffers.
+    static SPARE: RefCell<Vec<Arc<Product>>> = const { RefCell::new(Vec::new()) };
     /// A chunk's results before they are spread into the output.
     static CHUNK_OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Default)]
 struct Product {
-    /// `None` between products, so a kept job does not keep weights alive.
-    matrix: Option<QuantMatrix>,
+    /// `None` between products, so a kept job does not keep weights alive (behind a lock
+    /// only so that a job a worker still holds can let go of them too).
+    matrix: Mutex<Option<QuantMatrix>>,
     isa: Option<Isa>,
     acts: Vec<Q8Block>,
     m: usize,
@@ -97,21 +133,10 @@ impl Product {
         // Every value is overwritten: no need to clear.
         self.out.resize_with(m * matrix.rows, || AtomicU32::new(0));
         self.chunks = Chunks::new(matrix.rows.div_ceil(chunk_rows));
-        self.matrix = Some(matrix.clone());
+        *self.matrix.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(matrix.clone());
         self.isa = Some(isa);
         self.m = m;
         self.chunk_rows = chunk_rows;
-    }
-
-    /// Lets go of the weights, and of buffers too large to keep.
-    fn finish(&mut self) {
-        self.matrix = None;
-        if self.out.capacity() > KEEP_VALUES {
-            self.out = Vec::new();
-        }
-        if self.acts.capacity() * BLOCK > KEEP_VALUES {
-            self.acts = Vec::new();
-        }
     }
 
     fn rows_of(&self, chunk: usize, rows: usize) -> Range<usize> {
@@ -126,7 +151,8 @@ impl Job for Product {
     }
 
     fn run_chunk(&self, chunk: usize) {
-        let (Some(matrix), Some(isa)) = (&self.matrix, self.isa) else { return };
+        let matrix = self.matrix.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (Some(matrix), Some(isa)) = (matrix, self.isa) else { return };
         let rows = self.rows_of(chunk, matrix.rows);
         let m = self.m;
         CHUNK_OUT.with_borrow_mut(|results| {
@@ -135,11 +161,16 @@ impl Job for Product {
             results.resize(rows.len() * m, 0.0);
             let weights = matrix.row_bytes(rows.clone());
             isa.product_rows(matrix.format, weights, matrix.cols / BLOCK, &self.acts, m, results);
-            // Written one output row at a time, so that the stores are contiguous.
-            for i in 0..m {
-                let out = &self.out[i * matrix.rows + rows.start..i * matrix.rows + rows.end];
-                for (out, v) in out.iter().zip(results[i..].iter().step_by(m)) {
-                    out.store(v.to_bits(), Ordering::Relaxed);
+            // Transposed into the output in tiles of weight rows, so that both the reads
+            // and the writes stay within a few cache lines.
+            for tile in (0..rows.len()).step_by(TILE_ROWS) {
+                let tile = tile..(tile + TILE_ROWS).min(rows.len());
+                for i in 0..m {
+                    let start = i * matrix.rows + rows.start;
+                    let out = &self.out[start + tile.start..start + tile.end];
+                    for (out, v) in out.iter().zip(results[tile.start * m + i..].iter().step_by(m)) {
+                        out.store(v.to_bits(), Ordering::Relaxed);
+                    }
                 }
             }
         });

@@ -122,7 +122,10 @@ unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block]
             let mut groups = weights.chunks_exact(WEIGHT_ROWS * row_bytes);
             let mut outs = out.chunks_exact_mut(WEIGHT_ROWS);
             for (group, out) in (&mut groups).zip(&mut outs) {
-                let rows = std::array::from_fn(|r| &group[r * row_bytes..(r + 1) * row_bytes]);
+                // Spelled out: `array::from_fn` would call the closure out of line, without
+                // this function's target features.
+                let row = |r: usize| &group[r * row_bytes..(r + 1) * row_bytes];
+                let rows = [row(0), row(1), row(2), row(3)];
                 let dots = dots::<FORMAT, WEIGHT_ROWS, 1>(rows, [act(0)]);
                 for (out, dots) in out.iter_mut().zip(dots) {
                     *out = dots[0];
@@ -137,7 +140,7 @@ unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block]
         for (row, out) in weights.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
             let mut i = 0;
             while m - i >= ACT_ROWS {
-                let acts = std::array::from_fn(|k| act(i + k));
+                let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
                 out[i..i + ACT_ROWS].copy_from_slice(&dots::<FORMAT, 1, ACT_ROWS>([row], acts)[0]);
                 i += ACT_ROWS;
             }
