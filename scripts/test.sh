@@ -29,6 +29,10 @@ echo "== fetching the default model"
 echo "== Rust tests"
 cargo test --release --workspace
 
-echo "== API and multi-node tests (pytest)"
-# The namespace suites skip, loudly, without root; CI runs as root, where they must run.
-HEARTH_BIN="$target/release/hearth" python3 -m pytest tests/api tests/mesh -q -rs
+export HEARTH_BIN="$target/release/hearth"
+echo "== API tests (the official openai client against hearth serve)"
+python3 -m pytest tests/api -q -rs
+echo "== multi-node tests (network namespaces)"
+# Each suite has its own conftest, so they run as separate sessions. The namespace suites
+# skip, loudly, without root; CI runs as root, where they must run.
+python3 -m pytest tests/mesh -q -rs
