@@ -30,6 +30,9 @@ use crate::holder::Route;
 /// Membership must hold still this long before the coordinator plans: nodes that start
 /// together find each other within about a second, and each plan costs a layer load.
 const SETTLE: Duration = Duration::from_millis(600);
+/// Before its first plan a node waits longer: an existing node takes about a second to see
+/// a newcomer on mDNS, and a node that planned alone would load every layer it can hold.
+const FIRST_SETTLE: Duration = Duration::from_millis(2000);
 /// How often manually given peers are dialled again, in case they started later.
 const REDIAL: Duration = Duration::from_secs(2);
 
@@ -168,6 +171,7 @@ pub async fn join(
         route_tx,
         view_tx,
         problem: None,
+        seen: std::collections::HashMap::new(),
         _discovery: discovery,
     };
     tokio::spawn(node.run(control_events, discovery_events, options.peers));
@@ -199,6 +203,8 @@ struct Node {
     route_tx: watch::Sender<Option<Route>>,
     view_tx: watch::Sender<ClusterView>,
     problem: Option<String>,
+    /// Control addresses of the peers mDNS has found, by node id.
+    seen: std::collections::HashMap<String, Vec<SocketAddr>>,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
     _discovery: Option<Discovery>,
 }
@@ -211,7 +217,7 @@ impl Node {
         peers: Vec<ManualPeer>,
     ) {
         let mut redial = tokio::time::interval(REDIAL);
-        let settle = tokio::time::sleep(SETTLE);
+        let settle = tokio::time::sleep(FIRST_SETTLE);
         tokio::pin!(settle);
         let mut settling = true;
         loop {
@@ -219,7 +225,12 @@ impl Node {
                 event = control_events.recv() => match event {
                     Some(ControlEvent::Members(members)) => {
                         self.members = members;
-                        settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                        let wait = if self.plan.is_some() { SETTLE } else { FIRST_SETTLE };
+                        let deadline = tokio::time::Instant::now() + wait;
+                        // Only ever postpone: joins in quick succession are planned together.
+                        if !settling || settle.deadline() < deadline {
+                            settle.as_mut().reset(deadline);
+                        }
                         settling = true;
                         self.publish_view();
                     }
@@ -230,7 +241,7 @@ impl Node {
                     }
                 },
                 Some(event) = discovery_events.recv() => self.discovered(event),
-                _ = redial.tick() => self.dial_manual_peers(&peers).await,
+                _ = redial.tick() => self.redial(&peers).await,
                 () = &mut settle, if settling => {
                     settling = false;
                     self.plan_if_coordinator();
@@ -239,15 +250,19 @@ impl Node {
         }
     }
 
-    fn discovered(&self, event: DiscoveryEvent) {
+    fn discovered(&mut self, event: DiscoveryEvent) {
         match event {
             DiscoveryEvent::Found(advert) => {
-                for ip in &advert.addresses {
-                    self.control.dial(SocketAddr::new(*ip, advert.control_port));
-                }
+                let addresses: Vec<SocketAddr> =
+                    advert.addresses.iter().map(|ip| SocketAddr::new(*ip, advert.control_port)).collect();
+                addresses.iter().for_each(|addr| self.control.dial(*addr));
+                self.seen.insert(advert.node_id.to_string(), addresses);
             }
-            // The control plane notices departures itself, faster than mDNS.
-            DiscoveryEvent::Lost(_) => {}
+            // The node said goodbye: stop dialling it. (Departures without a goodbye are
+            // the control plane's to notice, faster than mDNS.)
+            DiscoveryEvent::Lost(node_id) => {
+                self.seen.remove(&node_id.to_string());
+            }
             DiscoveryEvent::DuplicateId { addresses } => {
                 let ours: Vec<IpAddr> = vec![self.me.data_addr.ip()];
                 let id = hearth_mesh::NodeId(self.me.node_id.clone());
@@ -256,7 +271,15 @@ impl Node {
         }
     }
 
-    async fn dial_manual_peers(&self, peers: &[ManualPeer]) {
+    /// Dials the --peer addresses, and the peers mDNS found that are not members now: a
+    /// link that went down and came back leaves no new mDNS record to react to, so the
+    /// halves of a healed partition find each other this way.
+    async fn redial(&self, peers: &[ManualPeer]) {
+        for (node_id, addresses) in &self.seen {
+            if !self.members.iter().any(|member| &member.node_id == node_id) {
+                addresses.iter().for_each(|addr| self.control.dial(*addr));
+            }
+        }
         for peer in peers {
             match peer.resolve().await {
                 Ok(addresses) => addresses.into_iter().for_each(|addr| self.control.dial(addr)),
@@ -301,7 +324,8 @@ impl Node {
         self.publish_view();
         let Some(index) = position else {
             // Left out: free the layers for good.
-            self.data_plane.uninstall().await;
+            drop(self.data_plane.uninstall().await);
+            release_freed_memory();
             return;
         };
         let layers = plan.stages[index].layers.clone();
@@ -310,6 +334,7 @@ impl Node {
             Some(role) if role.stage.layers() == layers => role.stage,
             previous => {
                 drop(previous);
+                release_freed_memory();
                 match self.load(layers.clone()).await {
                     Ok(stage) => stage,
                     Err(error) => {
@@ -393,5 +418,16 @@ impl Node {
             problem: self.problem.clone(),
             nodes,
         });
+    }
+}
+
+/// Hands memory freed by dropped layers back to the operating system. glibc keeps large
+/// freed blocks in its heap once it has raised its mmap threshold, so without this a node
+/// whose share of layers shrank would go on holding its old share.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
