@@ -7,59 +7,45 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use candle_core::{Device, Tensor};
-use hearth_models::chat_template::{ChatMessage, ChatTemplate};
+use hearth_models::chat_template::ChatMessage;
 use hearth_models::sampling::{Sampler, SamplingParams, StopMatcher};
 use hearth_models::tokenizer::Tokenizer;
+
+use crate::holder::ModelInfo;
 use hearth_models::{ModelSource, Stage, StageCache, StageInput, StageOutput};
 use tokio::sync::mpsc;
 
-/// A model loaded for generation: its stages, tokenizer and chat template.
+/// A model loaded for generation in this process: its stages, tokenizer and chat template.
 pub struct Model {
-    id: String,
+    info: ModelInfo,
     stages: Vec<Stage>,
-    tokenizer: Tokenizer,
-    chat_template: ChatTemplate,
-    context_length: usize,
 }
 
 impl Model {
     /// Loads every layer of `source` on `device` as a single stage.
     pub fn load(source: &ModelSource, device: &Device) -> anyhow::Result<Self> {
-        let tokenizer = source.tokenizer().context("building the tokenizer")?;
-        let chat_template = match source.chat_template(&tokenizer).context("reading the chat template")? {
-            Some(template) => template,
-            None => {
-                tracing::warn!("the model ships no chat template; using ChatML");
-                ChatTemplate::chatml()
-            }
-        };
+        let info = ModelInfo::from_source(source)?;
         let layers = 0..source.config().num_layers;
         let stage = source.load_stage(layers, device).context("loading the model's layers")?;
-        Ok(Self {
-            id: source.name().to_string(),
-            stages: vec![stage],
-            tokenizer,
-            chat_template,
-            context_length: source.config().context_length,
-        })
+        Ok(Self { info, stages: vec![stage] })
     }
 
     /// The name clients use for this model.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.info.id
     }
 
     pub fn context_length(&self) -> usize {
-        self.context_length
+        self.info.context_length
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        &self.info.tokenizer
     }
 
     /// Renders a conversation with the model's chat template, ready for the assistant's turn.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> hearth_models::Result<String> {
-        self.chat_template.render(messages, true)
+        self.info.chat_template.render(messages, true)
     }
 
     /// Generates a continuation of `request.prompt`, passing the text of each token to
@@ -74,9 +60,9 @@ impl Model {
         let started = Instant::now();
         let mut caches: Vec<StageCache> = self.stages.iter().map(Stage::new_cache).collect();
         let mut sampler = Sampler::new(request.sampling);
-        let mut text = self.tokenizer.decode_stream();
+        let mut text = self.info.tokenizer.decode_stream();
         let mut stops = StopMatcher::new(request.stop.clone());
-        let stop_ids = self.tokenizer.stop_token_ids();
+        let stop_ids = self.info.tokenizer.stop_token_ids();
 
         let mut logits = self.forward(&request.prompt, &mut caches)?;
         let mut first_token_at = None;

@@ -68,6 +68,31 @@ pub struct ModelInfo {
     pub chat_template: ChatTemplate,
 }
 
+impl ModelInfo {
+    /// Reads what requests need from an opened model, without loading any layer. A model
+    /// that ships no chat template gets ChatML.
+    pub fn from_source(source: &hearth_models::ModelSource) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let tokenizer = source.tokenizer().context("building the tokenizer")?;
+        let chat_template = match source.chat_template(&tokenizer).context("reading the chat template")? {
+            Some(template) => template,
+            None => {
+                tracing::warn!("the model ships no chat template; using ChatML");
+                ChatTemplate::chatml()
+            }
+        };
+        let config = source.config();
+        Ok(Self {
+            id: source.name().to_string(),
+            context_length: config.context_length,
+            hidden_size: config.hidden_size,
+            vocab_size: config.vocab_size,
+            tokenizer,
+            chat_template,
+        })
+    }
+}
+
 /// A cheap handle through which the API submits requests.
 #[derive(Clone)]
 pub struct Holder {

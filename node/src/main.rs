@@ -265,23 +265,7 @@ fn open_source(args: &ModelArgs) -> anyhow::Result<(ModelSource, candle_core::De
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (source, device) = open_source(&args.model)?;
-    let tokenizer = source.tokenizer().context("building the tokenizer")?;
-    let chat_template = match source.chat_template(&tokenizer).context("reading the chat template")? {
-        Some(template) => template,
-        None => {
-            tracing::warn!("the model ships no chat template; using ChatML");
-            hearth_models::chat_template::ChatTemplate::chatml()
-        }
-    };
-    let config = source.config().clone();
-    let model = ModelInfo {
-        id: source.name().to_string(),
-        context_length: config.context_length,
-        hidden_size: config.hidden_size,
-        vocab_size: config.vocab_size,
-        tokenizer,
-        chat_template,
-    };
+    let model = ModelInfo::from_source(&source)?;
     let data_dir = match args.data_dir {
         Some(dir) => dir,
         None => hearth_mesh::identity::default_data_dir()?,

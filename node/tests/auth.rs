@@ -1,14 +1,16 @@
 //! Data planes with a cluster key: only peers that prove they hold it get to stream.
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
+use common::{default_model, loopback};
+
+use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
 use hearth_mesh::cluster_key::ClusterKey;
 use hearth_models::sampling::SamplingParams;
-use hearth_models::ModelSource;
 use hearth_node::auth::{AuthError, AuthedChannel, Credentials};
 use hearth_node::data_plane::{DataPlane, Neighbour, StageRole};
 use hearth_node::engine::{collect, Counters, Generation, Model};
@@ -22,9 +24,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 
-fn loopback() -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)
-}
 
 fn credentials(key: &ClusterKey, id: &str) -> Option<Arc<Credentials>> {
     Some(Arc::new(Credentials::new(key, id)))
@@ -191,15 +190,6 @@ async fn a_server_refuses_wrong_replayed_and_garbled_proofs() {
     assert!(session.ttl_seconds > 0);
 }
 
-fn default_model() -> ModelSource {
-    let cache = std::env::var_os("HEARTH_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/hearth")))
-        .expect("HOME is set");
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "the default model is not at {}: run `hearth pull` first", path.display());
-    ModelSource::open(&path).expect("the default model opens")
-}
 
 /// Two keyed stages and a keyed holder: every link shakes hands, and the ring generates
 /// what one process does.

@@ -1,9 +1,11 @@
 //! Stages on separate data planes, linked over real gRPC streams, generate exactly what
 //! the whole model generates in one process.
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
+use common::{default_model, loopback};
+
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 
 use candle_core::Device;
 use hearth_models::sampling::SamplingParams;
@@ -13,33 +15,8 @@ use hearth_node::engine::{collect, Counters, Generation, Model};
 use hearth_node::holder::{Holder, ModelInfo, Route};
 use hearth_proto::Limits;
 
-fn default_model() -> ModelSource {
-    let cache = std::env::var_os("HEARTH_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/hearth")))
-        .expect("HOME is set");
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "the default model is not at {}: run `hearth pull` first", path.display());
-    ModelSource::open(&path).expect("the default model opens")
-}
 
-fn loopback() -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)
-}
 
-fn model_info(source: &ModelSource) -> ModelInfo {
-    let tokenizer = source.tokenizer().expect("tokenizer");
-    let chat_template = source.chat_template(&tokenizer).expect("template").expect("the model has one");
-    let config = source.config();
-    ModelInfo {
-        id: source.name().into(),
-        context_length: config.context_length,
-        hidden_size: config.hidden_size,
-        vocab_size: config.vocab_size,
-        tokenizer,
-        chat_template,
-    }
-}
 
 /// The reference: the whole model in this process.
 fn local_text(source: &ModelSource, request: &Generation) -> String {
@@ -57,7 +34,7 @@ fn local_text(source: &ModelSource, request: &Generation) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_stages_over_grpc_generate_what_one_process_does() {
     let source = default_model();
-    let info = model_info(&source);
+    let info = ModelInfo::from_source(&source).expect("model info");
     let n = source.config().num_layers;
     let cuts = [0, 5, 17, n];
     let limits = Limits::default();
@@ -116,7 +93,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 
     // The stage still serves a well-formed request.
-    let info = model_info(&source);
+    let info = ModelInfo::from_source(&source).expect("model info");
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_stage: plane.addr() }));
     let holder = Holder::new(info, route, Limits::default(), None);
     let request = Generation {

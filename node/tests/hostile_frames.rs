@@ -4,15 +4,17 @@
 //! The whole test (client, server, stage) runs in this process, so its resident set
 //! (`VmRSS` in /proc/self/status) bounds what the data plane allocated for the frames.
 
+mod common;
+
+use common::default_model;
+
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
 use hearth_models::sampling::SamplingParams;
-use hearth_models::ModelSource;
 use hearth_node::data_plane::{DataPlane, Neighbour, StageRole};
 use hearth_node::engine::{collect, Generation};
 use hearth_node::holder::{Holder, ModelInfo, Route};
@@ -20,29 +22,7 @@ use hearth_proto::{pb, Limits};
 
 const MIB: u64 = 1 << 20;
 
-fn default_model() -> ModelSource {
-    let cache = std::env::var_os("HEARTH_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/hearth")))
-        .expect("HOME is set");
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.exists(), "the default model is not at {}: run `hearth pull` first", path.display());
-    ModelSource::open(&path).expect("the default model opens")
-}
 
-fn model_info(source: &ModelSource) -> ModelInfo {
-    let tokenizer = source.tokenizer().expect("tokenizer");
-    let chat_template = source.chat_template(&tokenizer).expect("template").expect("the model has one");
-    let config = source.config();
-    ModelInfo {
-        id: source.name().into(),
-        context_length: config.context_length,
-        hidden_size: config.hidden_size,
-        vocab_size: config.vocab_size,
-        tokenizer,
-        chat_template,
-    }
-}
 
 /// This process's resident set, in bytes.
 fn rss() -> u64 {
@@ -228,7 +208,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     // layer (a new plan) on the same data plane and generate through it.
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch: epoch + 1, stage, next: None, first: Neighbour::Local }).await.expect("installs");
-    let info = model_info(&source);
+    let info = ModelInfo::from_source(&source).expect("model info");
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_stage: plane.addr() }));
     let holder = Holder::new(info, route, limits, None);
     let request = Generation {
