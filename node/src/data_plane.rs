@@ -516,7 +516,7 @@ impl Worker {
                 // A replay's known tokens come first, without drawing from the sampler.
                 let id = match settings.forced_tokens.pop() {
                     Some(forced) => forced,
-                    None => sampler.sample(&logits.to_vec1::<f32>()?),
+                    None => crate::engine::with_host_slice(&logits, |values| sampler.sample(values))?,
                 };
                 let position = sequence.cache.positions() as u32;
                 let finish = if settings.stop_tokens.contains(&id) {
@@ -529,6 +529,7 @@ impl Worker {
                 let token = Token { epoch, sequence_id, position, id, finish, word_pos: sampler.state().word_pos };
                 // A finished sequence is forgotten here, unless this stage is also the first,
                 // which still has to pass the token to the holder.
+                let upstream = sequence.upstream.clone();
                 if finish.is_some() && !role.stage.is_first() {
                     self.sequences.remove(&sequence_id);
                 }
@@ -538,7 +539,7 @@ impl Worker {
                     None => {
                         let _ = self.work.send(Work::Inbound {
                             message: StageFrame::Token(token).into_wire(),
-                            upstream: self.loopback_upstream(),
+                            upstream,
                         });
                     }
                     Some(ring) => {
@@ -599,11 +600,6 @@ impl Worker {
         }
     }
 
-    /// Where tokens that went round a one-node ring report to: the sequence's own upstream
-    /// is looked up on arrival, so this one only swallows what is sent to it.
-    fn loopback_upstream(&self) -> Upstream {
-        mpsc::unbounded_channel().0
-    }
 }
 
 enum Input<'a> {

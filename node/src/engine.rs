@@ -144,7 +144,7 @@ impl Model {
 }
 
 /// Calls `f` on a 1-D f32 tensor's values, borrowing them in place when they are on the CPU.
-fn with_host_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
+pub(crate) fn with_host_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> anyhow::Result<R> {
     let (storage, layout) = tensor.storage_and_layout();
     if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) =
         (&*storage, layout.contiguous_offsets())
