@@ -225,12 +225,11 @@ impl Node {
                 event = control_events.recv() => match event {
                     Some(ControlEvent::Members(members)) => {
                         self.members = members;
-                        let wait = if self.plan.is_some() { SETTLE } else { FIRST_SETTLE };
-                        let deadline = tokio::time::Instant::now() + wait;
-                        // Only ever postpone: joins in quick succession are planned together.
-                        if !settling || settle.deadline() < deadline {
-                            settle.as_mut().reset(deadline);
-                        }
+                        // Alone and planless, wait for peers; once there are peers or a plan,
+                        // the usual settling time (each change restarts it).
+                        let alone = self.plan.is_none() && self.members.len() <= 1;
+                        let wait = if alone { FIRST_SETTLE } else { SETTLE };
+                        settle.as_mut().reset(tokio::time::Instant::now() + wait);
                         settling = true;
                         self.publish_view();
                     }
