@@ -53,6 +53,8 @@ impl Node {
             backend: "cpu".into(),
             model_id: MODEL.into(),
             ready_epoch: None,
+            data_paths: Vec::new(),
+            hops: Vec::new(),
         };
         let config = ControlConfig {
             keypair: key,

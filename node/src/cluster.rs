@@ -12,10 +12,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use candle_core::Device;
 use hearth_mesh::cluster_key::ClusterKey;
-use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, NodeInfo, Plan};
+use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, HopReport, NodeInfo, Plan};
 use hearth_mesh::coordinator::{next_plan, plan_is_ready};
 use hearth_mesh::discovery::{
-    primary_address, Backend, ClusterHash, Discovery, DiscoveryConfig, DiscoveryEvent, InterfacePolicy, ManualPeer,
+    local_addresses, primary_address, Backend, ClusterHash, Discovery, DiscoveryConfig, DiscoveryEvent, InterfacePolicy, ManualPeer,
     PeerAdvert,
 };
 use hearth_mesh::identity::{duplicate_id_error, Identity};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::data_plane::{DataPlane, Neighbour, StageRole};
 use crate::holder::Route;
+use crate::paths::{PathView, Paths};
 
 /// Membership must hold still this long before the coordinator plans: nodes that start
 /// together find each other within about a second, and each plan costs a layer load.
@@ -35,6 +36,9 @@ const SETTLE: Duration = Duration::from_millis(600);
 const FIRST_SETTLE: Duration = Duration::from_millis(2000);
 /// How often manually given peers are dialled again, in case they started later.
 const REDIAL: Duration = Duration::from_secs(2);
+/// How often this node's measured paths are gossiped again when no choice changed: the
+/// figures drift, and peers' `hearth status` should not show stale ones for long.
+const HOP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How this node joins its cluster.
 pub struct ClusterOptions {
@@ -66,6 +70,20 @@ pub struct ClusterView {
     pub problem: Option<String>,
     /// Plan stages in pipeline order, then live members without layers.
     pub nodes: Vec<NodeView>,
+    /// The plan's hops, in pipeline order (the last one goes from the last stage back
+    /// round to the first), with the path each uses as its sender measured it.
+    pub hops: Vec<HopView>,
+    /// Every path from this node to its peers, measured.
+    pub paths: Vec<PathView>,
+}
+
+/// One hop of the pipeline and the path it takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct HopView {
+    pub from: String,
+    pub to: String,
+    /// `None` until the sender has reported its path.
+    pub path: Option<HopReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +126,7 @@ pub async fn join(
         _ => bound,
     };
     let data_addr = announced(data_plane.addr());
+    let data_paths = data_paths(data_plane.addr(), data_addr, &options.interfaces);
     let api_addr = announced(options.api_addr);
     let me = NodeInfo {
         node_id: node_id.clone(),
@@ -117,6 +136,8 @@ pub async fn join(
         backend: options.backend.as_str().to_string(),
         model_id: source.name().to_string(),
         ready_epoch: None,
+        data_paths,
+        hops: Vec::new(),
     };
     let config = ControlConfig {
         keypair: identity.keypair().clone(),
@@ -159,6 +180,7 @@ pub async fn join(
     let (route_tx, routes) = watch::channel(None);
     let (view_tx, view) = watch::channel(ClusterView { node: node_id.clone(), ..ClusterView::default() });
     let profile = model_profile(&source, &device);
+    let paths = Paths::start(data_plane.credentials(), data_plane.limits(), options.interfaces.clone());
     let node = Node {
         me,
         control,
@@ -172,11 +194,31 @@ pub async fn join(
         view_tx,
         problem: None,
         seen: std::collections::HashMap::new(),
+        seen_data: std::collections::HashMap::new(),
+        paths,
         _discovery: discovery,
     };
     tokio::spawn(node.run(control_events, discovery_events, options.peers));
     Ok(ClusterHandles { routes, view, node_id })
 }
+
+/// Every address peers can reach the data plane on: each admitted interface's address
+/// when bound to all of them, else the one bound address.
+fn data_paths(bound: SocketAddr, announced: SocketAddr, interfaces: &InterfacePolicy) -> Vec<SocketAddr> {
+    let mut paths = vec![announced];
+    if bound.ip().is_unspecified() {
+        for (_, ip) in local_addresses(interfaces) {
+            let addr = SocketAddr::new(ip, bound.port());
+            if !paths.contains(&addr) && paths.len() < MAX_DATA_PATHS {
+                paths.push(addr);
+            }
+        }
+    }
+    paths
+}
+
+/// Peers refuse announcements listing more data paths than this.
+const MAX_DATA_PATHS: usize = 16;
 
 /// The placement profile of the model: what each part costs in memory.
 fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {
@@ -205,6 +247,10 @@ struct Node {
     problem: Option<String>,
     /// Control addresses of the peers mDNS has found, by node id.
     seen: std::collections::HashMap<String, Vec<SocketAddr>>,
+    /// Data-plane addresses of the peers mDNS has found, by node id.
+    seen_data: std::collections::HashMap<String, Vec<SocketAddr>>,
+    /// The measured paths to every peer.
+    paths: Paths,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
     _discovery: Option<Discovery>,
 }
@@ -217,6 +263,8 @@ impl Node {
         peers: Vec<ManualPeer>,
     ) {
         let mut redial = tokio::time::interval(REDIAL);
+        let mut path_changes = self.paths.changes();
+        let mut report_hops = tokio::time::interval(HOP_REPORT_INTERVAL);
         let settle = tokio::time::sleep(FIRST_SETTLE);
         tokio::pin!(settle);
         let mut settling = true;
@@ -225,6 +273,7 @@ impl Node {
                 event = control_events.recv() => match event {
                     Some(ControlEvent::Members(members)) => {
                         self.members = members;
+                        self.update_paths();
                         // Alone and planless, wait for peers; once there are peers or a plan,
                         // the usual settling time (each change restarts it).
                         let alone = self.plan.is_none() && self.members.len() <= 1;
@@ -241,6 +290,11 @@ impl Node {
                 },
                 Some(event) = discovery_events.recv() => self.discovered(event),
                 _ = redial.tick() => self.redial(&peers).await,
+                Ok(()) = path_changes.changed() => {
+                    self.report_hops();
+                    self.publish_view();
+                }
+                _ = report_hops.tick() => self.report_hops(),
                 () = &mut settle, if settling => {
                     settling = false;
                     self.plan_if_coordinator();
@@ -255,12 +309,16 @@ impl Node {
                 let addresses: Vec<SocketAddr> =
                     advert.addresses.iter().map(|ip| SocketAddr::new(*ip, advert.control_port)).collect();
                 addresses.iter().for_each(|addr| self.control.dial(*addr));
+                let data = advert.addresses.iter().map(|ip| SocketAddr::new(*ip, advert.data_port)).collect();
                 self.seen.insert(advert.node_id.to_string(), addresses);
+                self.seen_data.insert(advert.node_id.to_string(), data);
+                self.update_paths();
             }
             // The node said goodbye: stop dialling it. (Departures without a goodbye are
             // the control plane's to notice, faster than mDNS.)
             DiscoveryEvent::Lost(node_id) => {
                 self.seen.remove(&node_id.to_string());
+                self.seen_data.remove(&node_id.to_string());
             }
             DiscoveryEvent::DuplicateId { addresses } => {
                 let ours: Vec<IpAddr> = vec![self.me.data_addr.ip()];
@@ -283,6 +341,32 @@ impl Node {
             match peer.resolve().await {
                 Ok(addresses) => addresses.into_iter().for_each(|addr| self.control.dial(addr)),
                 Err(error) => tracing::warn!("cannot resolve --peer {:?} port {}: {error}", peer.host(), peer.port()),
+            }
+        }
+    }
+
+    /// Tells the path prober every address each member's data plane can be reached on:
+    /// what the member lists itself, and what mDNS found for it.
+    fn update_paths(&self) {
+        let peers: Vec<&NodeInfo> = self.members.iter().filter(|m| m.node_id != self.me.node_id).collect();
+        for member in &peers {
+            let mut addresses = member.data_paths.clone();
+            if let Some(found) = self.seen_data.get(&member.node_id) {
+                addresses.extend(found.iter().filter(|addr| addr.port() == member.data_addr.port()));
+            }
+            self.paths.set_peer(&member.node_id, member.data_addr, &addresses);
+        }
+        let ids: Vec<&str> = peers.iter().map(|m| m.node_id.as_str()).collect();
+        self.paths.retain(&ids);
+    }
+
+    /// Gossips the paths this node uses, when they changed.
+    fn report_hops(&mut self) {
+        let hops = self.paths.hops();
+        if hops != self.me.hops {
+            self.me.hops = hops;
+            if let Err(error) = self.control.update_me(self.me.clone()) {
+                tracing::debug!("cannot report the measured paths: {error}");
             }
         }
     }
@@ -345,8 +429,11 @@ impl Node {
                 }
             }
         };
-        let next = plan.stages.get(index + 1).map(|stage| Neighbour::Remote(stage.data_addr));
-        let first = if index == 0 { Neighbour::Local } else { Neighbour::Remote(plan.stages[0].data_addr) };
+        let neighbour = |stage: &hearth_mesh::control::PlanStage| {
+            Neighbour::Path(self.paths.watch(&stage.node_id, stage.data_addr))
+        };
+        let next = plan.stages.get(index + 1).map(neighbour);
+        let first = if index == 0 { Neighbour::Local } else { neighbour(&plan.stages[0]) };
         if let Err(error) = self.data_plane.install(StageRole { epoch: plan.epoch, stage, next, first }).await {
             tracing::error!("cannot install the stage: {error:#}");
             return;
@@ -401,9 +488,18 @@ impl Node {
             }
         }
         let route = match &self.plan {
-            Some(plan) if ready => plan.stages.first().map(|first| Route { epoch: plan.epoch, first_stage: first.data_addr }),
+            Some(plan) if ready => plan.stages.first().map(|first| {
+                // A remote first stage is reached over its best path, as the stages are.
+                let path = (first.node_id != self.me.node_id).then(|| self.paths.current(&first.node_id)).flatten();
+                Route {
+                    epoch: plan.epoch,
+                    first_stage: path.map_or(first.data_addr, |path| path.addr),
+                    failovers: path.map_or(0, |path| path.failovers),
+                }
+            }),
             _ => None,
         };
+        let hops = self.plan.as_ref().map_or_else(Vec::new, |plan| self.hops(plan));
         self.route_tx.send_if_modified(|current| {
             let changed = *current != route;
             *current = route;
@@ -416,7 +512,38 @@ impl Node {
             node: self.me.node_id.clone(),
             problem: self.problem.clone(),
             nodes,
+            hops,
+            paths: self.paths.view(),
         });
+    }
+}
+
+impl Node {
+    /// The plan's hops with the paths their senders report.
+    fn hops(&self, plan: &Plan) -> Vec<HopView> {
+        let stages = &plan.stages;
+        let mut pairs: Vec<(&str, &str)> =
+            stages.windows(2).map(|pair| (pair[0].node_id.as_str(), pair[1].node_id.as_str())).collect();
+        if let (Some(first), Some(last)) = (stages.first(), stages.last()) {
+            if stages.len() > 1 {
+                pairs.push((&last.node_id, &first.node_id));
+            }
+        }
+        pairs
+            .into_iter()
+            .map(|(from, to)| {
+                let reports = if from == self.me.node_id {
+                    &self.me.hops
+                } else {
+                    match self.members.iter().find(|m| m.node_id == from) {
+                        Some(member) => &member.hops,
+                        None => return HopView { from: from.into(), to: to.into(), path: None },
+                    }
+                };
+                let path = reports.iter().find(|hop| hop.to == to).cloned();
+                HopView { from: from.into(), to: to.into(), path }
+            })
+            .collect()
     }
 }
 

@@ -26,24 +26,35 @@ use hearth_proto::frame::{
     StageFrame, Token,
 };
 use hearth_proto::{pb, FrameError, Limits};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::Stream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthedChannel, Credentials};
+use crate::paths::Choice;
 
 /// Frames waiting to go out on one link before the sender waits.
 const LINK_BUFFER: usize = 64;
 
 /// Where a neighbouring stage runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Neighbour {
     /// On this node: frames stay in memory.
     Local,
-    /// Another node's data plane.
+    /// Another node's data plane, at one fixed address.
     Remote(SocketAddr),
+    /// Another node's data plane, over whichever of its paths [`crate::paths`] chooses;
+    /// the link moves when the choice does, between two frames.
+    Path(watch::Receiver<Choice>),
+}
+
+impl Neighbour {
+    fn is_remote(&self) -> bool {
+        !matches!(self, Self::Local)
+    }
 }
 
 /// This node's part in one plan.
@@ -62,6 +73,8 @@ pub struct DataPlane {
     commands: mpsc::UnboundedSender<Command>,
     addr: SocketAddr,
     stats: Arc<DataPlaneStats>,
+    limits: Limits,
+    credentials: Option<Arc<Credentials>>,
 }
 
 /// What the data plane has received, for `/health`: a node outside the cluster (no key,
@@ -87,8 +100,22 @@ enum Work {
     Command(Command),
     /// A message from an inbound stream, with the way back to its sender.
     Inbound { message: pb::StageMessage, upstream: Upstream },
-    /// A neighbour refused a frame of ours, or its link broke.
+    /// A neighbour refused a frame of ours.
     Downstream(StageError),
+    /// The connection of the link `link` broke (links that were replaced since are
+    /// ignored: their sequences moved on).
+    LinkBroke { link: u64, error: StageError },
+    /// The path chosen for one of the links changed.
+    PathChanged(Direction),
+}
+
+/// Which of the worker's links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// To the next stage.
+    Next,
+    /// From the last stage round to the first.
+    Ring,
 }
 
 /// The reply direction of an inbound stream.
@@ -104,6 +131,7 @@ impl DataPlane {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(DataPlaneStats::default());
         let worker_stats = stats.clone();
+        let worker_credentials = credentials.clone();
         std::thread::Builder::new()
             .name("hearth-data-plane".into())
             .spawn(move || {
@@ -114,15 +142,25 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, credentials, command_rx, worker_stats));
+                runtime.block_on(run(listener, limits, worker_credentials, command_rx, worker_stats));
             })
             .context("starting the data plane thread")?;
-        Ok(Self { commands, addr, stats })
+        Ok(Self { commands, addr, stats, limits, credentials })
     }
 
     /// Counts of the frames received so far.
     pub fn stats(&self) -> &Arc<DataPlaneStats> {
         &self.stats
+    }
+
+    /// The frame limits it applies, which links to other nodes apply too.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// What it proves itself to other nodes with (with a cluster key).
+    pub fn credentials(&self) -> Option<Arc<Credentials>> {
+        self.credentials.clone()
     }
 
     /// The address the data plane listens on.
@@ -226,6 +264,11 @@ impl pb::pipeline_server::Pipeline for Service {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(replies))))
     }
 
+    async fn probe(&self, request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
+        let received_bytes = request.get_ref().payload.len() as u64;
+        Ok(Response::new(pb::ProbeReply { received_bytes }))
+    }
+
     async fn fetch_weights(&self, _: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
         Err(Status::unimplemented("weight transfer is not implemented yet"))
     }
@@ -242,7 +285,7 @@ struct Sequence {
 
 /// A stream to a neighbour's data plane.
 struct Link {
-    frames: mpsc::Sender<pb::StageMessage>,
+    stream: LinkStream,
     // What it takes to open the link again after its connection broke: a neighbour that
     // restarts into the same plan must be reachable again without a new plan.
     addr: SocketAddr,
@@ -250,11 +293,25 @@ struct Link {
     credentials: Option<Arc<Credentials>>,
     epoch: u64,
     work: mpsc::UnboundedSender<Work>,
+    /// The chosen path, for a neighbour reached over measured paths.
+    path: Option<watch::Receiver<Choice>>,
+    /// The path's failover count when the link last moved.
+    failovers: u64,
+    /// Wakes the worker when the chosen path changes.
+    watcher: Option<JoinHandle<()>>,
 }
 
-impl Link {
+/// One gRPC stream of a link: a link moves to a new one when its path changes.
+struct LinkStream {
+    frames: mpsc::Sender<pb::StageMessage>,
+    /// Tells this stream's failures from those of streams the link had before.
+    id: u64,
+    task: JoinHandle<()>,
+}
+
+impl LinkStream {
     /// Opens a stream to `addr`. Messages queue until the connection is up; refusals and
-    /// failures come back to the worker as [`Work::Downstream`].
+    /// failures come back to the worker as [`Work::Downstream`] and [`Work::LinkBroke`].
     fn open(
         addr: SocketAddr,
         limits: Limits,
@@ -262,56 +319,122 @@ impl Link {
         epoch: u64,
         work: mpsc::UnboundedSender<Work>,
     ) -> Self {
+        static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
+        let id = STREAM_IDS.fetch_add(1, Ordering::Relaxed);
         let (frames, outbound) = mpsc::channel(LINK_BUFFER);
-        let link = Self { frames, addr, limits, credentials: credentials.clone(), epoch, work: work.clone() };
-        tokio::spawn(async move {
-            let failure = |message: String| StageError { epoch, sequence_id: 0, code: ErrorCode::Internal, message };
-            let channel = match AuthedChannel::connect(addr, credentials).await {
-                Ok(channel) => channel,
-                Err(error) => {
-                    let _ = work.send(Work::Downstream(failure(format!("cannot link to the stage at {addr}: {error:#}"))));
-                    return;
-                }
-            };
-            let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&limits);
-            let request = match channel.request(ReceiverStream::new(outbound)).await {
-                Ok(request) => request,
-                Err(error) => {
-                    let _ = work.send(Work::Downstream(failure(format!("cannot link to the stage at {addr}: {error}"))));
-                    return;
-                }
-            };
-            let mut replies = match client.stream(request).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => {
-                    let _ = work.send(Work::Downstream(failure(format!("the stage at {addr} refused the link: {status}"))));
-                    return;
-                }
-            };
-            loop {
-                match replies.message().await {
-                    Ok(Some(pb::StageMessage { kind: Some(pb::stage_message::Kind::Error(error)) })) => {
-                        let _ = work.send(Work::Downstream(StageError::from_wire(error)));
-                    }
-                    Ok(Some(_)) => tracing::debug!("ignoring a non-error reply from {addr}"),
-                    Ok(None) => break,
-                    Err(status) => {
-                        let _ = work.send(Work::Downstream(failure(format!("the link to {addr} broke: {status}"))));
+        let task = tokio::spawn(run_stream(addr, limits, credentials, epoch, work, id, outbound));
+        Self { frames, id, task }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
+    }
+}
+
+impl Link {
+    /// A link to `neighbour`, or `None` if it runs on this node.
+    fn to(
+        neighbour: &Neighbour,
+        direction: Direction,
+        limits: Limits,
+        credentials: Option<Arc<Credentials>>,
+        epoch: u64,
+        work: mpsc::UnboundedSender<Work>,
+    ) -> Option<Self> {
+        let (addr, path) = match neighbour {
+            Neighbour::Local => return None,
+            Neighbour::Remote(addr) => (*addr, None),
+            Neighbour::Path(path) => (path.borrow().addr, Some(path.clone())),
+        };
+        let stream = LinkStream::open(addr, limits, credentials.clone(), epoch, work.clone());
+        let mut link =
+            Self { stream, addr, limits, credentials, epoch, work: work.clone(), path: None, failovers: 0, watcher: None };
+        if let Some(path) = path {
+            link.failovers = path.borrow().failovers;
+            let mut changes = path.clone();
+            link.watcher = Some(tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    if work.send(Work::PathChanged(direction)).is_err() {
                         break;
                     }
                 }
-            }
-        });
-        link
+            }));
+            link.path = Some(path);
+        }
+        Some(link)
+    }
+
+    /// Moves the link to the path chosen now. Returns whether it failed over, in which
+    /// case frames sent on the old path may never have arrived.
+    fn follow_path(&mut self) -> bool {
+        let Some(choice) = self.path.as_mut().map(|path| *path.borrow_and_update()) else { return false };
+        if choice.addr == self.addr && choice.failovers == self.failovers {
+            return false;
+        }
+        let failed_over = choice.failovers != self.failovers;
+        tracing::info!(from = %self.addr, to = %choice.addr, failed_over, "moving the link to the next stage's new path");
+        let moved = LinkStream::open(choice.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+        let old = std::mem::replace(&mut self.stream, moved);
+        if failed_over {
+            // The old path is dead: nothing on it will arrive.
+            old.task.abort();
+        }
+        // Otherwise the old stream delivers what it holds, and ends once its sender is gone.
+        self.addr = choice.addr;
+        self.failovers = choice.failovers;
+        failed_over
     }
 
     /// Sends a frame, first opening the link again if its connection has gone.
     async fn send(&mut self, frame: StageFrame) -> bool {
-        if self.frames.is_closed() {
+        if self.stream.frames.is_closed() {
             tracing::info!(addr = %self.addr, "opening the link to the neighbouring stage again");
-            *self = Self::open(self.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+            self.stream = LinkStream::open(self.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
         }
-        self.frames.send(frame.into_wire()).await.is_ok()
+        self.stream.frames.send(frame.into_wire()).await.is_ok()
+    }
+}
+
+/// Runs one stream to `addr` until it ends or breaks.
+async fn run_stream(
+    addr: SocketAddr,
+    limits: Limits,
+    credentials: Option<Arc<Credentials>>,
+    epoch: u64,
+    work: mpsc::UnboundedSender<Work>,
+    link: u64,
+    outbound: mpsc::Receiver<pb::StageMessage>,
+) {
+    let broke = |message: String| {
+        let error = StageError { epoch, sequence_id: 0, code: ErrorCode::Internal, message };
+        let _ = work.send(Work::LinkBroke { link, error });
+    };
+    let channel = match AuthedChannel::connect(addr, credentials).await {
+        Ok(channel) => channel,
+        Err(error) => return broke(format!("cannot link to the stage at {addr}: {error:#}")),
+    };
+    let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&limits);
+    let request = match channel.request(ReceiverStream::new(outbound)).await {
+        Ok(request) => request,
+        Err(error) => return broke(format!("cannot link to the stage at {addr}: {error}")),
+    };
+    let mut replies = match client.stream(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return broke(format!("the stage at {addr} refused the link: {status}")),
+    };
+    loop {
+        match replies.message().await {
+            Ok(Some(pb::StageMessage { kind: Some(pb::stage_message::Kind::Error(error)) })) => {
+                let _ = work.send(Work::Downstream(StageError::from_wire(error)));
+            }
+            Ok(Some(_)) => tracing::debug!("ignoring a non-error reply from {addr}"),
+            Ok(None) => break,
+            Err(status) => return broke(format!("the link to {addr} broke: {status}")),
+        }
     }
 }
 
@@ -349,6 +472,15 @@ impl Worker {
                     tokio::task::yield_now().await;
                 }
                 Work::Downstream(error) => self.downstream_failed(error),
+                Work::LinkBroke { link, error } => {
+                    let current = [&self.next, &self.ring].into_iter().flatten().any(|l| l.stream.id == link);
+                    if current {
+                        self.downstream_failed(error);
+                    } else {
+                        tracing::debug!("a replaced link broke: {}", error.message);
+                    }
+                }
+                Work::PathChanged(direction) => self.path_changed(direction),
             }
         }
     }
@@ -356,16 +488,33 @@ impl Worker {
     fn install(&mut self, role: StageRole) {
         // Sequences of an older plan cannot continue here: their holders replay them.
         self.drop_sequences("the plan changed");
-        self.next = match role.next {
-            Some(Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, self.credentials.clone(), role.epoch, self.work.clone())),
-            _ => None,
+        let link = |neighbour: &Neighbour, direction| {
+            Link::to(neighbour, direction, self.limits, self.credentials.clone(), role.epoch, self.work.clone())
         };
-        self.ring = match (role.next, role.first) {
-            (None, Neighbour::Remote(addr)) => Some(Link::open(addr, self.limits, self.credentials.clone(), role.epoch, self.work.clone())),
+        self.next = role.next.as_ref().and_then(|next| link(next, Direction::Next));
+        // The last stage sends its tokens round to the first.
+        self.ring = match &role.next {
+            None if role.first.is_remote() => link(&role.first, Direction::Ring),
             _ => None,
         };
         tracing::info!(epoch = role.epoch, layers = ?role.stage.layers(), "data plane serving its stage");
         self.role = Some(role);
+    }
+
+    /// A link's path changed: the link moves to it between two frames. After a failover
+    /// the frames in flight on the dead path are lost, so every sequence here fails and
+    /// is replayed by its holder, now over the new path.
+    fn path_changed(&mut self, direction: Direction) {
+        let link = match direction {
+            Direction::Next => self.next.as_mut(),
+            Direction::Ring => self.ring.as_mut(),
+        };
+        let Some(link) = link else { return };
+        if link.follow_path() {
+            let epoch = self.role.as_ref().map_or(0, |role| role.epoch);
+            let message = format!("the path to the {direction:?} stage failed over to {}", link.addr);
+            self.downstream_failed(StageError { epoch, sequence_id: 0, code: ErrorCode::PathChanged, message });
+        }
     }
 
     fn expect(&self) -> Option<Expect> {
@@ -470,12 +619,17 @@ impl Worker {
             return Ok(generation);
         }
         let sequence =
-            self.sequences.get(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
+            self.sequences.get_mut(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
         anyhow::ensure!(
             sequence.cache.positions() == start_position as usize,
             "sequence {sequence_id} is at position {}, the frame starts at {start_position}",
             sequence.cache.positions()
         );
+        // The previous stage may have moved its link to another path: refusals go back
+        // the way the latest frame came.
+        if !role.stage.is_first() {
+            sequence.upstream = upstream;
+        }
         Ok(None)
     }
 

@@ -15,7 +15,7 @@ use hearth_models::chat_template::{ChatMessage, ChatTemplate};
 use hearth_models::sampling::StopMatcher;
 use hearth_models::tokenizer::Tokenizer;
 use hearth_proto::frame::{
-    Expect, FinishReason as WireFinish, Generation as WireGeneration, Prefill, Reset, Sampling, StageFrame,
+    ErrorCode, Expect, FinishReason as WireFinish, Generation as WireGeneration, Prefill, Reset, Sampling, StageFrame,
 };
 use hearth_proto::{pb, Limits};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -50,7 +50,16 @@ struct Progress<'a> {
 pub struct Route {
     pub epoch: u64,
     pub first_stage: SocketAddr,
+    /// How often the path to the first stage has failed over: tokens on their way over a
+    /// failed path are lost, so a request in flight is replayed when this changes.
+    pub failovers: u64,
 }
+
+/// A link of the pipeline moved to another path after its own failed: the request is
+/// replayed at once on the same plan, over the new path.
+#[derive(Debug, thiserror::Error)]
+#[error("a link of the pipeline failed over to another path")]
+struct PathFailedOver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -221,7 +230,8 @@ impl Inner {
                         generated = progress.generated.len(),
                         "the pipeline failed under a request; replaying it: {failure:#}"
                     );
-                    failed_epoch = Some(route.epoch);
+                    // A path that failed over is not a node loss: no new plan is coming.
+                    failed_epoch = failure.downcast_ref::<PathFailedOver>().is_none().then_some(route.epoch);
                 }
             }
         };
@@ -291,9 +301,21 @@ impl Inner {
             }
         };
         let reset = || StageFrame::Reset(Reset { epoch: route.epoch, sequence_id }).into_wire();
+        let mut routes = self.routes.clone();
+        routes.mark_unchanged();
         loop {
             let message = tokio::select! {
                 message = replies.message() => message?,
+                Ok(()) = routes.changed() => {
+                    // Tokens on their way over a path that failed are lost.
+                    let failed_over = routes
+                        .borrow_and_update()
+                        .is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
+                    if failed_over {
+                        return Err(PathFailedOver.into());
+                    }
+                    continue;
+                }
                 () = events.closed() => {
                     let _ = frames.send(reset()).await;
                     return Ok(FinishReason::Cancelled);
@@ -302,6 +324,10 @@ impl Inner {
             let Some(message) = message else { anyhow::bail!("the first stage closed the stream") };
             let token = match StageFrame::from_wire(message, &self.limits, &expect)? {
                 StageFrame::Token(token) => token,
+                StageFrame::Error(error) if error.code == ErrorCode::PathChanged => {
+                    tracing::info!("{}", error.message);
+                    return Err(PathFailedOver.into());
+                }
                 StageFrame::Error(error) => anyhow::bail!("the pipeline refused the request: {}", error.message),
                 other => anyhow::bail!("unexpected frame from the first stage: {other:?}"),
             };

@@ -10,5 +10,6 @@ pub mod device;
 pub mod engine;
 pub mod holder;
 pub mod model_store;
+pub mod paths;
 pub mod status;
 pub mod system;

@@ -48,7 +48,49 @@ pub fn print(api: &str, raw_json: bool) -> anyhow::Result<()> {
             if id == me { "  ← this node" } else { "" }
         );
     }
+    let hops = body["hops"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !hops.is_empty() {
+        println!();
+        println!("{:<14} {:<14} {:<22} {:<10} {:>9} {:>12}", "hop from", "to", "path", "interface", "rtt", "throughput");
+        for hop in hops {
+            let path = &hop["path"];
+            let (addr, interface, rtt, rate) = if path.is_null() {
+                ("(measuring)".to_string(), "-".to_string(), "-".to_string(), "-".to_string())
+            } else {
+                (text(&path["addr"]), text(&path["interface"]), micros(&path["rtt_us"]), rate(&path["bytes_per_second"]))
+            };
+            println!(
+                "{:<14} {:<14} {addr:<22} {interface:<10} {rtt:>9} {rate:>12}",
+                short(&text(&hop["from"])),
+                short(&text(&hop["to"])),
+            );
+        }
+    }
     Ok(())
+}
+
+/// A round trip in microseconds, as `hearth status` shows it.
+fn micros(value: &Value) -> String {
+    match value.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(us) if us < 10_000 => format!("{us} µs"),
+        Some(us) => format!("{:.1} ms", us as f64 / 1000.0),
+    }
+}
+
+/// A throughput in bytes per second, in bits per second as links are rated.
+fn rate(value: &Value) -> String {
+    match value.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(bytes) => {
+            let bits = bytes as f64 * 8.0;
+            if bits >= 1e9 {
+                format!("{:.1} Gbit/s", bits / 1e9)
+            } else {
+                format!("{:.1} Mbit/s", bits / 1e6)
+            }
+        }
+    }
 }
 
 /// Node ids are long; their last characters tell them apart.

@@ -220,7 +220,7 @@ async fn a_keyed_ring_generates_what_one_process_does() {
         tokenizer,
         chat_template,
     };
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 2, first_stage: planes[0].addr() }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 2, first_stage: planes[0].addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, credentials(&key, "holder"));
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

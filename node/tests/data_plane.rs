@@ -46,7 +46,7 @@ async fn three_stages_over_grpc_generate_what_one_process_does() {
         let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
         planes[i].install(StageRole { epoch: 3, stage, next, first }).await.expect("installs");
     }
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_stage: planes[0].addr() }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_stage: planes[0].addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);
 
     for (prompt, sampling) in [
@@ -94,7 +94,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
 
     // The stage still serves a well-formed request.
     let info = ModelInfo::from_source(&source).expect("model info");
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_stage: plane.addr() }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_stage: plane.addr(), failovers: 0 }));
     let holder = Holder::new(info, route, Limits::default(), None);
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

@@ -209,7 +209,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch: epoch + 1, stage, next: None, first: Neighbour::Local }).await.expect("installs");
     let info = ModelInfo::from_source(&source).expect("model info");
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_stage: plane.addr() }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_stage: plane.addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

@@ -565,6 +565,9 @@ pub enum ErrorCode {
     UnknownSequence,
     /// The receiver has no room for another sequence now.
     Overloaded,
+    /// A link of the pipeline failed over to another path, losing the frames in flight on
+    /// the dead one: replay at once, on the same plan.
+    PathChanged,
     /// Anything else, including codes this version of the protocol does not know.
     Internal,
 }
@@ -577,6 +580,7 @@ impl ErrorCode {
             Ok(pb::ErrorCode::EpochAhead) => Self::EpochAhead,
             Ok(pb::ErrorCode::UnknownSequence) => Self::UnknownSequence,
             Ok(pb::ErrorCode::Overloaded) => Self::Overloaded,
+            Ok(pb::ErrorCode::PathChanged) => Self::PathChanged,
             Ok(pb::ErrorCode::Internal | pb::ErrorCode::Unspecified) | Err(_) => Self::Internal,
         }
     }
@@ -588,6 +592,7 @@ impl ErrorCode {
             Self::EpochAhead => pb::ErrorCode::EpochAhead,
             Self::UnknownSequence => pb::ErrorCode::UnknownSequence,
             Self::Overloaded => pb::ErrorCode::Overloaded,
+            Self::PathChanged => pb::ErrorCode::PathChanged,
             Self::Internal => pb::ErrorCode::Internal,
         }
     }

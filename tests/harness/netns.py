@@ -597,6 +597,8 @@ class Node:
     memory_limit: str | None
     extra_args: list[str]
     command: list[str] | None = None
+    link_ips: dict[str, str] = field(default_factory=dict)
+    """The node's address on each extra link (:meth:`Cluster.add_link`), by link name."""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     started_at: float | None = None
     _forwarder: _Forwarder | None = field(default=None, repr=False)
@@ -856,14 +858,18 @@ class Node:
 
     # -- the network --
 
-    def link_down(self) -> None:
+    def link_down(self, link: str | None = None) -> None:
         """Unplug the node: its bridge port goes down, so its ``eth0`` loses carrier
-        (addresses and routes inside the namespace stay, as with a pulled cable)."""
-        self.cluster.hub(["link", "set", "dev", self.hub_port, "down"])
+        (addresses and routes inside the namespace stay, as with a pulled cable). With
+        ``link``, unplug it from that extra link only."""
+        self.cluster.hub(["link", "set", "dev", self._hub_port(link), "down"])
 
-    def link_up(self) -> None:
-        """Plug the node back in."""
-        self.cluster.hub(["link", "set", "dev", self.hub_port, "up"])
+    def link_up(self, link: str | None = None) -> None:
+        """Plug the node back in (into ``link`` only, if given)."""
+        self.cluster.hub(["link", "set", "dev", self._hub_port(link), "up"])
+
+    def _hub_port(self, link: str | None) -> str:
+        return self.hub_port if link is None else self.cluster.links[link].port(self)
 
     def netem(self, delay_ms: float = 0.0, loss_pct: float = 0.0, jitter_ms: float = 0.0) -> None:
         """Delay and drop the node's outgoing packets (``tc qdisc replace ... netem``).
@@ -950,6 +956,39 @@ def _install_handlers() -> None:
 # --- clusters ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExtraLink:
+    """A second (third, ...) network joining every node of a cluster: a bridge of its own
+    in the hub namespace, and on each node an interface ``iface`` with an address of
+    ``subnet`` (no default route: only the link's own subnet is reached over it)."""
+
+    name: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    iface: str
+    port_prefix: str
+    rate: str | None
+    """Each node's sending rate on the link (``tc ... tbf``), or unlimited."""
+
+    def port(self, node: Node) -> str:
+        return f"{self.port_prefix}{node.index}"
+
+    def ip(self, node: Node) -> str:
+        return str(self.subnet.network_address + node.index + 1)
+
+
+def limit_rate(netns: str, iface: str, rate: str) -> None:
+    """Cap what ``iface`` in ``netns`` sends at ``rate`` (``tc qdisc ... tbf``, which every
+    kernel has, unlike netem): a slow link. Every packet on a link leaves some node's
+    interface, so capping each node's side caps the link both ways."""
+    if shutil.which("tc") is None:
+        raise HarnessError("`tc` (iproute2) is not installed")
+    # The smallest bucket that passes a full frame: with a larger one, a few kilobytes of
+    # activations now and then would go out at line rate and never see the cap.
+    _run(["tc", "-n", netns, "qdisc", "replace", "dev", iface, "root", "tbf", "rate", rate,
+          "burst", "1600", "latency", "400ms"])
+
+
 class Cluster:
     """Network namespaces on one bridge, each with one ``hearth serve``.
 
@@ -981,6 +1020,8 @@ class Cluster:
         self.hub_netns = f"{PREFIX}-{self.run_id}-hub"
         self.bridge = f"{PREFIX}br{os.getpid()}"[:15]
         self.nodes: list[Node] = []
+        self.links: dict[str, ExtraLink] = {}
+        self.primary_rate: str | None = None
         self.multicast_blocked = False
         self.started_at: float | None = None
         self._closed = False
@@ -1051,9 +1092,53 @@ class Cluster:
         # Like a machine on a LAN, a default route; its gateway is an address nobody holds,
         # so anything meant for the outside dies on the bridge.
         _run(["ip", "-n", ns, "route", "add", "default", "via", self.gateway, "dev", NODE_IFACE, "onlink"])
+        if self.primary_rate is not None:
+            limit_rate(ns, NODE_IFACE, self.primary_rate)
+        for link in self.links.values():
+            self._plug(link, node)
         if start:
             self.start_nodes([node])
         return node
+
+    def add_link(self, name: str, *, rate: str | None = None) -> ExtraLink:
+        """Join every node, present and future, by one more network (``eth1``, ``eth2``,
+        ...), optionally capped at ``rate`` (``"10mbit"``): a machine with Ethernet and
+        Wi-Fi, or a Thunderbolt bridge beside the LAN. Bring it down on one node with
+        ``node.link_down(name)``."""
+        index = len(self.links) + 1
+        third = (self.subnet.network_address.packed[2] + 17 * index) % 250 + 1
+        link = ExtraLink(
+            name=name, bridge=f"{PREFIX}b{index}{os.getpid()}"[:15],
+            subnet=ipaddress.ip_network(f"10.{213 + index}.{third}.0/24"), iface=f"eth{index}",
+            port_prefix=f"{'qrstuvw'[index - 1]}", rate=rate,
+        )
+        self.hub(["link", "add", link.bridge, "type", "bridge", "stp_state", "0", "mcast_snooping", "0"])
+        self.hub(["link", "set", "dev", link.bridge, "addrgenmode", "none"])
+        self.hub(["link", "set", "dev", link.bridge, "up"])
+        self.links[name] = link
+        for node in self.nodes:
+            self._plug(link, node)
+        return link
+
+    def limit_primary_rate(self, rate: str) -> None:
+        """Cap every node's sending rate on the main bridge (``eth0``), now and for nodes
+        added later: turns it into the slow one of two links."""
+        self.primary_rate = rate
+        for node in self.nodes:
+            limit_rate(node.netns, NODE_IFACE, rate)
+
+    def _plug(self, link: ExtraLink, node: Node) -> None:
+        port = link.port(node)
+        self.hub(["link", "add", port, "type", "veth", "peer", "name", link.iface, "netns", node.netns])
+        self.hub(["link", "set", "dev", port, "addrgenmode", "none"])
+        self.hub(["link", "set", "dev", port, "master", link.bridge])
+        self.hub(["link", "set", "dev", port, "up"])
+        ip = link.ip(node)
+        _run(["ip", "-n", node.netns, "addr", "add", f"{ip}/{link.subnet.prefixlen}", "dev", link.iface])
+        _run(["ip", "-n", node.netns, "link", "set", "dev", link.iface, "multicast", "on", "up"])
+        if link.rate is not None:
+            limit_rate(node.netns, link.iface, link.rate)
+        node.link_ips[link.name] = ip
 
     def start_nodes(self, nodes: Sequence[Node] | None = None) -> None:
         """Start the given nodes (default: all that are not running) back to back, and set

@@ -99,7 +99,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if TIMINGS:
         terminalreporter.write_sep("-", "mesh timings")
         for label, seconds in TIMINGS.items():
-            terminalreporter.write_line(f"{seconds:8.2f} s  {label}")
+            figure = f"{seconds:8.2f} s " if seconds >= 0.1 else f"{seconds * 1000:8.2f} ms"
+            terminalreporter.write_line(f"{figure}  {label}")
 
 
 @pytest.hookimpl(wrapper=True)

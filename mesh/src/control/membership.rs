@@ -275,6 +275,8 @@ mod tests {
             backend: "cpu".into(),
             model_id: "org/model".into(),
             ready_epoch: None,
+            data_paths: Vec::new(),
+            hops: Vec::new(),
         }
     }
 

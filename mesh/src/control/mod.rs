@@ -65,6 +65,28 @@ pub struct NodeInfo {
     pub model_id: String,
     /// The newest plan epoch whose layers this node has loaded; at most 2^53.
     pub ready_epoch: Option<u64>,
+    /// Every address the data plane is reachable on (one per interface), `data_addr`
+    /// among them: peers probe each and use the best.
+    #[serde(default)]
+    pub data_paths: Vec<SocketAddr>,
+    /// The paths this node's data plane uses to reach its peers, as it measured them.
+    #[serde(default)]
+    pub hops: Vec<HopReport>,
+}
+
+/// One measured path from a node to a peer, as the node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopReport {
+    /// The peer's node id.
+    pub to: String,
+    /// The peer's data-plane address the path goes to.
+    pub addr: SocketAddr,
+    /// The local interface it leaves by (empty if unknown).
+    pub interface: String,
+    /// Round-trip time of a small frame, in microseconds (the best of the recent ones).
+    pub rtt_us: u64,
+    /// Throughput of an activation-sized burst, in bytes per second (0 until measured).
+    pub bytes_per_second: u64,
 }
 
 /// The pipeline the coordinator decided on: which node runs which layers.

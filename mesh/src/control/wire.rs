@@ -43,6 +43,12 @@ const MAX_BACKEND_BYTES: usize = 16;
 /// peer dial them all.
 pub(crate) const MAX_LISTEN_ADDRS: usize = 16;
 
+/// A node reports its paths to at most this many peers (one per other member).
+const MAX_HOPS: usize = MAX_STAGES;
+
+/// Interface names are short (IFNAMSIZ is 16 on Linux); allow some room for others.
+const MAX_INTERFACE_NAME_BYTES: usize = 64;
+
 /// What one gossip message says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,7 +157,24 @@ pub(crate) fn validate_node_info(info: &NodeInfo) -> Result<(), Invalid> {
         return Err(Invalid::Field("ready_epoch is out of range"));
     }
     validate_addr(info.data_addr, "data_addr is not a connectable address")?;
-    validate_addr(info.api_addr, "api_addr is not a connectable address")
+    validate_addr(info.api_addr, "api_addr is not a connectable address")?;
+    if info.data_paths.len() > MAX_LISTEN_ADDRS {
+        return Err(Invalid::Field("too many data paths"));
+    }
+    info.data_paths
+        .iter()
+        .try_for_each(|addr| validate_addr(*addr, "a data path is not a connectable address"))?;
+    if info.hops.len() > MAX_HOPS {
+        return Err(Invalid::Field("too many hops"));
+    }
+    for hop in &info.hops {
+        validate_node_id(&hop.to)?;
+        validate_addr(hop.addr, "a hop's address is not connectable")?;
+        if hop.interface.len() > MAX_INTERFACE_NAME_BYTES || hop.interface.chars().any(char::is_control) {
+            return Err(Invalid::Field("a hop's interface name is too long or has control characters"));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a plan's shape: bounded, one stage per node, and layer ranges that tile
@@ -236,7 +259,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::control::PlanStage;
+    use crate::control::{HopReport, PlanStage};
 
     fn peer() -> PeerId {
         Keypair::generate_ed25519().public().to_peer_id()
@@ -251,6 +274,8 @@ mod tests {
             backend: "cpu".into(),
             model_id: "org/model".into(),
             ready_epoch: None,
+            data_paths: Vec::new(),
+            hops: Vec::new(),
         }
     }
 
@@ -349,6 +374,16 @@ mod tests {
         assert!(validate_plan(&odd_id).is_err());
     }
 
+    fn hop(to: &PeerId, interface: &str) -> HopReport {
+        HopReport {
+            to: to.to_base58(),
+            addr: "10.1.0.2:7001".parse().unwrap(),
+            interface: interface.into(),
+            rtt_us: 60,
+            bytes_per_second: 1_000_000_000,
+        }
+    }
+
     #[test]
     fn malformed_node_infos_are_rejected() {
         let a = peer();
@@ -373,7 +408,37 @@ mod tests {
                 node_id: format!("{}x", a.to_base58()),
                 ..info(&a)
             },
+            NodeInfo {
+                data_paths: vec!["10.0.0.1:7001".parse().unwrap(); MAX_LISTEN_ADDRS + 1],
+                ..info(&a)
+            },
+            NodeInfo {
+                data_paths: vec!["0.0.0.0:7001".parse().unwrap()],
+                ..info(&a)
+            },
+            NodeInfo {
+                hops: vec![hop(&a, "eth1"); MAX_HOPS + 1],
+                ..info(&a)
+            },
+            NodeInfo {
+                hops: vec![hop(&a, "eth1\n[fake log line]")],
+                ..info(&a)
+            },
+            NodeInfo {
+                hops: vec![hop(&a, &"x".repeat(MAX_INTERFACE_NAME_BYTES + 1))],
+                ..info(&a)
+            },
+            NodeInfo {
+                hops: vec![HopReport { to: "not-a-peer-id".into(), ..hop(&a, "eth1") }],
+                ..info(&a)
+            },
         ];
+        let good = NodeInfo {
+            data_paths: vec!["10.0.0.1:7001".parse().unwrap(), "10.1.0.1:7001".parse().unwrap()],
+            hops: vec![hop(&peer(), "eth1")],
+            ..info(&a)
+        };
+        assert!(validate_node_info(&good).is_ok());
         for info in bad {
             assert!(validate_node_info(&info).is_err(), "{info:?}");
         }

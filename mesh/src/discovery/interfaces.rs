@@ -84,6 +84,45 @@ pub fn primary_address(policy: &InterfacePolicy) -> Option<IpAddr> {
     admitted.iter().find(|ip| ip.is_ipv4()).or_else(|| admitted.iter().find(global_v6)).copied()
 }
 
+/// Every address of the interfaces the policy admits, with the interface's name:
+/// IPv4, and IPv6 that is not link-local. A node on several links (Wi-Fi, Ethernet, a
+/// Thunderbolt bridge) is reachable on each, and peers measure them all.
+pub fn local_addresses(policy: &InterfacePolicy) -> Vec<(String, IpAddr)> {
+    let Ok(interfaces) = if_addrs::get_if_addrs() else { return Vec::new() };
+    interfaces
+        .into_iter()
+        .filter(|interface| policy.allows(&interface.name, interface.is_loopback()))
+        .filter(|interface| match interface.ip() {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .map(|interface| {
+            let ip = interface.ip();
+            (interface.name, ip)
+        })
+        .collect()
+}
+
+/// The name of the local interface on whose subnet `peer` lies, if any: the link a
+/// connection to `peer` leaves by (a routed address has none).
+pub fn interface_towards(peer: IpAddr) -> Option<String> {
+    let interfaces = if_addrs::get_if_addrs().ok()?;
+    interfaces.into_iter().find_map(|interface| {
+        let on_link = match (&interface.addr, peer) {
+            (if_addrs::IfAddr::V4(local), IpAddr::V4(peer)) => {
+                let mask = u32::from(local.netmask);
+                mask != 0 && u32::from(local.ip) & mask == u32::from(peer) & mask
+            }
+            (if_addrs::IfAddr::V6(local), IpAddr::V6(peer)) => {
+                let mask = u128::from(local.netmask);
+                mask != 0 && u128::from(local.ip) & mask == u128::from(peer) & mask
+            }
+            _ => false,
+        };
+        on_link.then_some(interface.name)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 pub use advert::{AdvertError, Backend, ClusterHash, PeerAdvert, TXT_VERSION};
-pub use interfaces::{primary_address, usable_interface, InterfacePolicy};
+pub use interfaces::{interface_towards, local_addresses, primary_address, usable_interface, InterfacePolicy};
 pub use manual::{ManualPeer, ManualPeerError, PeerHost};
 
 use crate::NodeId;
