@@ -51,6 +51,11 @@ impl Pipeline for Echo {
     ) -> Result<Response<Self::FetchWeightsStream>, Status> {
         Err(Status::unimplemented("no weights here"))
     }
+
+    async fn probe(&self, request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
+        let received_bytes = request.get_ref().payload.len() as u64;
+        Ok(Response::new(pb::ProbeReply { received_bytes }))
+    }
 }
 
 #[tonic::async_trait]
@@ -161,4 +166,21 @@ async fn the_handshake_service_takes_only_small_messages() {
         Err(status) => status,
     };
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+}
+
+#[tokio::test]
+async fn path_probes_are_bounded_by_the_message_limit() {
+    let addr = serve().await;
+    let mut client = PipelineClient::new(channel(addr).await);
+    let probe = |len: usize| pb::ProbeRequest { payload: vec![7u8; len].into() };
+
+    let reply = client.probe(probe(LIMITS.max_frame_bytes)).await.unwrap();
+    assert_eq!(reply.get_ref().received_bytes, LIMITS.max_frame_bytes as u64);
+
+    // A burst over the message limit is refused from its length prefix.
+    let oversized = client.probe(probe(LIMITS.max_message_bytes() + 1)).await.unwrap_err();
+    assert_eq!(oversized.code(), Code::OutOfRange, "{oversized:?}");
+
+    // And the server goes on answering.
+    assert_eq!(client.probe(probe(0)).await.unwrap().get_ref().received_bytes, 0);
 }

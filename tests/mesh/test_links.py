@@ -222,17 +222,23 @@ def test_per_token_latency_on_each_path(make_cluster: Callable[[], Cluster], pro
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize(("victim_stage", "client_stage"), [(1, 0), (0, 2)],
+                         ids=["middle-stage-unplugged", "first-stage-unplugged-client-on-last"])
 def test_fast_link_down_fails_over_mid_request_and_comes_back(
-        make_cluster: Callable[[], Cluster], prompts: list[str], record_timing: Callable[[str, float], None]) -> None:
-    """The middle stage's fast link goes down during a streaming greedy request: its
-    hops move to the slow bridge, the request finishes with exactly the fault-free
-    tokens, nothing re-plans and no process restarts; once the link is back, the hops
-    return to the fast bridge."""
+        make_cluster: Callable[[], Cluster], prompts: list[str], record_timing: Callable[[str, float], None],
+        victim_stage: int, client_stage: int) -> None:
+    """A stage's fast link goes down during a streaming greedy request: its hops move to
+    the slow bridge, the request finishes with exactly the fault-free tokens, nothing
+    re-plans and no process restarts; once the link is back, the hops return to the fast
+    bridge. Unplugging the middle stage moves two pipeline hops; unplugging the first
+    stage, with the client on the last, moves the ring hop and the request holder's own
+    link to the first stage too."""
     cluster, view = two_bridge_cluster(make_cluster)
     fast = cluster.links[FAST]
     assert wait_until(lambda: all_hops_on(cluster, fast.subnet), CHOOSE_TIMEOUT_S) is not None, describe_hops(cluster)
-    client = cluster.node_at(view.stages[0].ip)
-    victim = cluster.node_at(view.stages[1].ip)
+    client = cluster.node_at(view.stages[client_stage].ip)
+    victim = cluster.node_at(view.stages[victim_stage].ip)
+    case = f"stage {victim_stage}'s fast link down, client on stage {client_stage}"
     model = served_model_id(client)
     prompt = prompts[0]
     ref = reference_stream(client, model, prompt, JOIN_MAX_TOKENS)
@@ -245,7 +251,7 @@ def test_fast_link_down_fails_over_mid_request_and_comes_back(
     victim.link_down(FAST)
     try:
         got.finish()
-        assert_same_stream(got, ref, "fast link down")
+        assert_same_stream(got, ref, case)
         recovery = measure_recovery(got, fault_at)
         # The victim's hops are on the slow bridge now; the others never left the fast one.
         moved = wait_until(lambda: all_hops_on(cluster, cluster.subnet, touching=victim, others_on=fast.subnet), 5.0)
@@ -253,22 +259,22 @@ def test_fast_link_down_fails_over_mid_request_and_comes_back(
     finally:
         back_at = time.monotonic()
         victim.link_up(FAST)
-    print(f"\nFAILOVER: the stream flowed again {recovery.resumed_s:.2f} s after the fast link went down "
+    print(f"\nFAILOVER ({case}): the stream flowed again {recovery.resumed_s:.2f} s after the fast link went down "
           f"(longest wait {recovery.longest_wait_s:.2f} s; fault after chunk {got.count_at(fault_at)}; "
           f"fault-free chunk interval {ref.interval_s() * 1000:.1f} ms)", flush=True)
-    record_timing("failover to the slow bridge (link down -> stream flowing again)", recovery.resumed_s)
+    record_timing(f"failover to the slow bridge, {case} (-> stream flowing again)", recovery.resumed_s)
     assert recovery.resumed_s < RECOVERY_SANITY_S
 
     returned_in = wait_until(lambda: all_hops_on(cluster, fast.subnet), RETURN_TIMEOUT_S)
     assert returned_in is not None, f"the hops did not return to the fast bridge:\n{describe_hops(cluster)}"
     print(f"RETURN: every hop back on the fast bridge {time.monotonic() - back_at:.2f} s after the link came up",
           flush=True)
-    record_timing("back on the fast bridge after link up", returned_in)
+    record_timing(f"back on the fast bridge after link up, {case}", returned_in)
 
     # A path failover is not a node loss: the plan never changed.
     for node in cluster.nodes:
         assert raw_view(node)["epoch"] == epoch, f"{node.name} re-planned:\n{describe_hops(cluster)}"
-    assert_still_running(cluster.nodes, pids, "fast link down")
+    assert_still_running(cluster.nodes, pids, case)
     again = Stream(client, model, prompt, JOIN_MAX_TOKENS).start().finish()
     assert_same_stream(again, ref, "after the fast link returned")
     assert_no_panic(cluster)
