@@ -285,6 +285,12 @@ from harness.netns import Cluster
 how = sys.argv[2]
 with Cluster(workdir=sys.argv[3]) as cluster:
     nodes = [cluster.add_node(command=["sleep", "600"]) for _ in range(2)]
+    # Once each process is `sleep`, setpriv has set its parent-death signal: before that,
+    # a SIGKILLed harness would leave it running (a race of the test, not of the harness).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(
+            open(f"/proc/{node.pid}/comm").read().strip() == "sleep" for node in nodes):
+        time.sleep(0.01)
     names = [node.netns for node in nodes] + [cluster.hub_netns]
     print(json.dumps({"netns": names, "pids": [node.pid for node in nodes]}), flush=True)
     sys.stdin.readline()  # the parent has looked at the namespaces
