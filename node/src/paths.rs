@@ -42,6 +42,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// Consecutive misses after which the path in use is failed over, if another answers.
 const MISSES_TO_FAIL: u32 = 2;
 
+/// Consecutive misses after which a path's connection is dropped and made anew.
+const RECONNECT_AFTER_MISSES: u32 = 3;
+
 /// How often each path's throughput is measured again.
 const BURST_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -435,7 +438,14 @@ async fn probe_path(
             Ok(rtt) => lock(&stats).answered(rtt),
             Err(error) => {
                 tracing::trace!(%addr, "path probe missed: {error}");
-                lock(&stats).missed(sent);
+                let mut stats = lock(&stats);
+                stats.missed(sent);
+                if stats.misses >= RECONNECT_AFTER_MISSES {
+                    // A connection over a link that went down waits out TCP's growing
+                    // retransmission timer once the link is back; a new one is up at once.
+                    channel = None;
+                    next_burst = Instant::now();
+                }
                 continue;
             }
         }

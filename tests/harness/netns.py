@@ -33,9 +33,10 @@ them; it also runs from ``atexit`` and from SIGTERM/SIGINT/SIGHUP handlers. Name
 carry the harness's pid, and every new cluster first removes leftovers of crashed
 runs whose pid is dead.
 
-Requirements: Linux, root, iproute2 (``ip``; ``tc`` and the kernel's ``sch_netem`` for
-:meth:`Node.netem`). :func:`preflight` says whether they are met. The harness installs
-nothing and needs nothing beyond the standard library.
+Requirements: Linux, root, iproute2 (``ip``; ``tc`` for :meth:`Node.netem`, which uses
+the kernel's ``sch_netem`` or, without it, a user-space relay (``relay.py``) that also
+needs ``ethtool``; ``tc``'s ``tbf`` for slow links). :func:`preflight` says whether they
+are met. The harness installs nothing and needs nothing beyond the standard library.
 """
 
 from __future__ import annotations
@@ -602,6 +603,8 @@ class Node:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     started_at: float | None = None
     _forwarder: _Forwarder | None = field(default=None, repr=False)
+    _relay: subprocess.Popen[str] | None = field(default=None, repr=False)
+    """The user-space netem stand-in spliced between the node and its bridge, if any."""
 
     # -- identity and addresses --
 
@@ -871,11 +874,65 @@ class Node:
     def _hub_port(self, link: str | None) -> str:
         return self.hub_port if link is None else self.cluster.links[link].port(self)
 
-    def netem(self, delay_ms: float = 0.0, loss_pct: float = 0.0, jitter_ms: float = 0.0) -> None:
-        """Delay and drop the node's outgoing packets (``tc qdisc replace ... netem``).
+    def netem(self, delay_ms: float = 0.0, loss_pct: float = 0.0, jitter_ms: float = 0.0) -> str:
+        """Delay and drop the node's outgoing packets: with ``tc qdisc replace ... netem``,
+        or, where the kernel has no sch_netem, with a user-space relay (``relay.py``)
+        spliced between the node and its bridge port. Returns which was used.
 
-        Raises :class:`NetemUnavailable` where ``tc`` or the kernel's sch_netem is missing.
+        Raises :class:`NetemUnavailable` where neither can be had (no ``tc``, no
+        ``ethtool`` to turn off the segmentation offloads the relay cannot pass).
         """
+        try:
+            self._tc_netem(delay_ms, loss_pct, jitter_ms)
+            return "tc netem"
+        except NetemUnavailable as missing:
+            if shutil.which("ethtool") is None:
+                raise NetemUnavailable(f"{missing}; and `ethtool` is missing for the user-space relay") from missing
+            self._relay_netem(delay_ms, loss_pct, jitter_ms)
+            return "user-space relay (no sch_netem in this kernel)"
+
+    def _relay_netem(self, delay_ms: float, loss_pct: float, jitter_ms: float) -> None:
+        cluster = self.cluster
+        port_a, port_b = f"r{self.index}a", f"r{self.index}b"
+        # A packet socket resends frames as they are: they must fit the MTU and carry their
+        # checksums, so no super-frames and no checksum offload anywhere on the way (every
+        # node's sender, and the veths the relay reads).
+        for node in cluster.nodes:
+            _run(["ip", "netns", "exec", node.netns, "ethtool", "-K", NODE_IFACE, "tx", "off", "tso", "off",
+                  "gso", "off", "gro", "off"], check=False)
+        cluster.hub(["link", "add", port_a, "type", "veth", "peer", "name", port_b])
+        for port in (port_a, port_b):
+            cluster.hub(["link", "set", "dev", port, "addrgenmode", "none"])
+        cluster.hub(["link", "set", "dev", port_b, "master", cluster.bridge])
+        cluster.hub(["link", "set", "dev", self.hub_port, "nomaster"])
+        for port in (self.hub_port, port_a, port_b):
+            _run(["ip", "netns", "exec", cluster.hub_netns, "ethtool", "-K", port, "tx", "off", "tso", "off",
+                  "gso", "off", "gro", "off"], check=False)
+            cluster.hub(["link", "set", "dev", port, "promisc", "on", "up"])
+        argv = ["ip", "netns", "exec", cluster.hub_netns, sys.executable, str(Path(__file__).with_name("relay.py")),
+                self.hub_port, port_a, "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms),
+                "--loss", str(loss_pct), "--seed", str(self.index)]
+        self._relay = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        assert self._relay.stdout is not None
+        ready = self._relay.stdout.readline().strip()
+        if ready != "ready":
+            self._stop_relay()
+            raise HarnessError(f"the netem relay did not start: {ready} {self._relay.stdout.read()}")
+
+    def _stop_relay(self) -> None:
+        if self._relay is None:
+            return
+        if self._relay.poll() is None:
+            self._relay.kill()
+        self._relay.wait()
+        self._relay = None
+        cluster = self.cluster
+        _run(["ip", "-n", cluster.hub_netns, "link", "del", f"r{self.index}a"], check=False)
+        cluster.hub(["link", "set", "dev", self.hub_port, "promisc", "off"])
+        cluster.hub(["link", "set", "dev", self.hub_port, "master", cluster.bridge])
+
+    def _tc_netem(self, delay_ms: float, loss_pct: float, jitter_ms: float) -> None:
         if shutil.which("tc") is None:
             raise NetemUnavailable("`tc` (iproute2) is not installed")
         argv = ["tc", "-n", self.netns, "qdisc", "replace", "dev", NODE_IFACE, "root", "netem",
@@ -891,7 +948,10 @@ class Node:
             raise HarnessError(f"`{' '.join(argv)}` failed: {detail}")
 
     def clear_netem(self) -> None:
-        """Remove any netem qdisc from the node's interface."""
+        """Remove any netem qdisc (or relay) from the node's link."""
+        if self._relay is not None:
+            self._stop_relay()
+            return
         _run(["tc", "-n", self.netns, "qdisc", "del", "dev", NODE_IFACE, "root"], check=False)
 
 
@@ -1283,6 +1343,8 @@ class Cluster:
                 node.stop(grace_s=0.0)
             if node._forwarder is not None:
                 node._forwarder.close()
+            if node._relay is not None and node._relay.poll() is None:
+                node._relay.kill()
         for node in self.nodes:
             _delete_netns(node.netns)
         _delete_netns(self.hub_netns)

@@ -11,8 +11,9 @@ have reached the client:
 4.   SIGKILL the coordinator (with three nodes it is always one of the stages: the case
      says which);
 5.   unplug a node (its link goes down) and plug it back in after the request;
-6.   50 ms of delay and 5 % loss on one link for the rest of the request (``tc netem``;
-     skipped, loudly, where the kernel has no netem);
+6.   50 ms of delay and 5 % loss on one link for the rest of the request (``tc netem``,
+     or where the kernel has no sch_netem the harness's user-space relay, which does the
+     same to every frame the node sends; skipped, loudly, only if neither is possible);
 7.   a fourth node, with the model file, joins mid-request (its process starts just
      before the request; the case checks that the plan changed before the last chunk);
      and the same with no model file of its own (it must fetch its weights from its
@@ -468,7 +469,8 @@ def test_netem_delay_and_loss_on_one_link(make_cluster: Callable[[], Cluster], p
     got.wait_for(FAULT_AFTER_CHUNKS)
     fault_at = time.monotonic()
     try:
-        victim.netem(delay_ms=50, loss_pct=5)
+        how = victim.netem(delay_ms=50, loss_pct=5)
+        note += f"; impaired by {how}"
     except netns.NetemUnavailable as err:
         got.finish()
         capture = pytestconfig.pluginmanager.getplugin("capturemanager")
