@@ -3,9 +3,9 @@
 //! Both are read lazily: opening a source parses only headers, and loading a stage reads
 //! only the tensors of its own layers (GGUF by seeking, safetensors through a memory map).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -142,6 +142,60 @@ pub struct ModelFootprint {
     pub kv_bytes_per_token_per_layer: u64,
 }
 
+/// Where a GGUF model's bytes lie in its file: what a node serving weights to its peers
+/// reads, and what a node fetching them writes. Every range is checked to be countable
+/// (no overflow); none is checked against the file on disk, which may be sparse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// The header (metadata, tokenizer, tensor infos): bytes `0..header_bytes`.
+    pub header_bytes: u64,
+    /// Each tensor's bytes as a range of file offsets, by name.
+    pub tensors: BTreeMap<String, Range<u64>>,
+    /// The length of the whole file: where the last tensor ends.
+    pub file_bytes: u64,
+}
+
+impl FileLayout {
+    /// Reads the layout of a GGUF file from its header alone, as received from a peer:
+    /// `header` must be exactly the bytes before the data section. Nothing is allocated
+    /// beyond what `header` holds, and a malformed header is an error, never a panic.
+    pub fn from_gguf_header(header: &[u8]) -> Result<(Self, gguf_file::Content)> {
+        let invalid = |why: String| Error::InvalidModel(format!("GGUF header from a peer: {why}"));
+        // candle bounds every length by the bytes left in the reader; the unwind guard is
+        // for arithmetic it does not check (an alignment of 0 divides by zero).
+        let parsed = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(header)))
+            .map_err(|_| invalid("the parser gave up on it".into()))?
+            .map_err(|e| invalid(e.to_string()))?;
+        if parsed.tensor_data_offset != header.len() as u64 {
+            return Err(invalid(format!(
+                "its data section starts at byte {}, but it is {} bytes long",
+                parsed.tensor_data_offset,
+                header.len()
+            )));
+        }
+        Ok((Self::of(&parsed)?, parsed))
+    }
+
+    fn of(content: &gguf_file::Content) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        let mut file_bytes = content.tensor_data_offset;
+        for (name, info) in &content.tensor_infos {
+            let too_large = || Error::InvalidModel(format!("tensor `{name}` is too large to count"));
+            let elements = info.shape.dims().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(too_large)?;
+            let (block, type_size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+            if elements % block != 0 {
+                return Err(Error::InvalidModel(format!("tensor `{name}` is not a whole number of blocks")));
+            }
+            let bytes = (elements / block).checked_mul(type_size).ok_or_else(too_large)?;
+            let start = content.tensor_data_offset.checked_add(info.offset).ok_or_else(too_large)?;
+            let end = start.checked_add(bytes).ok_or_else(too_large)?;
+            file_bytes = file_bytes.max(end);
+            tensors.insert(name.clone(), start..end);
+        }
+        Ok(Self { header_bytes: content.tensor_data_offset, tensors, file_bytes })
+    }
+}
+
 enum Weights {
     Gguf { path: PathBuf, content: gguf_file::Content },
     Safetensors { tensors: MmapedSafetensors },
@@ -243,6 +297,51 @@ impl ModelSource {
             Weights::Gguf { content, .. } => ChatTemplate::from_gguf(&content.metadata, tokenizer),
             Weights::Safetensors { .. } => ChatTemplate::from_hf_dir(&self.location, tokenizer),
         }
+    }
+
+    /// Where the model's bytes lie in its file; GGUF models only.
+    pub fn file_layout(&self) -> Result<FileLayout> {
+        match &self.weights {
+            Weights::Gguf { content, .. } => FileLayout::of(content),
+            Weights::Safetensors { .. } => {
+                Err(Error::Unsupported("only GGUF models can be shared between nodes tensor by tensor".into()))
+            }
+        }
+    }
+
+    /// The file's names of the tensors a stage of `layers` loads: its blocks' weights,
+    /// the embedding for the first stage, the final norm and head (or the tied
+    /// embedding) for the last, and any tensor opening the model reads (RoPE factors).
+    /// GGUF models only.
+    pub fn stage_tensor_names(&self, layers: Range<usize>) -> Result<Vec<String>> {
+        let Weights::Gguf { .. } = &self.weights else {
+            return Err(Error::Unsupported("only GGUF models can be shared between nodes tensor by tensor".into()));
+        };
+        let n = self.config.num_layers;
+        if layers.start >= layers.end || layers.end > n {
+            return Err(Error::InvalidInput(format!(
+                "layer range {}..{} is not within the model's {n} layers",
+                layers.start, layers.end
+            )));
+        }
+        let mut names = vec![TensorName::RopeFrequencies];
+        if layers.start == 0 {
+            names.push(TensorName::TokenEmbedding);
+        }
+        for i in layers.clone() {
+            names.extend(LayerTensor::ALL.iter().map(|&t| TensorName::Layer(i, t)));
+        }
+        if layers.end == n {
+            names.push(TensorName::OutputNorm);
+            names.push(if self.config.tied_embeddings { TensorName::TokenEmbedding } else { TensorName::Output });
+        }
+        let mut seen = BTreeSet::new();
+        Ok(names
+            .into_iter()
+            .filter(|&name| self.has(name))
+            .map(TensorName::gguf)
+            .filter(|name| seen.insert(name.clone()))
+            .collect())
     }
 
     /// Bytes each part takes in memory once loaded on `device`, without loading anything.

@@ -33,6 +33,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthedChannel, Credentials};
+use crate::weights::WeightServer;
 
 /// Frames waiting to go out on one link before the sender waits.
 const LINK_BUFFER: usize = 64;
@@ -62,6 +63,7 @@ pub struct DataPlane {
     commands: mpsc::UnboundedSender<Command>,
     addr: SocketAddr,
     stats: Arc<DataPlaneStats>,
+    weights: WeightServer,
 }
 
 /// What the data plane has received, for `/health`: a node outside the cluster (no key,
@@ -104,6 +106,8 @@ impl DataPlane {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(DataPlaneStats::default());
         let worker_stats = stats.clone();
+        let weights = WeightServer::default();
+        let served_weights = weights.clone();
         std::thread::Builder::new()
             .name("hearth-data-plane".into())
             .spawn(move || {
@@ -114,10 +118,15 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, credentials, command_rx, worker_stats));
+                runtime.block_on(run(listener, limits, credentials, command_rx, worker_stats, served_weights));
             })
             .context("starting the data plane thread")?;
-        Ok(Self { commands, addr, stats })
+        Ok(Self { commands, addr, stats, weights })
+    }
+
+    /// The weights this node serves to peers that fetch them.
+    pub fn weights(&self) -> &WeightServer {
+        &self.weights
     }
 
     /// Counts of the frames received so far.
@@ -153,9 +162,10 @@ async fn run(
     credentials: Option<Arc<Credentials>>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<DataPlaneStats>,
+    weights: WeightServer,
 ) {
     let (work, work_rx) = mpsc::unbounded_channel();
-    let service = Service { work: work.clone() };
+    let service = Service { work: work.clone(), weights };
     let (auth, session_check) = crate::auth::server(credentials.clone());
     let server = InterceptedService::new(pb::pipeline_server::PipelineServer::new(service).with_limits(&limits), session_check);
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -192,6 +202,7 @@ async fn run(
 /// The gRPC face of the data plane: every inbound message goes to the worker.
 struct Service {
     work: mpsc::UnboundedSender<Work>,
+    weights: WeightServer,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StageMessage, Status>> + Send>>;
@@ -226,8 +237,8 @@ impl pb::pipeline_server::Pipeline for Service {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(replies))))
     }
 
-    async fn fetch_weights(&self, _: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        Err(Status::unimplemented("weight transfer is not implemented yet"))
+    async fn fetch_weights(&self, request: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        Ok(Response::new(Box::pin(self.weights.fetch(request.into_inner())?)))
     }
 }
 

@@ -12,3 +12,4 @@ pub mod holder;
 pub mod model_store;
 pub mod status;
 pub mod system;
+pub mod weights;

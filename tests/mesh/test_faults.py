@@ -15,8 +15,8 @@ have reached the client:
      skipped, loudly, where the kernel has no netem);
 7.   a fourth node, with the model file, joins mid-request (its process starts just
      before the request; the case checks that the plan changed before the last chunk);
-     and the same with no model file of its own (it must fetch its weights from its
-     peers: not implemented yet, so that test is a strict xfail);
+     and the same with no model file of its own (it fetches the model's header, then
+     its stage's weights, from its peers);
 8.   memory limits where no node can hold the model alone but two can: two of three
      nodes die (the survivor answers a clear 503 ``cluster_unavailable``), one comes
      back (requests succeed again).
@@ -558,8 +558,6 @@ def test_fourth_node_with_model_joins_mid_request(make_cluster: Callable[[], Clu
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason="weight transfer between nodes is not implemented yet",
-                   raises=(pytest.fail.Exception, AssertionError, netns.NodeExited, netns.PlanTimeout))
 def test_fourth_node_without_model_joins_mid_request(make_cluster: Callable[[], Cluster], prompts: list[str],
                                                      record_timing: Callable[[str, float], None],
                                                      hearth_binary: Path, tmp_path: Path) -> None:
