@@ -517,3 +517,62 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 fn file_stem(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use candle_core::quantized::gguf_file::Value;
+
+    use super::*;
+
+    /// A GGUF file with two small tensors, and the given metadata.
+    fn gguf(metadata: &[(&str, &Value)]) -> Vec<u8> {
+        let a = QTensor::quantize(&Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let b = QTensor::quantize(&Tensor::ones((4, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap();
+        let mut file = Cursor::new(Vec::new());
+        gguf_file::write(&mut file, metadata, &[("a.weight", &a), ("b.weight", &b)]).unwrap();
+        file.into_inner()
+    }
+
+    #[test]
+    fn a_header_alone_gives_the_file_layout() {
+        let file = gguf(&[("general.name", &Value::String("tiny".into()))]);
+        let content = gguf_file::Content::read(&mut Cursor::new(&file)).unwrap();
+        let header = &file[..content.tensor_data_offset as usize];
+        let (layout, parsed) = FileLayout::from_gguf_header(header).unwrap();
+        assert_eq!(layout, FileLayout::of(&content).unwrap());
+        assert_eq!(parsed.tensor_infos.len(), 2);
+        assert_eq!(layout.header_bytes, header.len() as u64);
+        // 2 × 32 f32, then 4 blocks of 32 in Q8_0 (34 bytes each) at the next 32-byte boundary.
+        let a = layout.tensors["a.weight"].clone();
+        let b = layout.tensors["b.weight"].clone();
+        assert_eq!((a.start, a.end - a.start), (layout.header_bytes, 256));
+        assert_eq!((b.start, b.end - b.start), (layout.header_bytes + 256, 136));
+        assert_eq!(layout.file_bytes, b.end);
+        assert!(layout.file_bytes <= file.len() as u64);
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_without_panicking() {
+        let file = gguf(&[]);
+        let content = gguf_file::Content::read(&mut Cursor::new(&file)).unwrap();
+        let header = &file[..content.tensor_data_offset as usize];
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("nothing", Vec::new()),
+            ("not GGUF", b"GGML and then some".to_vec()),
+            ("cut short", header[..header.len() - 1].to_vec()),
+            ("with data after it", file.clone()),
+        ];
+        // Claims more entries than the bytes could hold.
+        let mut counts = header.to_vec();
+        counts[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        cases.push(("absurd counts", counts));
+        // An alignment of 0 would divide by zero in the parser.
+        let zero = gguf(&[("general.alignment", &Value::U32(0))]);
+        cases.push(("alignment 0", zero[..zero.len().min(4096)].to_vec()));
+        for (what, bytes) in cases {
+            assert!(FileLayout::from_gguf_header(&bytes).is_err(), "{what}");
+        }
+    }
+}

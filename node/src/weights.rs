@@ -106,9 +106,9 @@ impl WeightServer {
     }
 
     /// Answers a `FetchWeights` call: checks the request, then streams the chunks from a
-    /// blocking thread. A malformed request is INVALID_ARGUMENT; another model, or a
-    /// tensor that is not the stage's or not held here, NOT_FOUND; layers the model does
-    /// not have, OUT_OF_RANGE.
+    /// blocking thread. A malformed request, or layers the model does not have, is
+    /// INVALID_ARGUMENT; another model, or a tensor that is not the stage's or not held
+    /// here, NOT_FOUND.
     pub fn fetch(&self, request: pb::WeightRequest) -> Result<ChunkStream, Status> {
         let request = WeightRequest::from_wire(request).map_err(|error| error.to_status())?;
         let shelf = self.current().ok_or_else(|| Status::not_found("this node has no model weights to serve"))?;
@@ -137,7 +137,7 @@ impl Shelf {
         let stage = self
             .source
             .stage_tensor_names(layers.start as usize..layers.end as usize)
-            .map_err(|error| Status::out_of_range(error.to_string()))?;
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
         let names = if wanted.is_empty() {
             stage
         } else {
