@@ -199,7 +199,8 @@ async fn run(
     Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, credentials, work, stats }.run(work_rx).await;
 }
 
-/// The gRPC face of the data plane: every inbound message goes to the worker.
+/// The gRPC face of the data plane: every inbound stage message goes to the worker;
+/// weight requests go to the weight server, which reads off this thread.
 struct Service {
     work: mpsc::UnboundedSender<Work>,
     weights: WeightServer,

@@ -50,6 +50,11 @@ const MAX_MODEL_FILE_BYTES: u64 = 1 << 40;
 /// A peer that sends nothing for this long is given up on.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Times a stage's fetch goes round every peer before it fails, and the pause between:
+/// a peer may be restarting, or reloading its own layers.
+const FETCH_ROUNDS: usize = 3;
+const ROUND_PAUSE: Duration = Duration::from_millis(500);
+
 /// The stream of chunks a server sends.
 pub type ChunkStream = ReceiverStream<Result<pb::WeightChunk, Status>>;
 
@@ -90,6 +95,7 @@ impl WeightServer {
     fn hold(&self, names: impl IntoIterator<Item = String>) {
         let Some(shelf) = self.current() else { return };
         let Some(held) = &shelf.held else { return };
+        // A statement, so that the guard is dropped before `shelf`.
         if let Ok(mut held) = held.write() {
             held.extend(names);
         };
@@ -360,6 +366,10 @@ pub async fn fetch_tensors(
     limits: Limits,
     done: &mut BTreeSet<String>,
 ) -> anyhow::Result<()> {
+    // An empty list would ask for the whole stage.
+    if names.is_empty() {
+        return Ok(());
+    }
     let mut due = Vec::with_capacity(names.len());
     for name in names {
         let range = layout.tensors.get(name).with_context(|| format!("the model has no tensor `{name}`"))?;
@@ -470,12 +480,14 @@ impl NodeModel {
         if self.source().is_some() {
             return false;
         }
-        for member in members.iter().filter(|member| member.node_id != me && member.model_id == self.id) {
+        // Ready members first: they are serving, so their data planes answer.
+        let serving = members.iter().filter(|member| member.model_id == self.id).cloned().collect::<Vec<_>>();
+        for addr in rank_peers(&(0..0), None, &serving, me) {
             let started = Instant::now();
-            match peers.learn(&self.id, member.data_addr).await {
+            match peers.learn(&self.id, addr).await {
                 Ok((source, layout)) => {
                     tracing::info!(
-                        peer = %member.data_addr,
+                        peer = %addr,
                         header_bytes = layout.header_bytes,
                         ms = started.elapsed().as_millis() as u64,
                         "got the model's header from a peer"
@@ -487,7 +499,7 @@ impl NodeModel {
                     self.known.send_replace(Some(source));
                     return true;
                 }
-                Err(error) => tracing::warn!(peer = %member.data_addr, "cannot get the model's header: {error:#}"),
+                Err(error) => tracing::warn!(peer = %addr, "cannot get the model's header: {error:#}"),
             }
         }
         false
@@ -562,13 +574,18 @@ impl FromPeers {
     }
 
     /// Fetches `names` into the file, from the first of `peers` that has them, going on
-    /// to the next when one fails or lies. Returns the bytes fetched.
+    /// to the next when one fails or lies (keeping the tensors it completed), for a few
+    /// rounds. Returns the bytes fetched.
     async fn fetch(&self, model: &str, layers: Range<usize>, names: &[String], peers: &[SocketAddr]) -> anyhow::Result<u64> {
         let (file, layout) =
             self.file.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone().context("the model is not laid out yet")?;
         let mut done = BTreeSet::new();
         let mut last_error = anyhow::anyhow!("no peer serves the model");
-        for &peer in peers {
+        for attempt in 0..FETCH_ROUNDS * peers.len() {
+            let peer = peers[attempt % peers.len()];
+            if attempt > 0 && attempt % peers.len() == 0 {
+                tokio::time::sleep(ROUND_PAUSE).await;
+            }
             let remaining: Vec<String> = names.iter().filter(|name| !done.contains(*name)).cloned().collect();
             let fetched = fetch_tensors(
                 peer,
