@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -558,22 +559,36 @@ def test_fourth_node_with_model_joins_mid_request(make_cluster: Callable[[], Clu
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("keyed", [False, True], ids=["open", "cluster-key"])
 def test_fourth_node_without_model_joins_mid_request(make_cluster: Callable[[], Cluster], prompts: list[str],
                                                      record_timing: Callable[[str, float], None],
-                                                     hearth_binary: Path, tmp_path: Path) -> None:
+                                                     hearth_binary: Path, tmp_path: Path, keyed: bool) -> None:
     """The newcomer has no model file and no way to download one: an empty model cache
     (``HEARTH_CACHE_DIR``), the default model spec, and pip barred from any index
     (``PIP_NO_INDEX=1``), so its only source for its stage's weights is its peers
-    (``Pipeline.FetchWeights``). It must join, get its layers from them and serve."""
-    mesh = fresh_mesh(make_cluster)
+    (``Pipeline.FetchWeights``). It must join, get its layers from them and serve; in a
+    private cluster too, where fetching weights takes a session ticket like any
+    data plane call."""
+    key_args: list[str] = []
+    if keyed:
+        key = tmp_path / "cluster.key"
+        made = subprocess.run([str(hearth_binary), "key", "new", "--out", str(key)], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert made.returncode == 0, f"`hearth key new` failed: {made.stderr}"
+        key_args = ["--cluster-key-file", str(key)]
+    mesh = fresh_mesh(make_cluster, extra=key_args or None)
     cache = tmp_path / "empty-model-cache"
     cache.mkdir()
     newcomer = mesh.cluster.add_node(start=False)
     newcomer.command = ["env", f"HEARTH_CACHE_DIR={cache}", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=",
                         str(hearth_binary), "serve", "--model", "default", "--data-dir", str(newcomer.data_dir),
-                        "--memory-limit", "800MiB"]
+                        "--memory-limit", "800MiB", *key_args]
     newcomer.memory_limit = "800MiB"
-    join_case(mesh, newcomer, prompts[1], "join-without-model", record_timing)
+    case = "join-without-model" + (" (cluster key)" if keyed else "")
+    join_case(mesh, newcomer, prompts[1], case, record_timing)
+    fetched = re.findall(r"fetched the stage's weights from peers.*", newcomer.log_path.read_text(errors="replace"))
+    assert fetched, f"{case}: the newcomer's log says nothing of fetching its weights:\n{newcomer.log_tail()}"
+    print(f"{case}: {fetched[-1]}")
 
 
 # --- 8: not enough memory left, then enough again -------------------------------------------
