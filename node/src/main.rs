@@ -273,17 +273,25 @@ fn open_local(args: &ModelArgs) -> anyhow::Result<ModelSource> {
     Ok(source)
 }
 
+/// Where a serving node's model comes from.
+enum ModelOrigin {
+    /// A file of its own.
+    File(Box<ModelSource>),
+    /// Its peers, which serve the model under this id.
+    Peers(String),
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let device = open_device(&args.model)?;
     // A node that cannot get the model itself (no network, no pip) can still join: its
     // peers have the model, and give it the weights of its layers.
-    let local = match open_local(&args.model) {
-        Ok(source) => Some(source),
+    let origin = match open_local(&args.model) {
+        Ok(source) => ModelOrigin::File(Box::new(source)),
         Err(error) => match args.model.model.peer_model_id() {
             Some(id) => {
                 tracing::warn!("{error:#}");
                 tracing::warn!("joining the cluster without the model: its weights will come from peers serving {id}");
-                None
+                ModelOrigin::Peers(id)
             }
             None => return Err(error),
         },
@@ -323,10 +331,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = hearth_proto::Limits::default();
     let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
     let data_plane_stats = data_plane.stats().clone();
-    let model = match (local, args.model.model.peer_model_id()) {
-        (Some(source), _) => NodeModel::from_file(source, data_plane.weights().clone()),
-        (None, id) => {
-            let id = id.context("no model")?;
+    let model = match origin {
+        ModelOrigin::File(source) => NodeModel::from_file(*source, data_plane.weights().clone()),
+        ModelOrigin::Peers(id) => {
             let dir = ModelStore::from_env()?.cache_dir().join("from-peers");
             NodeModel::from_peers(id, &dir, args.model.context, credentials.clone(), limits, data_plane.weights().clone())
         }
@@ -370,8 +377,7 @@ fn holder_once_known(
     }
     let (mut known, slot) = (model.watch(), holder.clone());
     tokio::spawn(async move {
-        let Ok(source) = known.wait_for(Option::is_some).await.map(|source| source.clone()) else { return };
-        let Some(source) = source else { return };
+        let Ok(Some(source)) = known.wait_for(Option::is_some).await.map(|source| source.clone()) else { return };
         match ModelInfo::from_source(&source) {
             Ok(info) => {
                 let _ = slot.set(Holder::new(info, routes, limits, credentials));
