@@ -795,6 +795,16 @@ mod tests {
     }
 
     #[test]
+    fn models_peers_can_give_have_the_id_nodes_with_the_file_announce() {
+        let id = |spec: &str| spec.parse::<ModelSpec>().unwrap().peer_model_id();
+        assert_eq!(id("default").as_deref(), Some("SmolLM2-135M-Instruct.Q4_1"));
+        assert_eq!(id("owner/name:sub/model-Q4_K_M.gguf").as_deref(), Some("model-Q4_K_M"));
+        // A safetensors checkpoint cannot be fetched tensor by tensor from peers.
+        assert_eq!(id("owner/name"), None);
+        assert_eq!(ModelSpec::GgufFile("/nowhere/m.gguf".into()).peer_model_id(), None);
+    }
+
+    #[test]
     fn expands_home_in_paths() {
         if let Some(home) = std::env::var_os("HOME") {
             assert_eq!(expand_home("~/m.gguf"), PathBuf::from(&home).join("m.gguf"));

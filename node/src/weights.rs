@@ -116,6 +116,20 @@ impl WeightServer {
     /// INVALID_ARGUMENT; another model, or a tensor that is not the stage's or not held
     /// here, NOT_FOUND.
     pub fn fetch(&self, request: pb::WeightRequest) -> Result<ChunkStream, Status> {
+        let refused = |status: Status| {
+            tracing::warn!("refusing a weight request: {}", status.message());
+            status
+        };
+        let pieces = self.pieces(request).map_err(refused)?;
+        let bytes: u64 = pieces.iter().map(|(_, range)| range.end - range.start).sum();
+        tracing::info!(pieces = pieces.len(), mib = format!("{:.1}", bytes as f64 / (1 << 20) as f64), "serving weights to a peer");
+        let (chunks, stream) = mpsc::channel(CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || send_chunks(&pieces, &chunks));
+        Ok(ReceiverStream::new(stream))
+    }
+
+    /// The model file and the ranges of it a request asks for.
+    fn pieces(&self, request: pb::WeightRequest) -> Result<Pieces, Status> {
         let request = WeightRequest::from_wire(request).map_err(|error| error.to_status())?;
         let shelf = self.current().ok_or_else(|| Status::not_found("this node has no model weights to serve"))?;
         if request.model != shelf.source.name() {
@@ -125,17 +139,29 @@ impl WeightServer {
                 request.model.escape_default()
             )));
         }
-        let pieces = shelf.pieces(request.part)?;
-        let (chunks, stream) = mpsc::channel(CHUNKS_AHEAD);
-        let path = shelf.source.location().to_path_buf();
-        tokio::task::spawn_blocking(move || send_chunks(&path, &pieces, &chunks));
-        Ok(ReceiverStream::new(stream))
+        Ok(Pieces { path: shelf.source.location().to_path_buf(), ranges: shelf.ranges(request.part)? })
+    }
+}
+
+/// What a request will be sent: ranges of the model file, by name, in order.
+struct Pieces {
+    path: PathBuf,
+    ranges: Vec<(String, Range<u64>)>,
+}
+
+impl Pieces {
+    fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(String, Range<u64>)> {
+        self.ranges.iter()
     }
 }
 
 impl Shelf {
     /// The file ranges a request asks for, by name, in the order they are sent.
-    fn pieces(&self, part: WeightPart) -> Result<Vec<(String, Range<u64>)>, Status> {
+    fn ranges(&self, part: WeightPart) -> Result<Vec<(String, Range<u64>)>, Status> {
         let (layers, wanted) = match part {
             WeightPart::Header => return Ok(vec![(HEADER_NAME.to_string(), 0..self.layout.header_bytes)]),
             WeightPart::Stage { layers, tensors } => (layers, tensors),
@@ -177,10 +203,11 @@ impl Shelf {
 
 /// Reads the pieces from the model file and sends them in chunks, until done, or the
 /// receiver leaves, or the file fails.
-fn send_chunks(path: &Path, pieces: &[(String, Range<u64>)], chunks: &mpsc::Sender<Result<pb::WeightChunk, Status>>) {
+fn send_chunks(pieces: &Pieces, chunks: &mpsc::Sender<Result<pb::WeightChunk, Status>>) {
+    let path = &pieces.path;
     let result = (|| -> std::io::Result<()> {
         let mut file = File::open(path)?;
-        for (name, range) in pieces {
+        for (name, range) in pieces.iter() {
             let size = range.end - range.start;
             let mut offset = 0;
             // An empty tensor still gets one (empty) chunk, so the receiver sees it.

@@ -1,5 +1,5 @@
-//! The messages of `Pipeline.FetchWeights`, which gives a joining node its stage's
-//! weights.
+//! The messages of `Pipeline.FetchWeights`, which gives a joining node its model file's
+//! header and its stage's weights.
 //!
 //! Validation checks that a chunk is well formed and lies within its tensor; checking
 //! its digest against its data, and the tensor against the model, is the receiver's
