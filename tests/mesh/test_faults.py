@@ -16,7 +16,8 @@ have reached the client:
 7.   a fourth node, with the model file, joins mid-request (its process starts just
      before the request; the case checks that the plan changed before the last chunk);
      and the same with no model file of its own (it fetches the model's header, then
-     its stage's weights, from its peers);
+     its stage's weights, from its peers), in an open and in a keyed cluster; alone,
+     such a node keeps running and answers 503 until it has peers;
 8.   memory limits where no node can hold the model alone but two can: two of three
      nodes die (the survivor answers a clear 503 ``cluster_unavailable``), one comes
      back (requests succeed again).
@@ -589,6 +590,30 @@ def test_fourth_node_without_model_joins_mid_request(make_cluster: Callable[[], 
     fetched = re.findall(r"fetched the stage's weights from peers.*", newcomer.log_path.read_text(errors="replace"))
     assert fetched, f"{case}: the newcomer's log says nothing of fetching its weights:\n{newcomer.log_tail()}"
     print(f"{case}: {fetched[-1]}")
+
+
+def test_a_node_without_model_or_peers_waits_answering_503(make_cluster: Callable[[], Cluster],
+                                                             hearth_binary: Path, tmp_path: Path) -> None:
+    """Alone, a node with no model file and no way to download one keeps running, and its
+    API says why it cannot serve yet: 503 everywhere, naming what it waits for."""
+    cache = tmp_path / "empty-model-cache"
+    cache.mkdir()
+    cluster = make_cluster()
+    node = cluster.add_node(start=False)
+    node.command = ["env", f"HEARTH_CACHE_DIR={cache}", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=",
+                    str(hearth_binary), "serve", "--model", "default", "--data-dir", str(node.data_dir)]
+    cluster.start_nodes([node])
+    node.wait_api()
+    health = node.http("GET", "/health", timeout=10.0)
+    assert health.status == 503 and health.json()["model"] is None, health.text
+    for method, path, body in [("GET", "/v1/models", None),
+                               ("POST", "/v1/completions", {"model": "x", "prompt": "Hi", "max_tokens": 4})]:
+        answer = node.http(method, path, json=body, timeout=10.0)
+        assert answer.status == 503, f"{method} {path}: {answer.status} {answer.text}"
+        assert answer.json()["error"]["code"] == "model_unavailable", answer.text
+    time.sleep(2.5)  # a few rounds of looking for peers
+    node.ensure_running()
+    assert_no_panic(cluster)
 
 
 # --- 8: not enough memory left, then enough again -------------------------------------------
