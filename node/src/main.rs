@@ -300,14 +300,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => hearth_mesh::identity::default_data_dir()?,
     };
+    let node_id = hearth_mesh::identity::Identity::load_or_create(&data_dir)?.node_id().to_string();
     let cluster_key = auth::load_cluster_key(args.cluster_key_file.as_deref())?;
-    let credentials = match &cluster_key {
-        Some(key) => {
-            let identity = hearth_mesh::identity::Identity::load_or_create(&data_dir)?;
-            Some(Arc::new(auth::Credentials::new(key, identity.node_id().to_string())))
-        }
-        None => None,
-    };
+    let credentials = cluster_key.as_ref().map(|key| Arc::new(auth::Credentials::new(key, node_id.clone())));
     let options = ClusterOptions {
         cluster_name: args.cluster,
         data_dir,
@@ -334,7 +329,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let model = match origin {
         ModelOrigin::File(source) => NodeModel::from_file(*source, data_plane.weights().clone()),
         ModelOrigin::Peers(id) => {
-            let dir = ModelStore::from_env()?.cache_dir().join("from-peers");
+            // A folder of its own: nodes on one machine may share the cache, and must not
+            // write each other's file.
+            let dir = ModelStore::from_env()?.cache_dir().join("from-peers").join(&node_id);
             NodeModel::from_peers(id, &dir, args.model.context, credentials.clone(), limits, data_plane.weights().clone())
         }
     };
