@@ -397,10 +397,13 @@ pub async fn fetch_tensors(
     if names.is_empty() {
         return Ok(());
     }
+    // What is due, by the header: each tensor's size, and where it starts in the file.
     let mut due = Vec::with_capacity(names.len());
+    let mut starts = Vec::with_capacity(names.len());
     for name in names {
         let range = layout.tensors.get(name).with_context(|| format!("the model has no tensor `{name}`"))?;
         due.push((name.clone(), range.end - range.start));
+        starts.push(range.start);
     }
     let layers = u32::try_from(layers.start)?..u32::try_from(layers.end)?;
     let request = WeightRequest {
@@ -412,7 +415,7 @@ pub async fn fetch_tensors(
     let mut recorded = 0;
     while let Some(chunk) = next_chunk(&mut stream).await? {
         let (index, chunk) = receiver.take(chunk)?;
-        let at = layout.tensors[&due[index].0].start + chunk.offset;
+        let at = starts[index] + chunk.offset;
         let file = file.clone();
         tokio::task::spawn_blocking(move || write_at(&file, at, &chunk.data)).await??;
         for (name, _) in &due[recorded..receiver.completed()] {
