@@ -16,5 +16,5 @@ pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
-pub use source::{ModelFootprint, ModelSource};
+pub use source::{FileLayout, ModelFootprint, ModelSource};
 pub use stage::{Stage, StageCache, StageInput, StageOutput};

@@ -3,9 +3,9 @@
 //! Both are read lazily: opening a source parses only headers, and loading a stage reads
 //! only the tensors of its own layers (GGUF by seeking, safetensors through a memory map).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -142,6 +142,60 @@ pub struct ModelFootprint {
     pub kv_bytes_per_token_per_layer: u64,
 }
 
+/// Where a GGUF model's bytes lie in its file: what a node serving weights to its peers
+/// reads, and what a node fetching them writes. Every range is checked to be countable
+/// (no overflow); none is checked against the file on disk, which may be sparse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileLayout {
+    /// The header (metadata, tokenizer, tensor infos): bytes `0..header_bytes`.
+    pub header_bytes: u64,
+    /// Each tensor's bytes as a range of file offsets, by name.
+    pub tensors: BTreeMap<String, Range<u64>>,
+    /// The length of the whole file: where the last tensor ends.
+    pub file_bytes: u64,
+}
+
+impl FileLayout {
+    /// Reads the layout of a GGUF file from its header alone, as received from a peer:
+    /// `header` must be exactly the bytes before the data section. Nothing is allocated
+    /// beyond what `header` holds, and a malformed header is an error, never a panic.
+    pub fn from_gguf_header(header: &[u8]) -> Result<(Self, gguf_file::Content)> {
+        let invalid = |why: String| Error::InvalidModel(format!("GGUF header from a peer: {why}"));
+        // candle bounds every length by the bytes left in the reader; the unwind guard is
+        // for arithmetic it does not check (an alignment of 0 divides by zero).
+        let parsed = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(header)))
+            .map_err(|_| invalid("the parser gave up on it".into()))?
+            .map_err(|e| invalid(e.to_string()))?;
+        if parsed.tensor_data_offset != header.len() as u64 {
+            return Err(invalid(format!(
+                "its data section starts at byte {}, but it is {} bytes long",
+                parsed.tensor_data_offset,
+                header.len()
+            )));
+        }
+        Ok((Self::of(&parsed)?, parsed))
+    }
+
+    fn of(content: &gguf_file::Content) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        let mut file_bytes = content.tensor_data_offset;
+        for (name, info) in &content.tensor_infos {
+            let too_large = || Error::InvalidModel(format!("tensor `{name}` is too large to count"));
+            let elements = info.shape.dims().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(too_large)?;
+            let (block, type_size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+            if elements % block != 0 {
+                return Err(Error::InvalidModel(format!("tensor `{name}` is not a whole number of blocks")));
+            }
+            let bytes = (elements / block).checked_mul(type_size).ok_or_else(too_large)?;
+            let start = content.tensor_data_offset.checked_add(info.offset).ok_or_else(too_large)?;
+            let end = start.checked_add(bytes).ok_or_else(too_large)?;
+            file_bytes = file_bytes.max(end);
+            tensors.insert(name.clone(), start..end);
+        }
+        Ok(Self { header_bytes: content.tensor_data_offset, tensors, file_bytes })
+    }
+}
+
 enum Weights {
     Gguf { path: PathBuf, content: gguf_file::Content },
     Safetensors { tensors: MmapedSafetensors },
@@ -243,6 +297,51 @@ impl ModelSource {
             Weights::Gguf { content, .. } => ChatTemplate::from_gguf(&content.metadata, tokenizer),
             Weights::Safetensors { .. } => ChatTemplate::from_hf_dir(&self.location, tokenizer),
         }
+    }
+
+    /// Where the model's bytes lie in its file; GGUF models only.
+    pub fn file_layout(&self) -> Result<FileLayout> {
+        match &self.weights {
+            Weights::Gguf { content, .. } => FileLayout::of(content),
+            Weights::Safetensors { .. } => {
+                Err(Error::Unsupported("only GGUF models can be shared between nodes tensor by tensor".into()))
+            }
+        }
+    }
+
+    /// The file's names of the tensors a stage of `layers` loads: its blocks' weights,
+    /// the embedding for the first stage, the final norm and head (or the tied
+    /// embedding) for the last, and any tensor opening the model reads (RoPE factors).
+    /// GGUF models only.
+    pub fn stage_tensor_names(&self, layers: Range<usize>) -> Result<Vec<String>> {
+        let Weights::Gguf { .. } = &self.weights else {
+            return Err(Error::Unsupported("only GGUF models can be shared between nodes tensor by tensor".into()));
+        };
+        let n = self.config.num_layers;
+        if layers.start >= layers.end || layers.end > n {
+            return Err(Error::InvalidInput(format!(
+                "layer range {}..{} is not within the model's {n} layers",
+                layers.start, layers.end
+            )));
+        }
+        let mut names = vec![TensorName::RopeFrequencies];
+        if layers.start == 0 {
+            names.push(TensorName::TokenEmbedding);
+        }
+        for i in layers.clone() {
+            names.extend(LayerTensor::ALL.iter().map(|&t| TensorName::Layer(i, t)));
+        }
+        if layers.end == n {
+            names.push(TensorName::OutputNorm);
+            names.push(if self.config.tied_embeddings { TensorName::TokenEmbedding } else { TensorName::Output });
+        }
+        let mut seen = BTreeSet::new();
+        Ok(names
+            .into_iter()
+            .filter(|&name| self.has(name))
+            .map(TensorName::gguf)
+            .filter(|name| seen.insert(name.clone()))
+            .collect())
     }
 
     /// Bytes each part takes in memory once loaded on `device`, without loading anything.
@@ -417,4 +516,63 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn file_stem(path: &Path) -> String {
     path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use candle_core::quantized::gguf_file::Value;
+
+    use super::*;
+
+    /// A GGUF file with two small tensors, and the given metadata.
+    fn gguf(metadata: &[(&str, &Value)]) -> Vec<u8> {
+        let a = QTensor::quantize(&Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let b = QTensor::quantize(&Tensor::ones((4, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap();
+        let mut file = Cursor::new(Vec::new());
+        gguf_file::write(&mut file, metadata, &[("a.weight", &a), ("b.weight", &b)]).unwrap();
+        file.into_inner()
+    }
+
+    #[test]
+    fn a_header_alone_gives_the_file_layout() {
+        let file = gguf(&[("general.name", &Value::String("tiny".into()))]);
+        let content = gguf_file::Content::read(&mut Cursor::new(&file)).unwrap();
+        let header = &file[..content.tensor_data_offset as usize];
+        let (layout, parsed) = FileLayout::from_gguf_header(header).unwrap();
+        assert_eq!(layout, FileLayout::of(&content).unwrap());
+        assert_eq!(parsed.tensor_infos.len(), 2);
+        assert_eq!(layout.header_bytes, header.len() as u64);
+        // 2 × 32 f32, then 4 blocks of 32 in Q8_0 (34 bytes each) at the next 32-byte boundary.
+        let a = layout.tensors["a.weight"].clone();
+        let b = layout.tensors["b.weight"].clone();
+        assert_eq!((a.start, a.end - a.start), (layout.header_bytes, 256));
+        assert_eq!((b.start, b.end - b.start), (layout.header_bytes + 256, 136));
+        assert_eq!(layout.file_bytes, b.end);
+        assert!(layout.file_bytes <= file.len() as u64);
+    }
+
+    #[test]
+    fn malformed_headers_are_refused_without_panicking() {
+        let file = gguf(&[]);
+        let content = gguf_file::Content::read(&mut Cursor::new(&file)).unwrap();
+        let header = &file[..content.tensor_data_offset as usize];
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("nothing", Vec::new()),
+            ("not GGUF", b"GGML and then some".to_vec()),
+            ("cut short", header[..header.len() - 1].to_vec()),
+            ("with data after it", file.clone()),
+        ];
+        // Claims more entries than the bytes could hold.
+        let mut counts = header.to_vec();
+        counts[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        cases.push(("absurd counts", counts));
+        // An alignment of 0 would divide by zero in the parser.
+        let zero = gguf(&[("general.alignment", &Value::U32(0))]);
+        cases.push(("alignment 0", zero[..zero.len().min(4096)].to_vec()));
+        for (what, bytes) in cases {
+            assert!(FileLayout::from_gguf_header(&bytes).is_err(), "{what}");
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! offending parameter.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::BytesRejection;
@@ -37,15 +37,22 @@ const MAX_STOP_STRINGS: usize = 4;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub holder: Holder,
+    /// Set once this node knows its model: a node that joined without the model file
+    /// learns it from a peer, and answers 503 until then.
+    pub holder: Arc<OnceLock<Holder>>,
     pub cluster: watch::Receiver<ClusterView>,
     /// This node's data plane, for its counters.
     pub data_plane: Arc<DataPlaneStats>,
 }
 
-impl FromRef<AppState> for Holder {
-    fn from_ref(state: &AppState) -> Self {
-        state.holder.clone()
+impl AppState {
+    fn holder(&self) -> Result<Holder, ApiError> {
+        self.holder.get().cloned().ok_or_else(|| {
+            ApiError::invalid("this node is still getting the model from its peers; try again shortly")
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .kind("server_error")
+                .code("model_unavailable")
+        })
     }
 }
 
@@ -174,7 +181,11 @@ async fn not_found() -> ApiError {
 
 /// 200 when the node can serve requests (its cluster has a ready plan), else 503.
 async fn health(State(state): State<AppState>) -> Response {
-    let (holder, cluster) = (&state.holder, &state.cluster);
+    let Ok(holder) = state.holder() else {
+        let body = json!({ "status": "starting", "problem": "getting the model from peers", "model": null });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    };
+    let (holder, cluster) = (&holder, &state.cluster);
     let counters = holder.counters();
     let load = std::sync::atomic::Ordering::Relaxed;
     let (ready, problem) = {
@@ -201,11 +212,12 @@ async fn cluster_view(State(cluster): State<watch::Receiver<ClusterView>>) -> Js
     Json(cluster.borrow().clone())
 }
 
-async fn models(State(holder): State<Holder>) -> Json<Value> {
-    Json(json!({
+async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let holder = state.holder()?;
+    Ok(Json(json!({
         "object": "list",
         "data": [{ "id": holder.model_id(), "object": "model", "created": unix_time(), "owned_by": "hearth" }],
-    }))
+    })))
 }
 
 /// Parameters shared by both endpoints.
@@ -302,7 +314,7 @@ async fn handle(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Resp
             .kind("server_error")
             .code("cluster_unavailable"));
     }
-    let holder = state.holder;
+    let holder = state.holder()?;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
     let Value::Object(fields) = &body else {

@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::data_plane::{DataPlane, Neighbour, StageRole};
 use crate::holder::Route;
 use crate::paths::{PathView, Paths};
+use crate::weights::NodeModel;
 
 /// Membership must hold still this long before the coordinator plans: nodes that start
 /// together find each other within about a second, and each plan costs a layer load.
@@ -110,7 +110,7 @@ pub struct ClusterHandles {
 /// Joins the cluster and keeps following it until the process ends.
 pub async fn join(
     options: ClusterOptions,
-    source: Arc<ModelSource>,
+    model: NodeModel,
     device: Device,
     data_plane: DataPlane,
 ) -> anyhow::Result<ClusterHandles> {
@@ -134,7 +134,7 @@ pub async fn join(
         api_addr,
         usable_memory_bytes: options.usable_memory_bytes,
         backend: options.backend.as_str().to_string(),
-        model_id: source.name().to_string(),
+        model_id: model.id().to_string(),
         ready_epoch: None,
         data_paths,
         hops: Vec::new(),
@@ -179,12 +179,12 @@ pub async fn join(
 
     let (route_tx, routes) = watch::channel(None);
     let (view_tx, view) = watch::channel(ClusterView { node: node_id.clone(), ..ClusterView::default() });
-    let profile = model_profile(&source, &device);
+    let profile = model.source().map(|source| model_profile(&source, &device));
     let paths = Paths::start(data_plane.credentials(), data_plane.limits(), options.interfaces.clone());
     let node = Node {
         me,
         control,
-        source,
+        model,
         device,
         data_plane,
         profile,
@@ -236,10 +236,11 @@ fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {
 struct Node {
     me: NodeInfo,
     control: ControlPlane,
-    source: Arc<ModelSource>,
+    model: NodeModel,
     device: Device,
     data_plane: DataPlane,
-    profile: ModelProfile,
+    /// `None` while a node without the model file waits for its header from a peer.
+    profile: Option<ModelProfile>,
     members: Vec<NodeInfo>,
     plan: Option<Plan>,
     route_tx: watch::Sender<Option<Route>>,
@@ -273,6 +274,7 @@ impl Node {
                 event = control_events.recv() => match event {
                     Some(ControlEvent::Members(members)) => {
                         self.members = members;
+                        self.learn_model().await;
                         self.update_paths();
                         // Alone and planless, wait for peers; once there are peers or a plan,
                         // the usual settling time (each change restarts it).
@@ -289,7 +291,13 @@ impl Node {
                     }
                 },
                 Some(event) = discovery_events.recv() => self.discovered(event),
-                _ = redial.tick() => self.redial(&peers).await,
+                _ = redial.tick() => {
+                    self.redial(&peers).await;
+                    // A node without the model tries again for its header.
+                    if self.learn_model().await && !settling {
+                        self.plan_if_coordinator();
+                    }
+                }
                 Ok(()) = path_changes.changed() => {
                     self.report_hops();
                     self.publish_view();
@@ -373,7 +381,8 @@ impl Node {
 
     /// On the coordinator: publishes a new plan when the membership calls for one.
     fn plan_if_coordinator(&mut self) {
-        match next_plan(&self.me.node_id, &self.members, &self.profile, self.plan.as_ref()) {
+        let Some(profile) = &self.profile else { return };
+        match next_plan(&self.me.node_id, &self.members, profile, self.plan.as_ref()) {
             Ok(Some(plan)) => {
                 tracing::info!(epoch = plan.epoch, stages = plan.stages.len(), "publishing a new plan");
                 if let Err(error) = self.control.publish_plan(plan) {
@@ -445,8 +454,20 @@ impl Node {
         self.publish_view();
     }
 
+    /// For a node without the model file: gets the header from a peer, if it has not yet.
+    /// Returns whether the model just became known.
+    async fn learn_model(&mut self) -> bool {
+        if self.profile.is_some() {
+            return false;
+        }
+        self.model.learn(&self.members, &self.me.node_id).await;
+        self.profile = self.model.source().map(|source| model_profile(&source, &self.device));
+        self.profile.is_some()
+    }
+
     async fn load(&self, layers: std::ops::Range<usize>) -> anyhow::Result<Stage> {
-        let source = self.source.clone();
+        // A node without the model file fetches the stage's tensors from peers first.
+        let source = self.model.for_stage(layers.clone(), self.plan.as_ref(), &self.members, &self.me.node_id).await?;
         let device = self.device.clone();
         let started = std::time::Instant::now();
         let stage = tokio::task::spawn_blocking(move || source.load_stage(layers, &device)).await??;

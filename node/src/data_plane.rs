@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{AuthedChannel, Credentials};
 use crate::paths::Choice;
+use crate::weights::WeightServer;
 
 /// Frames waiting to go out on one link before the sender waits.
 const LINK_BUFFER: usize = 64;
@@ -75,6 +76,7 @@ pub struct DataPlane {
     stats: Arc<DataPlaneStats>,
     limits: Limits,
     credentials: Option<Arc<Credentials>>,
+    weights: WeightServer,
 }
 
 /// What the data plane has received, for `/health`: a node outside the cluster (no key,
@@ -132,6 +134,8 @@ impl DataPlane {
         let stats = Arc::new(DataPlaneStats::default());
         let worker_stats = stats.clone();
         let worker_credentials = credentials.clone();
+        let weights = WeightServer::default();
+        let served_weights = weights.clone();
         std::thread::Builder::new()
             .name("hearth-data-plane".into())
             .spawn(move || {
@@ -142,10 +146,15 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, worker_credentials, command_rx, worker_stats));
+                runtime.block_on(run(listener, limits, worker_credentials, command_rx, worker_stats, served_weights));
             })
             .context("starting the data plane thread")?;
-        Ok(Self { commands, addr, stats, limits, credentials })
+        Ok(Self { commands, addr, stats, limits, credentials, weights })
+    }
+
+    /// The weights this node serves to peers that fetch them.
+    pub fn weights(&self) -> &WeightServer {
+        &self.weights
     }
 
     /// Counts of the frames received so far.
@@ -191,9 +200,10 @@ async fn run(
     credentials: Option<Arc<Credentials>>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<DataPlaneStats>,
+    weights: WeightServer,
 ) {
     let (work, work_rx) = mpsc::unbounded_channel();
-    let service = Service { work: work.clone() };
+    let service = Service { work: work.clone(), weights };
     let (auth, session_check) = crate::auth::server(credentials.clone());
     let server = InterceptedService::new(pb::pipeline_server::PipelineServer::new(service).with_limits(&limits), session_check);
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -227,9 +237,11 @@ async fn run(
     Worker { role: None, sequences: HashMap::new(), next: None, ring: None, limits, credentials, work, stats }.run(work_rx).await;
 }
 
-/// The gRPC face of the data plane: every inbound message goes to the worker.
+/// The gRPC face of the data plane: every inbound stage message goes to the worker;
+/// weight requests go to the weight server, which reads off this thread.
 struct Service {
     work: mpsc::UnboundedSender<Work>,
+    weights: WeightServer,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StageMessage, Status>> + Send>>;
@@ -269,8 +281,8 @@ impl pb::pipeline_server::Pipeline for Service {
         Ok(Response::new(pb::ProbeReply { received_bytes }))
     }
 
-    async fn fetch_weights(&self, _: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        Err(Status::unimplemented("weight transfer is not implemented yet"))
+    async fn fetch_weights(&self, request: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        Ok(Response::new(Box::pin(self.weights.fetch(request.into_inner())?)))
     }
 }
 

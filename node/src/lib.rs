@@ -13,3 +13,4 @@ pub mod model_store;
 pub mod paths;
 pub mod status;
 pub mod system;
+pub mod weights;

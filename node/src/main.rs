@@ -10,7 +10,7 @@ use hearth_models::chat_template::ChatMessage;
 use hearth_models::sampling::SamplingParams;
 use hearth_models::ModelSource;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use hearth_mesh::discovery::{Backend, InterfacePolicy, ManualPeer};
 use hearth_node::cluster::{self, ClusterOptions};
@@ -19,6 +19,7 @@ use hearth_node::device::{self, DeviceChoice};
 use hearth_node::engine::{Counters, Generation, Model};
 use hearth_node::holder::{Holder, ModelInfo};
 use hearth_node::model_store::{ModelSpec, ModelStore};
+use hearth_node::weights::NodeModel;
 use hearth_node::{api, auth, bench, status};
 
 /// The API's default address: loopback only, so nothing on the network reaches a node
@@ -243,10 +244,19 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<Model> {
 
 /// Resolves and opens the model a command asked for (reading headers only), and the device.
 fn open_source(args: &ModelArgs) -> anyhow::Result<(ModelSource, candle_core::Device)> {
+    let device = open_device(args)?;
+    Ok((open_local(args)?, device))
+}
+
+fn open_device(args: &ModelArgs) -> anyhow::Result<candle_core::Device> {
     if let Some(threads) = args.threads {
         device::set_compute_threads(threads)?;
     }
-    let device = args.device.open()?;
+    args.device.open()
+}
+
+/// Resolves (fetching it if need be) and opens the model, reading headers only.
+fn open_local(args: &ModelArgs) -> anyhow::Result<ModelSource> {
     let local = ModelStore::from_env()?.resolve(&args.model)?;
     let mut source = ModelSource::open(local.path())
         .with_context(|| format!("opening the model at {}", local.path().display()))?;
@@ -260,24 +270,39 @@ fn open_source(args: &ModelArgs) -> anyhow::Result<(ModelSource, candle_core::De
         device = ?args.device,
         "opened the model"
     );
-    Ok((source, device))
+    Ok(source)
+}
+
+/// Where a serving node's model comes from.
+enum ModelOrigin {
+    /// A file of its own.
+    File(Box<ModelSource>),
+    /// Its peers, which serve the model under this id.
+    Peers(String),
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (source, device) = open_source(&args.model)?;
-    let model = ModelInfo::from_source(&source)?;
+    let device = open_device(&args.model)?;
+    // A node that cannot get the model itself (no network, no pip) can still join: its
+    // peers have the model, and give it the weights of its layers.
+    let origin = match open_local(&args.model) {
+        Ok(source) => ModelOrigin::File(Box::new(source)),
+        Err(error) => match args.model.model.peer_model_id() {
+            Some(id) => {
+                tracing::warn!("{error:#}");
+                tracing::warn!("joining the cluster without the model: its weights will come from peers serving {id}");
+                ModelOrigin::Peers(id)
+            }
+            None => return Err(error),
+        },
+    };
     let data_dir = match args.data_dir {
         Some(dir) => dir,
         None => hearth_mesh::identity::default_data_dir()?,
     };
+    let node_id = hearth_mesh::identity::Identity::load_or_create(&data_dir)?.node_id().to_string();
     let cluster_key = auth::load_cluster_key(args.cluster_key_file.as_deref())?;
-    let credentials = match &cluster_key {
-        Some(key) => {
-            let identity = hearth_mesh::identity::Identity::load_or_create(&data_dir)?;
-            Some(Arc::new(auth::Credentials::new(key, identity.node_id().to_string())))
-        }
-        None => None,
-    };
+    let credentials = cluster_key.as_ref().map(|key| Arc::new(auth::Credentials::new(key, node_id.clone())));
     let options = ClusterOptions {
         cluster_name: args.cluster,
         data_dir,
@@ -301,6 +326,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = hearth_proto::Limits::default();
     let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
     let data_plane_stats = data_plane.stats().clone();
+    let model = match origin {
+        ModelOrigin::File(source) => NodeModel::from_file(*source, data_plane.weights().clone()),
+        ModelOrigin::Peers(id) => {
+            // A folder of its own: nodes on one machine may share the cache, and must not
+            // write each other's file.
+            let dir = ModelStore::from_env()?.cache_dir().join("from-peers").join(&node_id);
+            NodeModel::from_peers(id, &dir, args.model.context, credentials.clone(), limits, data_plane.weights().clone())
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -310,11 +344,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.api_addr)
             .await
             .with_context(|| format!("binding the API to {}", args.api_addr))?;
-        let cluster = cluster::join(options, Arc::new(source), device, data_plane).await?;
-        let holder = Holder::new(model, cluster.routes, limits, credentials);
+        let cluster = cluster::join(options, model.clone(), device, data_plane).await?;
+        let holder = holder_once_known(&model, cluster.routes, limits, credentials)?;
         tracing::info!(
             "serving {} on http://{}/v1 (OpenAI-compatible)",
-            holder.model_id(),
+            model.id(),
             listener.local_addr().unwrap_or(args.api_addr)
         );
         axum::serve(listener, api::router(api::AppState { holder, cluster: cluster.view, data_plane: data_plane_stats }, api_key))
@@ -322,6 +356,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("serving the API")
     })
+}
+
+/// The request holder: at once for a node with the model file, and for one without, as
+/// soon as a peer has given it the file's header (the tokenizer is in it). Until then
+/// the API answers 503.
+fn holder_once_known(
+    model: &NodeModel,
+    routes: tokio::sync::watch::Receiver<Option<hearth_node::holder::Route>>,
+    limits: hearth_proto::Limits,
+    credentials: Option<Arc<auth::Credentials>>,
+) -> anyhow::Result<Arc<OnceLock<Holder>>> {
+    let holder = Arc::new(OnceLock::new());
+    if let Some(source) = model.source() {
+        let _ = holder.set(Holder::new(ModelInfo::from_source(&source)?, routes, limits, credentials));
+        return Ok(holder);
+    }
+    let (mut known, slot) = (model.watch(), holder.clone());
+    tokio::spawn(async move {
+        let Ok(Some(source)) = known.wait_for(Option::is_some).await.map(|source| source.clone()) else { return };
+        match ModelInfo::from_source(&source) {
+            Ok(info) => {
+                let _ = slot.set(Holder::new(info, routes, limits, credentials));
+                tracing::info!("serving requests for {}", source.name());
+            }
+            Err(error) => tracing::error!("the model from the peers cannot serve requests: {error:#}"),
+        }
+    });
+    Ok(holder)
 }
 
 fn read_key_file(path: &std::path::Path) -> anyhow::Result<String> {

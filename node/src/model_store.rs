@@ -59,6 +59,21 @@ pub enum ModelSpec {
     },
 }
 
+impl ModelSpec {
+    /// The id a cluster knows this model by (its file's stem, as nodes that have the file
+    /// announce it), for models a node may get from its peers when it cannot fetch them
+    /// itself: the default model and GGUF files of Hugging Face repos. `None` for local
+    /// files and folders (a missing one is a mistake to report) and for safetensors.
+    pub fn peer_model_id(&self) -> Option<String> {
+        let file = match self {
+            Self::Default => DEFAULT_FILE,
+            Self::HfRepo { file: Some(file), .. } => file.rsplit('/').next().unwrap_or(file),
+            Self::GgufFile(_) | Self::HfDir(_) | Self::HfRepo { file: None, .. } => return None,
+        };
+        Path::new(file).file_stem().map(|stem| stem.to_string_lossy().into_owned())
+    }
+}
+
 /// Where a model's files are on disk, ready to load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalModel {
@@ -777,6 +792,16 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(input.parse::<ModelSpec>().unwrap(), expected, "parsing {input:?}");
         }
+    }
+
+    #[test]
+    fn models_peers_can_give_have_the_id_nodes_with_the_file_announce() {
+        let id = |spec: &str| spec.parse::<ModelSpec>().unwrap().peer_model_id();
+        assert_eq!(id("default").as_deref(), Some("SmolLM2-135M-Instruct.Q4_1"));
+        assert_eq!(id("owner/name:sub/model-Q4_K_M.gguf").as_deref(), Some("model-Q4_K_M"));
+        // A safetensors checkpoint cannot be fetched tensor by tensor from peers.
+        assert_eq!(id("owner/name"), None);
+        assert_eq!(ModelSpec::GgufFile("/nowhere/m.gguf".into()).peer_model_id(), None);
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub enum FrameError {
     /// A weight request for no layers.
     #[error("layer range {start}..{end} is empty")]
     EmptyLayerRange { start: u32, end: u32 },
+    /// A request for a model file's header that also names layers or tensors.
+    #[error("a request for the model's header names no layers or tensors")]
+    HeaderWithStage,
     /// A weight chunk that does not lie within its tensor.
     #[error(
         "chunk of {len} bytes at offset {offset} does not lie within its tensor of {size} bytes"

@@ -1,5 +1,5 @@
-//! The messages of `Pipeline.FetchWeights`, which gives a joining node its stage's
-//! weights.
+//! The messages of `Pipeline.FetchWeights`, which gives a joining node its model file's
+//! header and its stage's weights.
 //!
 //! Validation checks that a chunk is well formed and lies within its tensor; checking
 //! its digest against its data, and the tensor against the model, is the receiver's
@@ -23,21 +23,46 @@ pub const MAX_REQUESTED_TENSORS: usize = 4096;
 /// The length of a SHA-256 digest.
 pub const SHA256_LEN: usize = 32;
 
-/// The weights of one stage; see [`pb::WeightRequest`].
+/// The name the chunks of a model file's header travel under. GGUF tensor names never
+/// hold `<`, so it names no tensor.
+pub const HEADER_NAME: &str = "<header>";
+
+/// The largest model file header a node accepts, in bytes: the header holds the whole
+/// tokenizer, a few MiB for the largest vocabularies; this leaves ample room.
+pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+
+/// What a weight request asks for; see [`pb::WeightRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightRequest {
     /// The model, as the cluster names it.
     pub model: String,
-    /// The stage's layers; never empty.
-    pub layers: Range<u32>,
-    /// If not empty, only these tensors of the stage.
-    pub tensors: Vec<String>,
+    pub part: WeightPart,
+}
+
+/// The part of a model a [`WeightRequest`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightPart {
+    /// The model file's header: everything before the data section.
+    Header,
+    /// The tensors of one stage.
+    Stage {
+        /// The stage's layers; never empty.
+        layers: Range<u32>,
+        /// If not empty, only these tensors of the stage.
+        tensors: Vec<String>,
+    },
 }
 
 impl WeightRequest {
     pub fn from_wire(request: pb::WeightRequest) -> Result<Self, FrameError> {
-        let pb::WeightRequest { model, layer_start, layer_end, tensors } = request;
+        let pb::WeightRequest { model, layer_start, layer_end, tensors, header } = request;
         check_len_range("model name", model.len(), 1, MAX_NAME_BYTES)?;
+        if header {
+            if layer_start != 0 || layer_end != 0 || !tensors.is_empty() {
+                return Err(FrameError::HeaderWithStage);
+            }
+            return Ok(Self { model, part: WeightPart::Header });
+        }
         if layer_start >= layer_end {
             return Err(FrameError::EmptyLayerRange { start: layer_start, end: layer_end });
         }
@@ -51,12 +76,21 @@ impl WeightRequest {
         for tensor in &tensors {
             check_len_range("tensor name", tensor.len(), 1, MAX_NAME_BYTES)?;
         }
-        Ok(Self { model, layers: layer_start..layer_end, tensors })
+        Ok(Self { model, part: WeightPart::Stage { layers: layer_start..layer_end, tensors } })
     }
 
     pub fn into_wire(self) -> pb::WeightRequest {
-        let Self { model, layers, tensors } = self;
-        pb::WeightRequest { model, layer_start: layers.start, layer_end: layers.end, tensors }
+        let Self { model, part } = self;
+        match part {
+            WeightPart::Header => pb::WeightRequest { model, header: true, ..Default::default() },
+            WeightPart::Stage { layers, tensors } => pb::WeightRequest {
+                model,
+                layer_start: layers.start,
+                layer_end: layers.end,
+                tensors,
+                header: false,
+            },
+        }
     }
 }
 
@@ -180,14 +214,21 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_are_checked() {
-        let request = WeightRequest { model: "smollm2".into(), layers: 4..9, tensors: vec![] };
+        let stage = |layers, tensors| WeightRequest {
+            model: "smollm2".into(),
+            part: WeightPart::Stage { layers, tensors },
+        };
+        let request = stage(4..9, vec![]);
         assert_eq!(WeightRequest::from_wire(request.clone().into_wire()), Ok(request));
+        let header = WeightRequest { model: "smollm2".into(), part: WeightPart::Header };
+        assert_eq!(WeightRequest::from_wire(header.clone().into_wire()), Ok(header));
 
         let wire = |layer_start, layer_end, tensors: Vec<String>| pb::WeightRequest {
             model: "smollm2".into(),
             layer_start,
             layer_end,
             tensors,
+            header: false,
         };
         assert_eq!(
             WeightRequest::from_wire(wire(3, 3, vec![])),
@@ -208,5 +249,12 @@ mod tests {
             }),
             Err(FrameError::LengthOutOfRange { field: "model name", .. })
         ));
+        // A header request names nothing else: which of the two was meant is unclear.
+        for confused in [wire(0, 1, vec![]), wire(0, 0, vec!["blk.0.attn_q.weight".into()])] {
+            assert_eq!(
+                WeightRequest::from_wire(pb::WeightRequest { header: true, ..confused }),
+                Err(FrameError::HeaderWithStage)
+            );
+        }
     }
 }

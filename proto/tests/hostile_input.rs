@@ -6,7 +6,7 @@ mod common;
 use common::{assert_invariants, EXPECT, LIMITS};
 use hearth_proto::frame::{Activation, DType, HiddenStates, StageFrame};
 use hearth_proto::handshake::HandshakeStep;
-use hearth_proto::weights::WeightChunk;
+use hearth_proto::weights::{WeightChunk, WeightPart, WeightRequest};
 use hearth_proto::{pb, FrameError};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -63,6 +63,20 @@ proptest! {
         if let Ok(chunk) = WeightChunk::from_wire(chunk, &LIMITS) {
             assert!(chunk.data.len() <= LIMITS.max_chunk_bytes);
             assert!(chunk.offset + chunk.data.len() as u64 <= chunk.tensor_size);
+        }
+    }
+
+    #[test]
+    fn hostile_weight_requests_are_refused_or_keep_their_promises(request in common::weight_requests()) {
+        if let Ok(request) = WeightRequest::from_wire(request) {
+            assert!((1..=512).contains(&request.model.len()));
+            match request.part {
+                WeightPart::Header => {}
+                WeightPart::Stage { layers, tensors } => {
+                    assert!(layers.start < layers.end);
+                    assert!(tensors.iter().all(|name| (1..=512).contains(&name.len())));
+                }
+            }
         }
     }
 

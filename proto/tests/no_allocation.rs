@@ -9,7 +9,7 @@ use std::cell::Cell;
 use common::{assert_invariants, EXPECT, LIMITS};
 use hearth_proto::frame::StageFrame;
 use hearth_proto::handshake::HandshakeStep;
-use hearth_proto::weights::WeightChunk;
+use hearth_proto::weights::{WeightChunk, WeightRequest};
 use proptest::prelude::*;
 
 /// Counts the allocations made on each thread, so that the test harness and proptest,
@@ -85,5 +85,11 @@ proptest! {
         prop_assert_eq!(n, 0, "{:?}", result);
         let (result, n) = allocations(|| WeightChunk::from_wire(chunk, &LIMITS));
         prop_assert_eq!(n, 0, "{:?}", result.map(|chunk| chunk.tensor));
+    }
+
+    #[test]
+    fn validating_weight_requests_allocates_nothing(request in common::weight_requests()) {
+        let (result, n) = allocations(|| WeightRequest::from_wire(request));
+        prop_assert_eq!(n, 0, "{:?}", result);
     }
 }

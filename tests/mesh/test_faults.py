@@ -16,8 +16,9 @@ have reached the client:
      same to every frame the node sends; skipped, loudly, only if neither is possible);
 7.   a fourth node, with the model file, joins mid-request (its process starts just
      before the request; the case checks that the plan changed before the last chunk);
-     and the same with no model file of its own (it must fetch its weights from its
-     peers: not implemented yet, so that test is a strict xfail);
+     and the same with no model file of its own (it fetches the model's header, then
+     its stage's weights, from its peers), in an open and in a keyed cluster; alone,
+     such a node keeps running and answers 503 until it has peers;
 8.   memory limits where no node can hold the model alone but two can: two of three
      nodes die (the survivor answers a clear 503 ``cluster_unavailable``), one comes
      back (requests succeed again).
@@ -39,6 +40,7 @@ from __future__ import annotations
 import re
 import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -560,24 +562,60 @@ def test_fourth_node_with_model_joins_mid_request(make_cluster: Callable[[], Clu
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason="weight transfer between nodes is not implemented yet",
-                   raises=(pytest.fail.Exception, AssertionError, netns.NodeExited, netns.PlanTimeout))
+@pytest.mark.parametrize("keyed", [False, True], ids=["open", "cluster-key"])
 def test_fourth_node_without_model_joins_mid_request(make_cluster: Callable[[], Cluster], prompts: list[str],
                                                      record_timing: Callable[[str, float], None],
-                                                     hearth_binary: Path, tmp_path: Path) -> None:
+                                                     hearth_binary: Path, tmp_path: Path, keyed: bool) -> None:
     """The newcomer has no model file and no way to download one: an empty model cache
     (``HEARTH_CACHE_DIR``), the default model spec, and pip barred from any index
     (``PIP_NO_INDEX=1``), so its only source for its stage's weights is its peers
-    (``Pipeline.FetchWeights``). It must join, get its layers from them and serve."""
-    mesh = fresh_mesh(make_cluster)
+    (``Pipeline.FetchWeights``). It must join, get its layers from them and serve; in a
+    private cluster too, where fetching weights takes a session ticket like any
+    data plane call."""
+    key_args: list[str] = []
+    if keyed:
+        key = tmp_path / "cluster.key"
+        made = subprocess.run([str(hearth_binary), "key", "new", "--out", str(key)], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert made.returncode == 0, f"`hearth key new` failed: {made.stderr}"
+        key_args = ["--cluster-key-file", str(key)]
+    mesh = fresh_mesh(make_cluster, extra=key_args or None)
     cache = tmp_path / "empty-model-cache"
     cache.mkdir()
     newcomer = mesh.cluster.add_node(start=False)
     newcomer.command = ["env", f"HEARTH_CACHE_DIR={cache}", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=",
                         str(hearth_binary), "serve", "--model", "default", "--data-dir", str(newcomer.data_dir),
-                        "--memory-limit", "800MiB"]
+                        "--memory-limit", "800MiB", *key_args]
     newcomer.memory_limit = "800MiB"
-    join_case(mesh, newcomer, prompts[1], "join-without-model", record_timing)
+    case = "join-without-model" + (" (cluster key)" if keyed else "")
+    join_case(mesh, newcomer, prompts[1], case, record_timing)
+    fetched = re.findall(r"fetched the stage's weights from peers.*", newcomer.log_path.read_text(errors="replace"))
+    assert fetched, f"{case}: the newcomer's log says nothing of fetching its weights:\n{newcomer.log_tail()}"
+    print(f"{case}: {fetched[-1]}")
+
+
+def test_a_node_without_model_or_peers_waits_answering_503(make_cluster: Callable[[], Cluster],
+                                                             hearth_binary: Path, tmp_path: Path) -> None:
+    """Alone, a node with no model file and no way to download one keeps running, and its
+    API says why it cannot serve yet: 503 everywhere, naming what it waits for."""
+    cache = tmp_path / "empty-model-cache"
+    cache.mkdir()
+    cluster = make_cluster()
+    node = cluster.add_node(start=False)
+    node.command = ["env", f"HEARTH_CACHE_DIR={cache}", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=",
+                    str(hearth_binary), "serve", "--model", "default", "--data-dir", str(node.data_dir)]
+    cluster.start_nodes([node])
+    node.wait_api()
+    health = node.http("GET", "/health", timeout=10.0)
+    assert health.status == 503 and health.json()["model"] is None, health.text
+    for method, path, body in [("GET", "/v1/models", None),
+                               ("POST", "/v1/completions", {"model": "x", "prompt": "Hi", "max_tokens": 4})]:
+        answer = node.http(method, path, json=body, timeout=10.0)
+        assert answer.status == 503, f"{method} {path}: {answer.status} {answer.text}"
+        assert answer.json()["error"]["code"] == "model_unavailable", answer.text
+    time.sleep(2.5)  # a few rounds of looking for peers
+    node.ensure_running()
+    assert_no_panic(cluster)
 
 
 # --- 8: not enough memory left, then enough again -------------------------------------------

@@ -180,6 +180,23 @@ pub fn weight_chunks() -> impl Strategy<Value = pb::WeightChunk> {
         })
 }
 
+pub fn weight_requests() -> impl Strategy<Value = pb::WeightRequest> {
+    (
+        ".{0,20}",
+        prop_oneof![0..40u32, any::<u32>()],
+        prop_oneof![0..40u32, any::<u32>()],
+        vec("[a-z.0-9<>/]{0,16}", 0..8),
+        any::<bool>(),
+    )
+        .prop_map(|(model, layer_start, layer_end, tensors, header)| pb::WeightRequest {
+            model,
+            layer_start,
+            layer_end,
+            tensors,
+            header,
+        })
+}
+
 /// Asserts what every accepted frame guarantees, whatever it was made from.
 pub fn assert_invariants(frame: &StageFrame) {
     let check_tokens = |tokens: &[u32]| tokens.iter().all(|&t| t < EXPECT.vocab_size);
