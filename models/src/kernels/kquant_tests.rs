@@ -159,10 +159,35 @@ fn shapes() -> Vec<(usize, usize, usize)> {
     shapes
 }
 
+type Kernel = Box<dyn Fn(KQuant, &[u8], usize, &[Q8KBlock], usize, &mut [f32])>;
+
+/// Every K-quant kernel this CPU runs, by name: each instruction set's choice, and on x86
+/// the AVX2 and AVX-512 kernels each alone.
+fn kernels() -> Vec<(String, Kernel)> {
+    let mut all: Vec<(String, Kernel)> = Vec::new();
+    for isa in Isa::all() {
+        all.push((format!("{isa:?}"), Box::new(move |k, w, b, a, m, o| isa.product_rows_k(k, w, b, a, m, o))));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(avx2) = super::x86::Avx2::detect() {
+            all.push((
+                "AVX2 alone".into(),
+                Box::new(move |k, w, b, a, m, o| avx2.product_rows_k_avx2(k, w, b, a, m, o)),
+            ));
+        }
+        if let Some(wide) = super::kquant_x86::Avx512Vnni::detect() {
+            all.push(("AVX-512".into(), Box::new(move |k, w, b, a, m, o| wide.product_rows_k(k, w, b, a, m, o))));
+        }
+    }
+    all
+}
+
 #[test]
 fn every_isa_multiplies_k_quants_like_the_portable_code() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    let isas = Isa::all();
+    let kernels = kernels();
+    eprintln!("K-quant kernels compared: {:?}", kernels.iter().map(|(name, _)| name).collect::<Vec<_>>());
     for (_, kind) in KINDS {
         for (rows, cols, m) in shapes() {
             let matrix = random_matrix(&mut rng, kind, rows, cols);
@@ -172,11 +197,11 @@ fn every_isa_multiplies_k_quants_like_the_portable_code() {
             let weights = matrix.row_bytes(0..rows);
             let mut expected = vec![0.0; rows * m];
             Isa::Portable.product_rows_k(kind, weights, blocks, &acts, m, &mut expected);
-            for &isa in &isas {
+            for (name, kernel) in &kernels {
                 let mut got = vec![0.0; rows * m];
-                isa.product_rows_k(kind, weights, blocks, &acts, m, &mut got);
+                kernel(kind, weights, blocks, &acts, m, &mut got);
                 let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                assert_eq!(differing, 0, "{isa:?} differs from the portable kernel: {kind:?} {rows}x{cols}, {m} rows");
+                assert_eq!(differing, 0, "{name} differs from the portable kernel: {kind:?} {rows}x{cols}, {m} rows");
             }
         }
     }

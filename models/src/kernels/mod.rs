@@ -299,7 +299,8 @@ impl Isa {
         }
     }
 
-    /// [`Isa::product_rows`] for K-quant weights and Q8_K activations.
+    /// [`Isa::product_rows`] for K-quant weights and Q8_K activations. (On x86, the AVX2
+    /// entry point runs AVX-512 kernels where the CPU has AVX-512 with VNNI.)
     fn product_rows_k(self, kind: KQuant, weights: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out: &mut [f32]) {
         match self {
             Self::Portable => kquant_portable::product_rows_k(kind, weights, blocks, acts, m, out),
