@@ -27,6 +27,8 @@ mod format;
 mod kquant_activation;
 mod kquant_format;
 mod kquant_portable;
+#[cfg(target_arch = "aarch64")]
+mod kquant_neon;
 #[cfg(target_arch = "x86_64")]
 mod kquant_x86;
 pub(crate) mod ops;
@@ -251,13 +253,20 @@ pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2(x86::Avx2),
+    /// NEON: its own K-quant kernels, the portable ones for everything else so far.
+    #[cfg(target_arch = "aarch64")]
+    Neon(kquant_neon::Neon),
 }
 
 impl Isa {
     /// The best instruction set this CPU runs.
-    // TODO(aarch64): NEON kernels (vdotq_s32 for the group sums); the portable kernels are
-    // exact there, only slower.
+    // TODO(aarch64): NEON kernels for the 32-value formats and the other operations (sdot
+    // for the group sums); the portable kernels are exact there, only slower.
     pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "aarch64")]
+        if let Some(neon) = kquant_neon::Neon::detect() {
+            return Self::Neon(neon);
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = x86::Avx2::detect() {
             return Self::Avx2(avx2);
@@ -268,16 +277,20 @@ impl Isa {
     /// Every instruction set this CPU runs, for tests that compare them.
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Self> {
-        #[allow(unused_mut)] // Only x86 adds to it so far.
+        #[allow(unused_mut)] // Only x86 and aarch64 add to it so far.
         let mut all = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         all.extend(x86::Avx2::detect().map(Self::Avx2));
+        #[cfg(target_arch = "aarch64")]
+        all.extend(kquant_neon::Neon::detect().map(Self::Neon));
         all
     }
 
     fn quantize_row(self, x: &[f32], out: &mut [Q8Block], with_sum: bool) {
         match self {
             Self::Portable => activation::quantize_row(x, out, with_sum),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => activation::quantize_row(x, out, with_sum),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(avx2) => avx2.quantize_row(x, out, with_sum),
         }
@@ -294,6 +307,8 @@ impl Isa {
     ) {
         match self {
             Self::Portable => portable::product_rows(format, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => portable::product_rows(format, weights, blocks, acts, m, out),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(avx2) => avx2.product_rows(format, weights, blocks, acts, m, out),
         }
@@ -304,6 +319,8 @@ impl Isa {
     fn product_rows_k(self, kind: KQuant, weights: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out: &mut [f32]) {
         match self {
             Self::Portable => kquant_portable::product_rows_k(kind, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(neon) => neon.product_rows_k(kind, weights, blocks, acts, m, out),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(avx2) => avx2.product_rows_k(kind, weights, blocks, acts, m, out),
         }
