@@ -25,9 +25,9 @@ const SHAPES: [(usize, usize); 2] = [(8192, 2048), (2048, 8192)];
 const TYPES: [GgmlDType; 4] = [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::Q4_0];
 /// Timed runs per measurement: the best is kept (slower runs measure the neighbours, and
 /// short runs are more often left alone by them).
-const RUNS: usize = 40;
+const RUNS: usize = 200;
 /// Products per timed run.
-const PRODUCTS: usize = 2;
+const PRODUCTS: usize = 1;
 
 fn main() -> ExitCode {
     if std::env::var_os(CHILD_ENV).is_some() {

@@ -20,11 +20,12 @@
 //!
 //! ggml's scalar `_generic` versions compute the same integer sums but accumulate the
 //! floats in another order, so results agree with them to f32 rounding only. So do
-//! llama.cpp's repacked Q4_K products: on AVX2 machines its CPU backend by default
-//! repacks Q4_K matrices with a multiple of 8 rows (`q4_K_8x8_q8_K`) and multiplies them
-//! with its own gemv/gemm; these kernels are its `ggml_vec_dot_*_q8_K`, which it runs for
-//! Q5_K and Q6_K, and for Q4_K without repacking (`--no-repack`). No K-quant fixture from
-//! llama.cpp checks them yet: the tests compare against ggml's arithmetic as read.
+//! llama.cpp's repacked products: on AVX2 machines its CPU backend by default repacks Q4_K
+//! matrices with a multiple of 8 rows (`q4_K_8x8_q8_K`; newer versions other K-quants too)
+//! for its own gemv/gemm, which keeps one float sum per row (`sumf += sumi * d`, the mins
+//! apart). These kernels are `ggml_vec_dot_*_q8_K`, what llama.cpp runs on matrices it
+//! does not repack (and with `--no-repack`). No K-quant fixture from llama.cpp checks them
+//! yet: the tests compare against ggml's arithmetic as read from its source.
 
 use super::format::f16_at;
 use super::kquant_activation::Q8KBlock;

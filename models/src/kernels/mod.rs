@@ -14,9 +14,13 @@
 //! tests check them bit for bit). On CPUs with AMX, llama.cpp repacks these formats for
 //! AMX kernels that sum each block in one accumulator and round differently again.
 //!
+//! The K-quants follow ggml's AVX2 `ggml_vec_dot_*_q8_K` as read from its source: no
+//! fixture from llama.cpp checks them yet, and by default llama.cpp repacks Q4_K matrices
+//! on AVX2 machines for kernels that sum in another order (see `kquant_portable.rs`).
+//!
 //! Instruction sets are picked at run time; `portable.rs` (`kquant_portable.rs` for the
-//! K-quants) is the reference every SIMD version must equal bit for bit. Output rows are split across threads (`product.rs`,
-//! `threads.rs`) without changing any result.
+//! K-quants) is the reference every SIMD version must equal bit for bit. Output rows are
+//! split across threads (`product.rs`, `threads.rs`) without changing any result.
 //!
 //! The rest of the decoder's arithmetic on the CPU (RMS norm, RoPE, SiLU and its gate,
 //! attention over an f16 KV cache) is in `ops.rs` and `attention.rs`, just as exact.
@@ -26,9 +30,9 @@ pub(crate) mod attention;
 mod format;
 mod kquant_activation;
 mod kquant_format;
-mod kquant_portable;
 #[cfg(target_arch = "aarch64")]
 mod kquant_neon;
+mod kquant_portable;
 #[cfg(target_arch = "x86_64")]
 mod kquant_x86;
 pub(crate) mod ops;
