@@ -180,16 +180,6 @@ unsafe fn dots<const KIND: u8, const R: usize, const N: usize>(
             let low2 = _mm256_set1_epi8(3);
             let m32 = _mm256_set1_epi8(32);
             for half in 0..2 {
-                // The activations and their `32 * q8` offsets, shared by all rows.
-                let mut q8 = [[_mm256_setzero_si256(); 4]; N];
-                let mut offsets = [[_mm256_setzero_si256(); 4]; N];
-                for n in 0..N {
-                    for k in 0..4 {
-                        // SAFETY: `qs` holds 256 bytes.
-                        q8[n][k] = unsafe { _mm256_loadu_si256(a[n].qs.as_ptr().add(128 * half + 32 * k).cast()) };
-                        offsets[n][k] = _mm256_maddubs_epi16(m32, q8[n][k]);
-                    }
-                }
                 for r in 0..R {
                     let p = w[r];
                     let (ql0, ql1, qh) = unsafe {
@@ -213,13 +203,16 @@ unsafe fn dots<const KIND: u8, const R: usize, const N: usize>(
                         ),
                     ];
                     let sc128 = _mm256_castsi256_si128(scales[r]);
-                    for k in 0..4 {
+                    for (k, quants) in quants.into_iter().enumerate() {
                         // Chunk `c` of 32 values: scale 2c for its first 16, 2c + 1 for the rest.
                         let c = (4 * half + k) as i64;
                         let pick = _mm_set_epi64x((2 * c + 1) * 0x0101_0101_0101_0101, 2 * c * 0x0101_0101_0101_0101);
                         let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc128, pick));
                         for n in 0..N {
-                            let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(quants[k], q8[n][k]), offsets[n][k]);
+                            // SAFETY: `qs` holds 256 bytes.
+                            let q8 = unsafe { _mm256_loadu_si256(a[n].qs.as_ptr().add(128 * half + 32 * k).cast()) };
+                            let offset = _mm256_maddubs_epi16(m32, q8);
+                            let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(quants, q8), offset);
                             sumi[r][n] = _mm256_add_epi32(sumi[r][n], _mm256_madd_epi16(scale, p16));
                         }
                     }
