@@ -14,6 +14,8 @@ pub mod source;
 pub mod stage;
 pub mod tokenizer;
 
+#[doc(hidden)]
+pub use kernels::BenchMatrix;
 pub use config::{Architecture, ModelConfig};
 pub use error::{Error, Result};
 pub use source::{FileLayout, ModelFootprint, ModelSource};

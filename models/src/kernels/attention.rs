@@ -241,7 +241,8 @@ impl Plan {
                 let lanes = &mut scratch.lanes;
                 super::ops_x86::weighted_values(avx2, self.value_sum, &scratch.scores, values, width, out, lanes);
             }
-            Isa::Portable => {
+            // Portable, or NEON (whose kernels so far are only the K-quant products).
+            _ => {
                 scores_portable(self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
                 super::ops::softmax_portable(&mut scratch.scores, self.scale, true);
                 weighted_values_portable(self.value_sum, &scratch.scores, values, width, out);

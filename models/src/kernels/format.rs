@@ -7,10 +7,55 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
+use super::kquant_format::{KQuant, QK_K};
+
 /// Values per block, in every format here and in the activations' formats.
 pub(crate) const BLOCK: usize = 32;
 
-/// A weight format the kernels multiply natively.
+/// The block format of a matrix the kernels multiply: one of 32 values, or a K-quant one
+/// of 256 (`kquant_format.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MatrixFormat {
+    Block32(WeightFormat),
+    K(KQuant),
+}
+
+impl MatrixFormat {
+    pub(crate) fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4K => Some(Self::K(KQuant::Q4_K)),
+            GgmlDType::Q5K => Some(Self::K(KQuant::Q5_K)),
+            GgmlDType::Q6K => Some(Self::K(KQuant::Q6_K)),
+            dtype => WeightFormat::from_ggml(dtype).map(Self::Block32),
+        }
+    }
+
+    /// Values per block.
+    pub(crate) const fn block_values(self) -> usize {
+        match self {
+            Self::Block32(_) => BLOCK,
+            Self::K(_) => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub(crate) const fn block_bytes(self) -> usize {
+        match self {
+            Self::Block32(format) => format.block_bytes(),
+            Self::K(kind) => kind.block_bytes(),
+        }
+    }
+
+    /// Writes the `block_values()` values of `block` to `out`, as ggml's `dequantize_row_*`.
+    pub(crate) fn dequantize_block(self, block: &[u8], out: &mut [f32]) {
+        match self {
+            Self::Block32(format) => format.dequantize_block(block, out),
+            Self::K(kind) => kind.dequantize_block(block, out),
+        }
+    }
+}
+
+/// A weight format of 32-value blocks the kernels multiply natively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WeightFormat {
     /// `d: f16, qs: [u8; 16]`: value = d * (nibble - 8).

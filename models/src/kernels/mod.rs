@@ -1,9 +1,10 @@
 //! Quantized matrix products on the CPU that compute exactly what llama.cpp computes.
 //!
-//! A [`QuantMatrix`] keeps a GGUF weight matrix in its file's block format (Q4_0, Q4_1 or
-//! Q8_0) and multiplies f32 activations by it the way ggml does: each activation row is
-//! quantized once to 8 bits per value (Q8_1 for Q4_1 weights, Q8_0 otherwise), then every
-//! output is a sum of integer block products scaled in f32, in ggml's order of operations.
+//! A [`QuantMatrix`] keeps a GGUF weight matrix in its file's block format (Q4_0, Q4_1,
+//! Q8_0, or the K-quants Q4_K, Q5_K and Q6_K) and multiplies f32 activations by it the way
+//! ggml does: each activation row is quantized once to 8 bits per value (Q8_1 for Q4_1
+//! weights, Q8_K for K-quants, Q8_0 otherwise), then every output is a sum of integer block
+//! products scaled in f32, in ggml's order of operations.
 //! Candle's own kernels round differently (an f16 product in Q8_1's sums, other summation
 //! orders), and in a 30-layer model such last-bit differences grow into visibly different
 //! logits.
@@ -13,9 +14,13 @@
 //! tests check them bit for bit). On CPUs with AMX, llama.cpp repacks these formats for
 //! AMX kernels that sum each block in one accumulator and round differently again.
 //!
-//! Instruction sets are picked at run time; `portable.rs` is the reference every SIMD
-//! version must equal bit for bit. Output rows are split across threads (`product.rs`,
-//! `threads.rs`) without changing any result.
+//! The K-quants follow ggml's AVX2 `ggml_vec_dot_*_q8_K` as read from its source: no
+//! fixture from llama.cpp checks them yet, and by default llama.cpp repacks Q4_K matrices
+//! on AVX2 machines for kernels that sum in another order (see `kquant_portable.rs`).
+//!
+//! Instruction sets are picked at run time; `portable.rs` (`kquant_portable.rs` for the
+//! K-quants) is the reference every SIMD version must equal bit for bit. Output rows are
+//! split across threads (`product.rs`, `threads.rs`) without changing any result.
 //!
 //! The rest of the decoder's arithmetic on the CPU (RMS norm, RoPE, SiLU and its gate,
 //! attention over an f16 KV cache) is in `ops.rs` and `attention.rs`, just as exact.
@@ -23,6 +28,13 @@
 mod activation;
 pub(crate) mod attention;
 mod format;
+mod kquant_activation;
+mod kquant_format;
+#[cfg(target_arch = "aarch64")]
+mod kquant_neon;
+mod kquant_portable;
+#[cfg(target_arch = "x86_64")]
+mod kquant_x86;
 pub(crate) mod ops;
 #[cfg(target_arch = "x86_64")]
 mod ops_x86;
@@ -32,6 +44,8 @@ mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(test)]
+mod kquant_tests;
 #[cfg(test)]
 mod ops_tests;
 #[cfg(test)]
@@ -44,7 +58,9 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{bail, DType, Device, Module, Storage, Tensor};
 
 use activation::Q8Block;
-use format::{WeightFormat, BLOCK};
+use format::MatrixFormat;
+use kquant_activation::Q8KBlock;
+use kquant_format::KQuant;
 pub(crate) use product::release_large_buffers;
 
 /// A weight matrix for products: native kernels where they apply, candle's elsewhere
@@ -126,10 +142,27 @@ impl Matrix {
     }
 }
 
+/// A matrix multiplied by this module's kernels, for the examples that measure them
+/// (`examples/kquant_speed.rs`); not part of the crate's API.
+#[doc(hidden)]
+pub struct BenchMatrix(Matrix);
+
+impl BenchMatrix {
+    /// The matrix of a 2-D CPU tensor in a format the kernels multiply; `None` otherwise.
+    pub fn native(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
+        Ok(QuantMatrix::from_qtensor(qtensor)?.map(|matrix| Self(Matrix::Native(matrix))))
+    }
+
+    /// `x @ selfᵀ` for the `m` rows of `x`, into `out`, as the models run it.
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> candle_core::Result<()> {
+        self.0.forward_into(x, m, out)
+    }
+}
+
 /// A quantized matrix in GGML's block layout, multiplied on the CPU by this module's kernels.
 #[derive(Clone)]
 pub(crate) struct QuantMatrix {
-    format: WeightFormat,
+    format: MatrixFormat,
     rows: usize,
     cols: usize,
     /// The blocks, row after row; shared by clones (a tied LM head and the embedding).
@@ -140,13 +173,13 @@ impl QuantMatrix {
     /// Copies the blocks of a 2-D CPU tensor in a format these kernels handle; `None` for
     /// any other tensor.
     pub(crate) fn from_qtensor(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
-        let Some(format) = WeightFormat::from_ggml(qtensor.dtype()) else { return Ok(None) };
+        let Some(format) = MatrixFormat::from_ggml(qtensor.dtype()) else { return Ok(None) };
         let Ok((rows, cols)) = qtensor.shape().dims2() else { return Ok(None) };
-        if !qtensor.device().is_cpu() || cols % BLOCK != 0 {
+        if !qtensor.device().is_cpu() || cols % format.block_values() != 0 {
             return Ok(None);
         }
         let data = qtensor.data()?;
-        if data.len() != rows * (cols / BLOCK) * format.block_bytes() {
+        if data.len() != rows * (cols / format.block_values()) * format.block_bytes() {
             bail!("a {rows}x{cols} {format:?} matrix holds {} bytes", data.len());
         }
         Ok(Some(Self { format, rows, cols, data: Arc::from(&*data) }))
@@ -198,7 +231,8 @@ impl QuantMatrix {
         for (&id, out) in ids.iter().zip(out[start..].chunks_exact_mut(self.cols)) {
             let id = id as usize;
             let row = self.row_bytes(id..id + 1);
-            for (block, out) in row.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(BLOCK)) {
+            let values = self.format.block_values();
+            for (block, out) in row.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(values)) {
                 self.format.dequantize_block(block, out);
             }
         }
@@ -212,7 +246,7 @@ impl QuantMatrix {
     }
 
     fn row_bytes(&self, rows: Range<usize>) -> &[u8] {
-        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        let row_bytes = self.cols / self.format.block_values() * self.format.block_bytes();
         &self.data[rows.start * row_bytes..rows.end * row_bytes]
     }
 }
@@ -223,13 +257,20 @@ pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2(x86::Avx2),
+    /// NEON: its own K-quant kernels, the portable ones for everything else so far.
+    #[cfg(target_arch = "aarch64")]
+    Neon(kquant_neon::Neon),
 }
 
 impl Isa {
     /// The best instruction set this CPU runs.
-    // TODO(aarch64): NEON kernels (vdotq_s32 for the group sums); the portable kernels are
-    // exact there, only slower.
+    // TODO(aarch64): NEON kernels for the 32-value formats and the other operations (sdot
+    // for the group sums); the portable kernels are exact there, only slower.
     pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "aarch64")]
+        if let Some(neon) = kquant_neon::Neon::detect() {
+            return Self::Neon(neon);
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = x86::Avx2::detect() {
             return Self::Avx2(avx2);
@@ -240,16 +281,20 @@ impl Isa {
     /// Every instruction set this CPU runs, for tests that compare them.
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Self> {
-        #[allow(unused_mut)] // Only x86 adds to it so far.
+        #[allow(unused_mut)] // Only x86 and aarch64 add to it so far.
         let mut all = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         all.extend(x86::Avx2::detect().map(Self::Avx2));
+        #[cfg(target_arch = "aarch64")]
+        all.extend(kquant_neon::Neon::detect().map(Self::Neon));
         all
     }
 
     fn quantize_row(self, x: &[f32], out: &mut [Q8Block], with_sum: bool) {
         match self {
             Self::Portable => activation::quantize_row(x, out, with_sum),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => activation::quantize_row(x, out, with_sum),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(avx2) => avx2.quantize_row(x, out, with_sum),
         }
@@ -257,7 +302,7 @@ impl Isa {
 
     fn product_rows(
         self,
-        format: WeightFormat,
+        format: format::WeightFormat,
         weights: &[u8],
         blocks: usize,
         acts: &[Q8Block],
@@ -266,8 +311,22 @@ impl Isa {
     ) {
         match self {
             Self::Portable => portable::product_rows(format, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => portable::product_rows(format, weights, blocks, acts, m, out),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(avx2) => avx2.product_rows(format, weights, blocks, acts, m, out),
+        }
+    }
+
+    /// [`Isa::product_rows`] for K-quant weights and Q8_K activations. (On x86, the AVX2
+    /// entry point runs AVX-512 kernels where the CPU has AVX-512 with VNNI.)
+    fn product_rows_k(self, kind: KQuant, weights: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out: &mut [f32]) {
+        match self {
+            Self::Portable => kquant_portable::product_rows_k(kind, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(neon) => neon.product_rows_k(kind, weights, blocks, acts, m, out),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(avx2) => avx2.product_rows_k(kind, weights, blocks, acts, m, out),
         }
     }
 }

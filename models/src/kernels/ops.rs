@@ -161,7 +161,8 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32], row: usize) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(avx2) => super::ops_x86::silu_mul(avx2, gate, up, row),
-        Isa::Portable => silu_mul_portable(gate, up, row),
+        // Portable, or NEON (whose kernels so far are only the K-quant products).
+        _ => silu_mul_portable(gate, up, row),
     }
 }
 
@@ -191,7 +192,8 @@ pub(crate) fn softmax(scores: &mut [f32], scale: f32, to_f16: bool) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(avx2) => super::ops_x86::softmax(avx2, scores, scale, to_f16),
-        Isa::Portable => softmax_portable(scores, scale, to_f16),
+        // Portable, or NEON (whose kernels so far are only the K-quant products).
+        _ => softmax_portable(scores, scale, to_f16),
     }
 }
 
@@ -278,7 +280,8 @@ impl Rope {
         match Isa::detect() {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(avx2) => super::ops_x86::rope(avx2, self, x, angles),
-            Isa::Portable => self.rotate_portable(x, angles),
+            // Portable, or NEON (whose kernels so far are only the K-quant products).
+            _ => self.rotate_portable(x, angles),
         }
     }
 

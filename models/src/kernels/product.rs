@@ -11,11 +11,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::activation::Q8Block;
-use super::format::{ActivationFormat, BLOCK};
+use super::format::{ActivationFormat, MatrixFormat, BLOCK};
+use super::kquant_activation::{quantize_row_k, Q8KBlock};
+use super::kquant_format::QK_K;
 use super::threads::{self, Chunks, Job};
 use super::{Isa, QuantMatrix};
 
-/// Below this many block products (about 5 µs of work), a chunk is not worth a thread.
+/// Below this many products of 32 values (about 5 µs of work), a chunk is not worth a
+/// thread. (A K-quant block counts as eight: its cost per value is about the same.)
 const MIN_BLOCKS_PER_CHUNK: usize = 4096;
 
 /// Weight rows per tile when a chunk's results are transposed into the output.
@@ -40,8 +43,7 @@ pub(super) fn multiply_into(matrix: &QuantMatrix, x: &[f32], m: usize, threads: 
     if m == 0 || matrix.rows == 0 {
         return;
     }
-    let blocks = matrix.cols / BLOCK;
-    let work = matrix.rows * blocks * m;
+    let work = matrix.rows * (matrix.cols / BLOCK) * m;
     let threads = threads.min(work / MIN_BLOCKS_PER_CHUNK).max(1);
     let chunks = if threads == 1 { 1 } else { (threads * CHUNKS_PER_THREAD).min(work / MIN_BLOCKS_PER_CHUNK) };
     let chunk_rows = matrix.rows.div_ceil(chunks);
@@ -91,7 +93,11 @@ const KEEP_VALUES: usize = 1 << 16;
 /// life of the thread.
 pub(crate) fn release_large_buffers() {
     SPARE.with_borrow_mut(|spare| {
-        spare.retain(|p| p.out.capacity() <= KEEP_VALUES && p.acts.capacity() * BLOCK <= KEEP_VALUES)
+        spare.retain(|p| {
+            p.out.capacity() <= KEEP_VALUES
+                && p.acts.capacity() * BLOCK <= KEEP_VALUES
+                && p.acts_k.capacity() * QK_K <= KEEP_VALUES
+        })
     });
     CHUNK_OUT.with_borrow_mut(|results| {
         if results.capacity() > KEEP_VALUES {
@@ -113,7 +119,9 @@ struct Product {
     /// only so that a job a worker still holds can let go of them too).
     matrix: Mutex<Option<QuantMatrix>>,
     isa: Option<Isa>,
+    /// The quantized activations: `acts` for 32-value formats, `acts_k` for K-quants.
     acts: Vec<Q8Block>,
+    acts_k: Vec<Q8KBlock>,
     m: usize,
     chunk_rows: usize,
     chunks: Chunks,
@@ -123,12 +131,23 @@ struct Product {
 
 impl Product {
     fn prepare(&mut self, isa: Isa, matrix: &QuantMatrix, x: &[f32], m: usize, chunk_rows: usize) {
-        let blocks = matrix.cols / BLOCK;
-        let with_sum = matrix.format.activation() == ActivationFormat::Q8_1;
-        self.acts.clear();
-        self.acts.resize(m * blocks, Q8Block::ZERO);
-        for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts.chunks_exact_mut(blocks)) {
-            isa.quantize_row(x, acts, with_sum);
+        let blocks = matrix.cols / matrix.format.block_values();
+        match matrix.format {
+            MatrixFormat::Block32(format) => {
+                let with_sum = format.activation() == ActivationFormat::Q8_1;
+                self.acts.clear();
+                self.acts.resize(m * blocks, Q8Block::ZERO);
+                for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts.chunks_exact_mut(blocks)) {
+                    isa.quantize_row(x, acts, with_sum);
+                }
+            }
+            MatrixFormat::K(_) => {
+                self.acts_k.clear();
+                self.acts_k.resize(m * blocks, Q8KBlock::ZERO);
+                for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts_k.chunks_exact_mut(blocks)) {
+                    quantize_row_k(x, acts);
+                }
+            }
         }
         // Every value is overwritten: no need to clear.
         self.out.resize_with(m * matrix.rows, || AtomicU32::new(0));
@@ -160,7 +179,11 @@ impl Job for Product {
             results.clear();
             results.resize(rows.len() * m, 0.0);
             let weights = matrix.row_bytes(rows.clone());
-            isa.product_rows(matrix.format, weights, matrix.cols / BLOCK, &self.acts, m, results);
+            let blocks = matrix.cols / matrix.format.block_values();
+            match matrix.format {
+                MatrixFormat::Block32(format) => isa.product_rows(format, weights, blocks, &self.acts, m, results),
+                MatrixFormat::K(kind) => isa.product_rows_k(kind, weights, blocks, &self.acts_k, m, results),
+            }
             // Transposed into the output in tiles of weight rows, so that both the reads
             // and the writes stay within a few cache lines.
             for tile in (0..rows.len()).step_by(TILE_ROWS) {
