@@ -55,6 +55,8 @@ fn member(id: &str, addr: SocketAddr, model: &str) -> NodeInfo {
         backend: "cpu".into(),
         model_id: model.into(),
         ready_epoch: None,
+        data_paths: Vec::new(),
+        hops: Vec::new(),
     }
 }
 
@@ -142,6 +144,10 @@ impl pb::pipeline_server::Pipeline for Liar {
 
     async fn stream(&self, _: Request<Streaming<pb::StageMessage>>) -> Result<Response<Self::StreamStream>, Status> {
         Err(Status::unimplemented("a liar runs no stage"))
+    }
+
+    async fn probe(&self, _: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
+        Err(Status::unimplemented("a liar is not measured"))
     }
 
     async fn fetch_weights(&self, request: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
