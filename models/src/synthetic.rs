@@ -383,6 +383,10 @@ const NAMED_CONTROL_TOKENS: [&str; 11] = [
     "<|python_tag|>",
 ];
 const EOT_INDEX: usize = 9;
+/// Llama 3's chat format (without the date and tool preamble of 3.1's template).
+const LLAMA3_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}\
+    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\
+    {% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
 
 impl Vocabulary {
     fn synthetic(size: usize) -> Self {
@@ -418,6 +422,7 @@ impl Vocabulary {
             ("tokenizer.ggml.bos_token_id", Value::U32(self.bos)),
             ("tokenizer.ggml.eos_token_id", Value::U32(self.eos)),
             ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+            ("tokenizer.chat_template", Value::String(LLAMA3_CHAT_TEMPLATE.into())),
         ]
     }
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use hearth_models::chat_template::ChatMessage;
 use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 use hearth_models::{ModelSource, StageInput, StageOutput};
 
@@ -51,4 +52,19 @@ fn the_seed_alone_decides_the_bytes() {
     assert!(first == again, "the same seed writes a byte-identical file");
     assert_eq!(first.len(), other.len(), "a different seed keeps the layout");
     assert!(first != other, "a different seed writes different weights");
+}
+
+#[test]
+fn the_chat_template_renders_llama_3_turns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = ModelSource::open(&write_tiny(dir.path(), Quantization::Q4_0, 1)).expect("opens");
+    let tokenizer = source.tokenizer().expect("tokenizer");
+    let template = source.chat_template(&tokenizer).expect("template parses").expect("the file ships a template");
+    let messages = [ChatMessage { role: "user".into(), content: " Hi ".into() }];
+    let rendered = template.render(&messages, true).expect("renders");
+    assert_eq!(
+        rendered,
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
 }
