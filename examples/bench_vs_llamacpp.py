@@ -513,9 +513,11 @@ def main() -> int:
         cache_dir = args.cache_dir or default_cache_dir()
         models = [resolve_model(spec.strip(), hearth, cache_dir) for spec in args.models.split(",") if spec.strip()]
         warn_if_busy(args.threads)
+        load_before = os.getloadavg()[0]
         log(f"measuring memory read bandwidth with {args.threads} threads...")
         bandwidth = read_bandwidth(args.threads)
         results = [(model, *measure(model, hearth, args)) for model in models]
+        load_after = os.getloadavg()[0]
     except BenchError as error:
         log(f"error: {error}")
         return 1
@@ -525,6 +527,7 @@ def main() -> int:
         f"median (min-max); llama-cpp-python {llama_version}; "
         f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)"
     )
+    print(f"load average: {load_before:.1f} before, {load_after:.1f} after (this machine has {os.cpu_count()} CPUs)")
     print(f"llama.cpp's CPU features: {enabled_features(results[-1][2].system_info) if results else '-'}")
     print(table(results, bandwidth))
     return 0
