@@ -284,6 +284,14 @@ def default_cache_dir() -> Path:
 
 
 def read_bandwidth(threads: int) -> float:
+    """Measures memory read bandwidth in a child process. Not in this one: Linux counts a
+    process's peak RSS in the ru_maxrss of every child it starts afterwards (vfork, then
+    exec), so holding the 1 GiB buffer here would inflate both engines' peak RSS."""
+    command = [sys.executable, __file__, "--bandwidth-worker", "--threads", str(threads)]
+    return float(run_json(command, "the bandwidth measurement")["read_bytes_per_s"])
+
+
+def bandwidth_worker(threads: int) -> None:
     """Bytes per second `threads` threads read from memory: numpy sums over 1 GiB, each
     thread its own slice (numpy releases the GIL while it sums), best of several tries."""
     import numpy as np
@@ -299,7 +307,7 @@ def read_bandwidth(threads: int) -> float:
         for worker in workers:
             worker.join()
         best = min(best, time.perf_counter() - started)
-    return data.nbytes / best
+    print(json.dumps({"read_bytes_per_s": data.nbytes / best}))
 
 
 # ggml_type -> (elements per block, bytes per block), from ggml's type traits.
@@ -496,6 +504,7 @@ def parse_args() -> argparse.Namespace:
         help="run llama.cpp without its repacked weight buffers (CPU_REPACK, AMX): a workaround for AMX crashes",
     )
     parser.add_argument("--llama-worker", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads < 1 or args.repeats < 1 or args.decode_tokens < 1:
         parser.error("--threads, --repeats and --decode-tokens must be at least 1")
@@ -507,6 +516,9 @@ def main() -> int:
     try:
         if args.llama_worker:
             llama_worker(args.llama_worker, args.threads, args.decode_tokens, not args.llama_no_extra_buffers)
+            return 0
+        if args.bandwidth_worker:
+            bandwidth_worker(args.threads)
             return 0
         llama_version = ensure_llama_cpp()
         hearth = hearth_binary(args.hearth)
