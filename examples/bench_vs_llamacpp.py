@@ -205,7 +205,9 @@ def ensure_llama_cpp() -> str:
 
 
 def cargo_target_dir() -> Path:
-    return Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    """Where cargo puts binaries: $CARGO_TARGET_DIR (relative to the repository, where cargo
+    runs) or the repository's `target/`."""
+    return REPO / os.environ.get("CARGO_TARGET_DIR", "target")
 
 
 def hearth_binary(explicit: str | None) -> Path:
@@ -294,7 +296,10 @@ def read_bandwidth(threads: int) -> float:
 def bandwidth_worker(threads: int) -> None:
     """Bytes per second `threads` threads read from memory: numpy sums over 1 GiB, each
     thread its own slice (numpy releases the GIL while it sums), best of several tries."""
-    import numpy as np
+    try:
+        import numpy as np
+    except ImportError:
+        raise BenchError("numpy is missing (llama-cpp-python depends on it): pip install numpy") from None
 
     data = np.ones(BANDWIDTH_BYTES // 8, dtype=np.int64)  # touched, so really in memory
     slices = np.array_split(data, threads)
@@ -395,10 +400,13 @@ class Samples:
         self.peak_rss.append(int(report["peak_rss_bytes"]))
 
 
-def run_json(command: list[str], what: str, hint: str = "") -> dict:
+def run_json(command: list[str], what: str, crash_hint: str = "") -> dict:
+    """Runs a command that prints a JSON object last; `crash_hint` is added to the error
+    if it dies of a signal."""
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        hint = crash_hint if result.returncode < 0 else ""
         raise BenchError(f"{what} failed (exit {result.returncode}):\n{tail}{hint}")
     try:
         return json.loads(result.stdout.strip().splitlines()[-1])
