@@ -400,10 +400,10 @@ class Samples:
         self.peak_rss.append(int(report["peak_rss_bytes"]))
 
 
-def run_json(command: list[str], what: str, crash_hint: str = "") -> dict:
+def run_json(command: list[str], what: str, crash_hint: str = "", env: dict[str, str] | None = None) -> dict:
     """Runs a command that prints a JSON object last; `crash_hint` is added to the error
     if it dies of a signal."""
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
         hint = crash_hint if result.returncode < 0 else ""
@@ -432,14 +432,18 @@ ggml_backend_amx_mul_mat on any batch of more than one token. Either rebuild it 
 or pass --llama-no-extra-buffers (no AMX, but no weight repacking either: slower llama.cpp)."""
 
 
-def llama_round(model: Path, threads: int, decode_tokens: int, extra_buffers: bool) -> dict:
+def llama_round(model: Path, args: argparse.Namespace) -> dict:
     command = [
-        sys.executable, __file__, "--llama-worker", str(model), "--threads", str(threads),
-        "--decode-tokens", str(decode_tokens),
+        sys.executable, __file__, "--llama-worker", str(model), "--threads", str(args.threads),
+        "--decode-tokens", str(args.decode_tokens),
     ]  # fmt: skip
-    if not extra_buffers:
+    if args.llama_no_extra_buffers:
         command.append("--llama-no-extra-buffers")
-    return run_json(command, "the llama.cpp worker", LLAMA_CRASH_HINT)
+    env = dict(os.environ)
+    if args.llama_omp_passive:
+        # llama.cpp's OpenMP threads then sleep between parallel regions instead of spinning.
+        env["OMP_WAIT_POLICY"] = "passive"
+    return run_json(command, "the llama.cpp worker", LLAMA_CRASH_HINT, env)
 
 
 def measure(model: Model, hearth: Path, args: argparse.Namespace) -> tuple[Samples, Samples]:
@@ -448,7 +452,7 @@ def measure(model: Model, hearth: Path, args: argparse.Namespace) -> tuple[Sampl
         log(f"{model.label}: round {round_number}/{args.repeats}: hearth")
         hearth_samples.add(hearth_round(hearth, model.path, args.threads, args.decode_tokens))
         log(f"{model.label}: round {round_number}/{args.repeats}: llama.cpp")
-        llama_samples.add(llama_round(model.path, args.threads, args.decode_tokens, not args.llama_no_extra_buffers))
+        llama_samples.add(llama_round(model.path, args))
     return hearth_samples, llama_samples
 
 
@@ -511,6 +515,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run llama.cpp without its repacked weight buffers (CPU_REPACK, AMX): a workaround for AMX crashes",
     )
+    parser.add_argument(
+        "--llama-omp-passive",
+        action="store_true",
+        help="OMP_WAIT_POLICY=passive for llama.cpp: its threads sleep instead of spinning, "
+        "which it needs on a machine busy with other work",
+    )
     parser.add_argument("--llama-worker", type=Path, metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -549,8 +559,17 @@ def main() -> int:
     )
     print(f"load average: {load_before:.1f} before, {load_after:.1f} after (this machine has {os.cpu_count()} CPUs)")
     print(f"llama.cpp's CPU features: {enabled_features(results[-1][2].system_info) if results else '-'}")
+    print(f"llama.cpp's settings: {llama_settings(args)}")
     print(table(results, bandwidth))
     return 0
+
+
+def llama_settings(args: argparse.Namespace) -> str:
+    extra_buffers = "off" if args.llama_no_extra_buffers else "on (weights repacked)"
+    wait_policy = "passive" if args.llama_omp_passive else os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+    return (
+        f"n_ctx {LLAMA_CONTEXT}, n_batch {PREFILL_TOKENS}, extra buffers {extra_buffers}, OMP_WAIT_POLICY {wait_policy}"
+    )
 
 
 def enabled_features(system_info: str) -> str:
