@@ -12,6 +12,7 @@ pub mod config;
 pub mod sampling;
 pub mod source;
 pub mod stage;
+pub mod synthetic;
 pub mod tokenizer;
 
 #[doc(hidden)]

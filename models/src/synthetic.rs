@@ -1,0 +1,735 @@
+//! Synthetic GGUF models for benchmarks: the tensors, names, shapes, metadata and
+//! quantization mix of llama.cpp's conversions of real Llama 3 models, filled with random
+//! weights drawn from a seed.
+//!
+//! On a CPU, decoding is bound by the bytes of weights read per token, not by their
+//! values, so a synthetic file runs as fast (or as slowly) as the real model would,
+//! without downloading gigabytes. What it generates is gibberish.
+//!
+//! The file is written tensor by tensor, so even the 8B shape needs only a few chunks of
+//! weights in memory at once. The same seed gives a byte-identical file (for a given
+//! version of this crate and its `rand_chacha`).
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{Error, Result};
+
+/// The model whose layout a synthetic file copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Two small layers, for tests: Llama 3's layout at a size that writes in milliseconds.
+    Tiny,
+    Llama32_1B,
+    Llama32_3B,
+    Llama31_8B,
+}
+
+/// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// `Q4_K_M`: Q4_K, with Q6_K for about half the layers' `attn_v` and `ffn_down`.
+    Q4KM,
+    /// `Q4_0`: Q4_0 throughout.
+    Q4_0,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 4] = [Shape::Tiny, Shape::Llama32_1B, Shape::Llama32_3B, Shape::Llama31_8B];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Tiny => "tiny",
+            Shape::Llama32_1B => "llama-3.2-1b",
+            Shape::Llama32_3B => "llama-3.2-3b",
+            Shape::Llama31_8B => "llama-3.1-8b",
+        }
+    }
+
+    /// Hyperparameters from each model's `config.json` (meta-llama on Hugging Face).
+    fn dimensions(self) -> Dimensions {
+        let llama3 = Dimensions {
+            layers: 16,
+            hidden: 2048,
+            ffn: 8192,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 64,
+            vocab: 128_256,
+            context: 131_072,
+            rope_theta: 500_000.0,
+            rope_scaling_factor: 32.0,
+            rms_eps: 1e-5,
+            tied_embeddings: true,
+        };
+        match self {
+            Shape::Tiny => Dimensions {
+                layers: 2,
+                hidden: 256,
+                ffn: 512,
+                heads: 4,
+                kv_heads: 2,
+                vocab: 1024,
+                context: 2048,
+                ..llama3
+            },
+            Shape::Llama32_1B => llama3,
+            Shape::Llama32_3B => Dimensions { layers: 28, hidden: 3072, heads: 24, head_dim: 128, ..llama3 },
+            Shape::Llama31_8B => Dimensions {
+                layers: 32,
+                hidden: 4096,
+                ffn: 14_336,
+                heads: 32,
+                head_dim: 128,
+                rope_scaling_factor: 8.0,
+                tied_embeddings: false,
+                ..llama3
+            },
+        }
+    }
+}
+
+impl Quantization {
+    pub const ALL: [Quantization; 2] = [Quantization::Q4KM, Quantization::Q4_0];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::Q4KM => "q4_k_m",
+            Quantization::Q4_0 => "q4_0",
+        }
+    }
+
+    /// llama.cpp's `llama_ftype`, stored as `general.file_type`.
+    fn file_type(self) -> u32 {
+        match self {
+            Quantization::Q4KM => 15,
+            Quantization::Q4_0 => 2,
+        }
+    }
+
+    fn base_dtype(self) -> GgmlDType {
+        match self {
+            Quantization::Q4KM => GgmlDType::Q4K,
+            Quantization::Q4_0 => GgmlDType::Q4_0,
+        }
+    }
+}
+
+macro_rules! named_choices {
+    ($type:ty) => {
+        impl fmt::Display for $type {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $type {
+            type Err = Error;
+
+            fn from_str(text: &str) -> Result<Self> {
+                Self::ALL.into_iter().find(|choice| choice.name() == text).ok_or_else(|| {
+                    let names: Vec<&str> = Self::ALL.iter().map(|choice| choice.name()).collect();
+                    Error::InvalidInput(format!("`{text}` is not one of {}", names.join(", ")))
+                })
+            }
+        }
+    };
+}
+
+named_choices!(Shape);
+named_choices!(Quantization);
+
+/// Writes a synthetic model to `path` (through a temporary file beside it, so an
+/// interrupted run never leaves a truncated model behind).
+pub fn write_synthetic_gguf(shape: Shape, quantization: Quantization, seed: u64, path: &Path) -> Result<()> {
+    let dims = shape.dimensions();
+    let tensors = tensor_plan(&dims, quantization);
+    let metadata = metadata(shape, &dims, quantization, seed);
+
+    let partial = partial_path(path);
+    let file = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+    let mut out = BufWriter::with_capacity(8 << 20, file);
+    let written =
+        write_gguf(&mut out, &metadata, &tensors, seed).and_then(|()| out.flush().map_err(|e| Error::io(&partial, e)));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(error);
+    }
+    drop(out);
+    std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dimensions {
+    layers: usize,
+    hidden: usize,
+    ffn: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    context: usize,
+    rope_theta: f32,
+    /// Llama 3.1's RoPE scaling (`rope_scaling.factor`; the other parameters are shared).
+    rope_scaling_factor: f32,
+    rms_eps: f32,
+    tied_embeddings: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensors
+
+/// One tensor of the file: its name, shape (outermost dimension first, as candle
+/// orders them), storage type and contents.
+struct TensorSpec {
+    name: String,
+    dims: Vec<usize>,
+    dtype: GgmlDType,
+    contents: Contents,
+}
+
+enum Contents {
+    /// Normally distributed values.
+    Random {
+        mean: f32,
+        std: f32,
+    },
+    Values(Vec<f32>),
+}
+
+/// Standard deviation of random weight matrices: the scale of trained Llama weights,
+/// which keeps activations finite through every layer.
+const WEIGHT_STD: f32 = 0.02;
+
+/// The tensors llama.cpp's converter writes for a Llama 3 model, in its order.
+fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec> {
+    let vector = |name: String, len: usize| TensorSpec {
+        name,
+        dims: vec![len],
+        dtype: GgmlDType::F32,
+        contents: Contents::Random { mean: 1.0, std: WEIGHT_STD },
+    };
+    let matrix = |name: String, rows: usize, cols: usize, role: MatrixRole| TensorSpec {
+        name,
+        dims: vec![rows, cols],
+        dtype: matrix_dtype(quantization, role, dims),
+        contents: Contents::Random { mean: 0.0, std: WEIGHT_STD },
+    };
+    let (q_width, kv_width) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
+
+    let mut tensors = vec![
+        TensorSpec {
+            name: "rope_freqs.weight".into(),
+            dims: vec![dims.head_dim / 2],
+            dtype: GgmlDType::F32,
+            contents: Contents::Values(llama3_rope_factors(dims)),
+        },
+        matrix("token_embd.weight".into(), dims.vocab, dims.hidden, MatrixRole::Embedding),
+    ];
+    for layer in 0..dims.layers {
+        let name = |suffix: &str| format!("blk.{layer}.{suffix}");
+        tensors.extend([
+            vector(name("attn_norm.weight"), dims.hidden),
+            matrix(name("attn_q.weight"), q_width, dims.hidden, MatrixRole::Other),
+            matrix(name("attn_k.weight"), kv_width, dims.hidden, MatrixRole::Other),
+            matrix(name("attn_v.weight"), kv_width, dims.hidden, MatrixRole::AttentionValue(layer)),
+            matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::Other),
+            vector(name("ffn_norm.weight"), dims.hidden),
+            matrix(name("ffn_gate.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+            matrix(name("ffn_up.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+            matrix(name("ffn_down.weight"), dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
+        ]);
+    }
+    tensors.push(vector("output_norm.weight".into(), dims.hidden));
+    if !dims.tied_embeddings {
+        tensors.push(matrix("output.weight".into(), dims.vocab, dims.hidden, MatrixRole::Output));
+    }
+    tensors
+}
+
+/// What a matrix is, as far as llama.cpp's choice of quantization cares.
+#[derive(Debug, Clone, Copy)]
+enum MatrixRole {
+    Embedding,
+    Output,
+    AttentionValue(usize),
+    FeedForwardDown(usize),
+    Other,
+}
+
+/// The storage type `llama-quantize` picks (`llama_tensor_get_type` in llama.cpp's
+/// `src/llama-quant.cpp`), for the Llama 3 shapes: every row length here is a multiple
+/// of 256, so no fallback types come into play.
+fn matrix_dtype(quantization: Quantization, role: MatrixRole, dims: &Dimensions) -> GgmlDType {
+    // The LM head, or the embedding that doubles as one, gets Q6_K in every 4- and 5-bit mix.
+    let is_head = matches!(role, MatrixRole::Output) || (dims.tied_embeddings && matches!(role, MatrixRole::Embedding));
+    if is_head {
+        return GgmlDType::Q6K;
+    }
+    match (quantization, role) {
+        (Quantization::Q4KM, MatrixRole::AttentionValue(layer) | MatrixRole::FeedForwardDown(layer))
+            if use_more_bits(layer, dims.layers) =>
+        {
+            GgmlDType::Q6K
+        }
+        _ => quantization.base_dtype(),
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third
+/// layer between them.
+fn use_more_bits(layer: usize, layers: usize) -> bool {
+    let (layer, layers) = (layer as i64, layers as i64);
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+}
+
+/// `rope_freqs.weight`: Llama 3.1's frequency-dependent RoPE scaling as per-frequency
+/// divisors, computed as llama.cpp's `convert_hf_to_gguf.py` does.
+fn llama3_rope_factors(dims: &Dimensions) -> Vec<f32> {
+    const ORIGINAL_CONTEXT: f32 = 8192.0;
+    const LOW_FREQ_FACTOR: f32 = 1.0;
+    const HIGH_FREQ_FACTOR: f32 = 4.0;
+    let low_freq_wavelength = ORIGINAL_CONTEXT / LOW_FREQ_FACTOR;
+    let high_freq_wavelength = ORIGINAL_CONTEXT / HIGH_FREQ_FACTOR;
+    let factor = dims.rope_scaling_factor;
+    (0..dims.head_dim / 2)
+        .map(|i| {
+            let frequency = 1.0 / dims.rope_theta.powf((2 * i) as f32 / dims.head_dim as f32);
+            let wavelength = 2.0 * std::f32::consts::PI / frequency;
+            if wavelength < high_freq_wavelength {
+                1.0
+            } else if wavelength > low_freq_wavelength {
+                factor
+            } else {
+                let smooth = (ORIGINAL_CONTEXT / wavelength - LOW_FREQ_FACTOR) / (HIGH_FREQ_FACTOR - LOW_FREQ_FACTOR);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Metadata and vocabulary
+
+fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u64) -> Vec<(String, Value)> {
+    let u32_value = |n: usize| Value::U32(u32::try_from(n).expect("model dimensions fit in u32"));
+    let vocab = Vocabulary::synthetic(dims.vocab);
+    let mut entries = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String(format!("synthetic {} {} seed {seed}", shape.name(), quantization.name()))),
+        ("general.file_type", Value::U32(quantization.file_type())),
+        ("general.quantization_version", Value::U32(2)),
+        ("llama.block_count", u32_value(dims.layers)),
+        ("llama.context_length", u32_value(dims.context)),
+        ("llama.embedding_length", u32_value(dims.hidden)),
+        ("llama.feed_forward_length", u32_value(dims.ffn)),
+        ("llama.attention.head_count", u32_value(dims.heads)),
+        ("llama.attention.head_count_kv", u32_value(dims.kv_heads)),
+        ("llama.attention.key_length", u32_value(dims.head_dim)),
+        ("llama.attention.value_length", u32_value(dims.head_dim)),
+        ("llama.rope.freq_base", Value::F32(dims.rope_theta)),
+        ("llama.rope.dimension_count", u32_value(dims.head_dim)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(dims.rms_eps)),
+        ("llama.vocab_size", u32_value(dims.vocab)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("llama-bpe".into())),
+    ];
+    entries.extend(vocab.into_metadata());
+    entries.into_iter().map(|(key, value)| (key.to_owned(), value)).collect()
+}
+
+/// A byte-level BPE vocabulary laid out like Llama 3's: the 256 byte tokens, merged
+/// tokens, then 256 control tokens with Llama 3's names at the end. Both llama.cpp and
+/// Hearth accept it; it tokenizes text into plausible (two- or three-byte) pieces.
+struct Vocabulary {
+    tokens: Vec<String>,
+    token_types: Vec<i32>,
+    merges: Vec<String>,
+    bos: u32,
+    eos: u32,
+}
+
+/// llama.cpp's `llama_token_type` codes.
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+const CONTROL_TOKENS: usize = 256;
+/// Llama 3's named control tokens, in id order from 128000; the rest are reserved ones.
+const NAMED_CONTROL_TOKENS: [&str; 11] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+];
+const EOT_INDEX: usize = 9;
+/// Llama 3's chat format (without the date and tool preamble of 3.1's template).
+const LLAMA3_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}\
+    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}\
+    {% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+
+impl Vocabulary {
+    fn synthetic(size: usize) -> Self {
+        let normal_tokens = size
+            .checked_sub(CONTROL_TOKENS)
+            .filter(|&n| n >= 256)
+            .unwrap_or_else(|| panic!("a synthetic vocabulary needs at least {} tokens", 256 + CONTROL_TOKENS));
+        let byte_tokens = byte_level_chars().map(String::from);
+        let mut tokens: Vec<String> = byte_tokens.to_vec();
+        let mut merges = Vec::with_capacity(normal_tokens - 256);
+        for (left, right) in merge_candidates(&byte_tokens).take(normal_tokens - 256) {
+            merges.push(format!("{left} {right}"));
+            tokens.push(left + &right);
+        }
+        assert_eq!(tokens.len(), normal_tokens, "not enough distinct merges for a vocabulary of {size}");
+        let first_control = tokens.len();
+        tokens.extend(NAMED_CONTROL_TOKENS.iter().map(|t| t.to_string()));
+        tokens.extend(
+            (3..).map(|n| format!("<|reserved_special_token_{n}|>")).take(CONTROL_TOKENS - NAMED_CONTROL_TOKENS.len()),
+        );
+        let mut token_types = vec![TOKEN_NORMAL; first_control];
+        token_types.resize(size, TOKEN_CONTROL);
+        let id = |index: usize| u32::try_from(index).expect("vocabulary fits in u32");
+        Self { tokens, token_types, merges, bos: id(first_control), eos: id(first_control + EOT_INDEX) }
+    }
+
+    fn into_metadata(self) -> Vec<(&'static str, Value)> {
+        let strings = |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+        vec![
+            ("tokenizer.ggml.tokens", strings(self.tokens)),
+            ("tokenizer.ggml.token_type", Value::Array(self.token_types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.merges", strings(self.merges)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(self.bos)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(self.eos)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+            ("tokenizer.chat_template", Value::String(LLAMA3_CHAT_TEMPLATE.into())),
+        ]
+    }
+}
+
+/// GPT-2's byte-to-character map (`bytes_to_unicode`): printable bytes stand for
+/// themselves, the others for the characters from U+0100 on.
+fn byte_level_chars() -> [char; 256] {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut chars = ['\0'; 256];
+    let mut next_unprintable = 256u32;
+    for byte in 0..=255u8 {
+        chars[byte as usize] = if printable(byte) {
+            char::from(byte)
+        } else {
+            next_unprintable += 1;
+            char::from_u32(next_unprintable - 1).expect("U+0100.. are characters")
+        };
+    }
+    chars
+}
+
+/// Merges in rank order: pairs of bytes, then a pair followed by a byte, each walked
+/// diagonally over byte ranks so that common English bytes (space, lowercase letters)
+/// merge first, as in a trained vocabulary.
+fn merge_candidates(byte_tokens: &[String; 256]) -> impl Iterator<Item = (String, String)> + '_ {
+    let by_rank: Vec<&String> = bytes_by_frequency().iter().map(|&b| &byte_tokens[b as usize]).collect();
+    let pairs: Vec<(String, String)> =
+        diagonal(256, 256).map(|(a, b)| (by_rank[a].clone(), by_rank[b].clone())).collect();
+    let triples = diagonal(pairs.len(), 256).map({
+        let pairs = pairs.clone();
+        let by_rank = by_rank.clone();
+        move |(p, b)| (format!("{}{}", pairs[p].0, pairs[p].1), by_rank[b].clone())
+    });
+    pairs.into_iter().chain(triples)
+}
+
+/// Every byte once, the ones common in English text first.
+fn bytes_by_frequency() -> Vec<u8> {
+    let common = b" etaoinshrdlcumwfgypbvkjxqz,.ETAOINSHRDLCUMWFGYPBVKJXQZ0123456789'\"-:;!?()\n";
+    let mut order = common.to_vec();
+    order.extend((0..=255u8).filter(|b| !common.contains(b)));
+    order
+}
+
+/// The pairs `(i, j)` with `i < rows`, `j < cols`, by increasing `i + j`.
+fn diagonal(rows: usize, cols: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows + cols - 1).flat_map(move |sum| {
+        let first = sum.saturating_sub(cols - 1);
+        (first..=sum.min(rows - 1)).map(move |i| (i, sum - i))
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The GGUF file (format: ggml's docs/gguf.md)
+
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+const GGUF_VERSION: u32 = 3;
+const GGUF_ALIGNMENT: u64 = 32;
+
+fn write_gguf(out: &mut impl Write, metadata: &[(String, Value)], tensors: &[TensorSpec], seed: u64) -> Result<()> {
+    let mut header = Vec::new();
+    header.extend_from_slice(GGUF_MAGIC);
+    header.extend_from_slice(&GGUF_VERSION.to_le_bytes());
+    header.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        encode_string(&mut header, key);
+        header.extend_from_slice(&value_type_code(value).to_le_bytes());
+        encode_value(&mut header, value)?;
+    }
+    let mut offset = 0u64;
+    for tensor in tensors {
+        encode_string(&mut header, &tensor.name);
+        header.extend_from_slice(&(tensor.dims.len() as u32).to_le_bytes());
+        // GGUF lists dimensions innermost first.
+        for &dim in tensor.dims.iter().rev() {
+            header.extend_from_slice(&(dim as u64).to_le_bytes());
+        }
+        header.extend_from_slice(&ggml_type_code(tensor.dtype).to_le_bytes());
+        header.extend_from_slice(&offset.to_le_bytes());
+        offset += padded(tensor_bytes(tensor));
+    }
+    header.resize(padded(header.len() as u64) as usize, 0);
+    write_all(out, &header)?;
+
+    for (index, tensor) in tensors.iter().enumerate() {
+        let size = write_tensor_data(out, tensor, tensor_seed(seed, index))?;
+        debug_assert_eq!(size, tensor_bytes(tensor), "{}", tensor.name);
+        write_all(out, &vec![0; (padded(size) - size) as usize])?;
+    }
+    Ok(())
+}
+
+fn padded(size: u64) -> u64 {
+    size.div_ceil(GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+}
+
+fn tensor_bytes(tensor: &TensorSpec) -> u64 {
+    let elements: usize = tensor.dims.iter().product();
+    (elements / tensor.dtype.block_size() * tensor.dtype.type_size()) as u64
+}
+
+fn write_all(out: &mut impl Write, bytes: &[u8]) -> Result<()> {
+    out.write_all(bytes).map_err(|e| Error::io("synthetic GGUF output", e))
+}
+
+fn encode_string(buffer: &mut Vec<u8>, text: &str) {
+    buffer.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    buffer.extend_from_slice(text.as_bytes());
+}
+
+/// GGUF's `gguf_metadata_value_type`.
+fn value_type_code(value: &Value) -> u32 {
+    match value {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn encode_value(buffer: &mut Vec<u8>, value: &Value) -> Result<()> {
+    match value {
+        Value::U8(v) => buffer.push(*v),
+        Value::I8(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::U16(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::I16(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::U32(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::I32(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::U64(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::I64(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::F32(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::F64(v) => buffer.extend_from_slice(&v.to_le_bytes()),
+        Value::Bool(v) => buffer.push(u8::from(*v)),
+        Value::String(v) => encode_string(buffer, v),
+        Value::Array(items) => {
+            // GGUF arrays are homogeneous; an empty one may claim any element type.
+            let element_type = items.first().map_or(value_type_code(&Value::U32(0)), value_type_code);
+            if items.iter().any(|item| value_type_code(item) != element_type) {
+                return Err(Error::InvalidInput("a GGUF array mixes value types".into()));
+            }
+            buffer.extend_from_slice(&element_type.to_le_bytes());
+            buffer.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                encode_value(buffer, item)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ggml's `ggml_type` codes, for the types this module writes.
+fn ggml_type_code(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q6K => 14,
+        other => unreachable!("synthetic models do not use {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Weights
+
+/// Elements generated and quantized as one unit of work (16 MiB of f32). Chunks depend
+/// only on the tensor's shape, never on the thread count, so the output does not either.
+const CHUNK_ELEMENTS: usize = 1 << 22;
+
+/// Writes one tensor's data, generating and quantizing its chunks on every core a wave
+/// at a time (candle's quantizers are single-threaded), and returns the bytes written.
+fn write_tensor_data(out: &mut impl Write, tensor: &TensorSpec, seed: u64) -> Result<u64> {
+    if let Contents::Values(values) = &tensor.contents {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_all(out, &bytes)?;
+        return Ok(bytes.len() as u64);
+    }
+    let row_len = *tensor.dims.last().expect("tensors have a dimension");
+    let rows = tensor.dims.iter().product::<usize>() / row_len;
+    let rows_per_chunk = (CHUNK_ELEMENTS / row_len).max(1);
+    let chunks: Vec<(usize, std::ops::Range<usize>)> =
+        (0..rows).step_by(rows_per_chunk).map(|start| start..(start + rows_per_chunk).min(rows)).enumerate().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut written = 0u64;
+    for wave in chunks.chunks(threads) {
+        let encoded: Vec<Result<Vec<u8>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = wave
+                .iter()
+                .map(|(index, rows)| {
+                    let chunk_seed = seed ^ splitmix64(*index as u64);
+                    scope.spawn(move || encode_chunk(tensor, rows.len(), row_len, chunk_seed))
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("a quantization worker panicked")).collect()
+        });
+        for bytes in encoded {
+            let bytes = bytes?;
+            write_all(out, &bytes)?;
+            written += bytes.len() as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// `rows` random rows of `tensor`, in its storage type.
+fn encode_chunk(tensor: &TensorSpec, rows: usize, row_len: usize, seed: u64) -> Result<Vec<u8>> {
+    let Contents::Random { mean, std } = tensor.contents else { unreachable!("fixed values are written whole") };
+    let values = normal_values(rows * row_len, mean, std, seed);
+    if tensor.dtype == GgmlDType::F32 {
+        return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    }
+    let dense = Tensor::from_vec(values, (rows, row_len), &Device::Cpu)?;
+    Ok(QTensor::quantize(&dense, tensor.dtype)?.data()?.into_owned())
+}
+
+/// `count` samples of N(mean, std²), by the Box–Muller transform.
+fn normal_values(count: usize, mean: f32, std: f32, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut values = Vec::with_capacity(count + 1);
+    while values.len() < count {
+        // 1 - u lies in (0, 1], so the logarithm is finite.
+        let radius = (-2.0 * (1.0 - rng.random::<f32>()).ln()).sqrt();
+        let angle = std::f32::consts::TAU * rng.random::<f32>();
+        values.push(mean + std * radius * angle.cos());
+        values.push(mean + std * radius * angle.sin());
+    }
+    values.truncate(count);
+    values
+}
+
+fn tensor_seed(seed: u64, tensor_index: usize) -> u64 {
+    splitmix64(splitmix64(seed) ^ tensor_index as u64)
+}
+
+/// SplitMix64's finalizer: spreads nearby seeds (1, 2, 3...) over the whole range.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_k_m_gives_half_the_layers_more_bits_as_llama_cpp_does() {
+        // The layers whose attn_v and ffn_down are Q6_K in llama.cpp's Llama-3.2-1B Q4_K_M.
+        let more: Vec<usize> = (0..16).filter(|&l| use_more_bits(l, 16)).collect();
+        assert_eq!(more, [0, 1, 4, 7, 10, 13, 14, 15]);
+        let more_8b: Vec<usize> = (0..32).filter(|&l| use_more_bits(l, 32)).collect();
+        assert_eq!(more_8b.len(), 16);
+    }
+
+    #[test]
+    fn the_1b_layout_has_llama_cpps_tensor_count_and_types() {
+        let dims = Shape::Llama32_1B.dimensions();
+        let tensors = tensor_plan(&dims, Quantization::Q4KM);
+        // 9 per block, plus token_embd, rope_freqs and output_norm (tied: no output.weight).
+        assert_eq!(tensors.len(), 16 * 9 + 3);
+        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).map(|t| t.dtype);
+        assert_eq!(dtype("token_embd.weight"), Some(GgmlDType::Q6K));
+        assert_eq!(dtype("blk.0.attn_v.weight"), Some(GgmlDType::Q6K));
+        assert_eq!(dtype("blk.2.attn_v.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype("blk.4.ffn_down.weight"), Some(GgmlDType::Q6K));
+        assert_eq!(dtype("blk.5.ffn_gate.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype("output.weight"), None);
+        let weights: u64 = tensors.iter().map(|t| t.dims.iter().product::<usize>() as u64).sum();
+        assert_eq!(weights, 1_235_814_432, "Llama-3.2-1B's parameter count (+ 32 rope factors)");
+    }
+
+    #[test]
+    fn the_8b_layout_keeps_its_own_head() {
+        let tensors = tensor_plan(&Shape::Llama31_8B.dimensions(), Quantization::Q4_0);
+        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).map(|t| t.dtype);
+        assert_eq!(dtype("token_embd.weight"), Some(GgmlDType::Q4_0));
+        assert_eq!(dtype("output.weight"), Some(GgmlDType::Q6K));
+        assert_eq!(dtype("blk.0.ffn_down.weight"), Some(GgmlDType::Q4_0));
+    }
+
+    #[test]
+    fn the_vocabulary_is_llama_3_sized_with_valid_merges() {
+        let vocab = Vocabulary::synthetic(128_256);
+        assert_eq!(vocab.tokens.len(), 128_256);
+        assert_eq!(vocab.tokens[vocab.bos as usize], "<|begin_of_text|>");
+        assert_eq!(vocab.bos, 128_000);
+        assert_eq!(vocab.tokens[vocab.eos as usize], "<|eot_id|>");
+        let distinct: std::collections::HashSet<&String> = vocab.tokens.iter().collect();
+        assert_eq!(distinct.len(), vocab.tokens.len(), "token texts are distinct");
+        assert_eq!(vocab.merges[0], "Ġ Ġ", "the most common byte merges first");
+    }
+
+    #[test]
+    fn rope_factors_match_llama_3_2s() {
+        let factors = llama3_rope_factors(&Shape::Llama32_1B.dimensions());
+        assert_eq!(factors.len(), 32);
+        assert_eq!(factors[0], 1.0, "high frequencies are not scaled");
+        assert_eq!(factors[31], 32.0, "low frequencies are scaled by the factor");
+    }
+}
