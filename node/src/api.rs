@@ -373,19 +373,61 @@ pub(crate) enum PromptSource {
 /// Parses a request to `endpoint` of a node serving `model_id`. Every way a body can be
 /// wrong ends here, in OpenAI's error shape, before the request reaches the model.
 pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint, model_id: &str) -> Result<ParsedRequest, ApiError> {
-    let body: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(fields) = &body else {
-        return Err(ApiError::invalid("the request body must be a JSON object"));
-    };
-    reject_unsupported(fields)?;
-    let params: CommonParams = serde_json::from_value(body.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let KnownFields(fields) = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        // The fields' values take any JSON, so only a body of another type is a data error.
+        serde_json::error::Category::Data => ApiError::invalid("the request body must be a JSON object"),
+        _ => ApiError::invalid(format!("the request body is not valid JSON: {e}")),
+    })?;
+    reject_unsupported(&fields)?;
+    let params = CommonParams::deserialize(&fields).map_err(|e| ApiError::invalid(e.to_string()))?;
     check_model(model_id, params.model.as_deref())?;
     let prompt = match endpoint {
-        Endpoint::Completions => PromptSource::Text(completion_prompt(fields)?),
-        Endpoint::Chat => PromptSource::Chat(chat_messages(fields)?),
+        Endpoint::Completions => PromptSource::Text(completion_prompt(&fields)?),
+        Endpoint::Chat => PromptSource::Chat(chat_messages(&fields)?),
     };
     Ok(ParsedRequest { params, prompt })
+}
+
+/// The top-level fields of a request body that either endpoint reads or refuses.
+const KNOWN_FIELDS: &[&str] = &[
+    // Read: CommonParams, and each endpoint's prompt.
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+    "stream_options", "prompt", "messages",
+    // Refused when set: see `reject_unsupported`.
+    "n", "best_of", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "function_call",
+    "tool_choice", "logit_bias", "presence_penalty", "frequency_penalty", "response_format",
+];
+
+/// A body's [`KNOWN_FIELDS`]. Every other field is skipped as it is parsed, never stored:
+/// a parsed JSON value takes many times the bytes of its text, so a body padded with
+/// unknown fields would otherwise cost the node a hundred times its size.
+struct KnownFields(serde_json::Map<String, Value>);
+
+impl<'de> Deserialize<'de> for KnownFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = KnownFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<KnownFields, A::Error> {
+                let mut fields = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if KNOWN_FIELDS.contains(&key.as_str()) {
+                        // A repeated field keeps its last value, as in any JSON object.
+                        fields.insert(key, map.next_value()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(KnownFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// Parameters OpenAI defines that Hearth does not implement: refused rather than ignored,
@@ -436,7 +478,7 @@ fn check_model(model_id: &str, model: Option<&str>) -> Result<(), ApiError> {
 
 fn completion_prompt(fields: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
     let value = fields.get("prompt").ok_or_else(|| ApiError::invalid("`prompt` is required").param("prompt"))?;
-    let prompt: PromptParam = serde_json::from_value(value.clone())
+    let prompt = PromptParam::deserialize(value)
         .map_err(|_| ApiError::invalid("`prompt` must be a string (or a list of one string)").param("prompt"))?;
     match prompt {
         PromptParam::Text(text) => Ok(text),
@@ -448,7 +490,7 @@ fn completion_prompt(fields: &serde_json::Map<String, Value>) -> Result<String, 
 fn chat_messages(fields: &serde_json::Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let bad = |message: String| ApiError::invalid(message).param("messages");
     let value = fields.get("messages").ok_or_else(|| bad("`messages` is required".into()))?;
-    let raw: Vec<RawMessage> = serde_json::from_value(value.clone())
+    let raw = Vec::<RawMessage>::deserialize(value)
         .map_err(|e| bad(format!("`messages` must be a list of {{role, content}} objects: {e}")))?;
     if raw.is_empty() {
         return Err(bad("`messages` must not be empty".into()));
