@@ -89,14 +89,18 @@ async fn connections_past_the_limit_wait_in_the_backlog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_and_talking_ones_kept() {
     let plane = DataPlane::start(loopback(), Limits::default(), None).expect("data plane starts");
-    let mut silent = TcpStream::connect(plane.addr()).await.expect("connects");
+    let silent = TcpStream::connect(plane.addr()).await.expect("connects");
+    let mut dribbling = TcpStream::connect(plane.addr()).await.expect("connects");
+    dribbling.write_all(b"PRI * HTTP/2.0").await.unwrap();
     let talking = channel(&plane).await;
-    // The server speaks first (its HTTP/2 settings), then gives up on a peer that never
-    // answers.
-    let until_closed = async {
+    // The server speaks first (its HTTP/2 settings), then gives up on a peer that does
+    // not open HTTP/2 in time.
+    let until_closed = |mut connection: TcpStream| async move {
         let mut buffer = [0; 256];
-        while let Ok(1..) = silent.read(&mut buffer).await {}
+        while let Ok(1..) = connection.read(&mut buffer).await {}
     };
-    timeout(PREFACE_TIMEOUT + PATIENCE, until_closed).await.expect("a silent connection is closed in time");
+    for connection in [silent, dribbling] {
+        timeout(PREFACE_TIMEOUT + PATIENCE, until_closed(connection)).await.expect("closed in time");
+    }
     assert_eq!(probe(&talking).await, 16, "a connection that spoke was closed");
 }

@@ -4,7 +4,7 @@
 //! many there are. A connection may carry [`MAX_STREAMS_PER_CONNECTION`] calls at once
 //! (HTTP/2 makes a client wait for a free one); the server holds at most
 //! [`MAX_CONNECTIONS`] connections, and leaves further ones waiting in the listen
-//! backlog until one closes. A connection that says nothing for [`PREFACE_TIMEOUT`]
+//! backlog until one closes. A connection that has not opened HTTP/2 [`PREFACE_TIMEOUT`]
 //! after it is accepted is closed, so idle sockets cannot hold those places; one whose
 //! peer stops answering HTTP/2 pings is closed too, so a peer that vanished without a
 //! FIN does not hold them either.
@@ -41,9 +41,13 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long an accepted connection may stay silent before its first byte (the HTTP/2
-/// preface, which a real client sends at once).
+/// How long an accepted connection may take to send the HTTP/2 preface, which a real
+/// client sends at once.
 pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`: a peer dribbling it a byte at a time holds no place
+/// for longer than [`PREFACE_TIMEOUT`] either.
+const HTTP2_PREFACE_LEN: usize = 24;
 
 /// The data plane's gRPC server, with the per-connection limits and keepalive.
 pub fn server() -> Server {
@@ -83,6 +87,7 @@ pub fn incoming(listener: TcpListener, max_connections: usize) -> ReceiverStream
                 stream,
                 _place: place,
                 preface_deadline: Some(Box::pin(tokio::time::sleep(PREFACE_TIMEOUT))),
+                preface_missing: HTTP2_PREFACE_LEN,
             };
             if accepted.send(Ok(connection)).await.is_err() {
                 return;
@@ -96,8 +101,10 @@ pub fn incoming(listener: TcpListener, max_connections: usize) -> ReceiverStream
 pub struct LimitedConnection {
     stream: TcpStream,
     _place: OwnedSemaphorePermit,
-    /// Until the first byte arrives.
+    /// Until the whole HTTP/2 preface has arrived.
     preface_deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the preface still to come.
+    preface_missing: usize,
 }
 
 impl AsyncRead for LimitedConnection {
@@ -106,14 +113,18 @@ impl AsyncRead for LimitedConnection {
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
         let Some(deadline) = &mut self.preface_deadline else { return read };
         match read {
-            Poll::Ready(Ok(())) if buf.filled().len() == filled => Poll::Ready(Ok(())),
             Poll::Ready(Ok(())) => {
-                self.preface_deadline = None;
+                let arrived = buf.filled().len() - filled;
+                self.preface_missing = self.preface_missing.saturating_sub(arrived);
+                if self.preface_missing == 0 {
+                    self.preface_deadline = None;
+                }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the peer sent nothing after connecting")))
-            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not open HTTP/2 in time after connecting",
+            ))),
             other => other,
         }
     }
