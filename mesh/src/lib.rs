@@ -12,6 +12,8 @@ pub mod cluster_key;
 pub mod control;
 pub mod coordinator;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 mod placement;
 mod size;

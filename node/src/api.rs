@@ -29,6 +29,10 @@ use crate::data_plane::DataPlaneStats;
 use crate::engine::{self, Event, Generation, Outcome};
 use crate::holder::{Holder, SubmitError};
 
+mod cors;
+
+pub use cors::{CorsOrigin, CorsOriginError};
+
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 4 << 20;
 /// Stop strings a request may give, as OpenAI allows.
@@ -64,23 +68,37 @@ impl FromRef<AppState> for watch::Receiver<ClusterView> {
 
 /// The API's routes. With `api_key`, every `/v1` request must carry
 /// `Authorization: Bearer <api_key>`, as OpenAI clients send it; `/health` stays open so
-/// that supervisors can probe the node.
-pub fn router(state: AppState, api_key: Option<String>) -> Router {
+/// that supervisors can probe the node. Browsers let only `cors_origins` (none by
+/// default) read the answers from other pages.
+pub fn router(state: AppState, api_key: Option<String>, cors_origins: &[CorsOrigin]) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster_view))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found);
+    let open = Router::new().route("/health", get(health));
+    guard(open, v1, api_key, cors_origins).with_state(state)
+}
+
+/// Puts the API's layers around its routes: `v1` behind the API key, if any; request
+/// bodies capped; and CORS outermost, so that it answers preflights (which carry no API
+/// key) itself and marks refusals readable too.
+fn guard<S: Clone + Send + Sync + 'static>(
+    open: Router<S>,
+    v1: Router<S>,
+    api_key: Option<String>,
+    cors_origins: &[CorsOrigin],
+) -> Router<S> {
     let v1 = match api_key {
         Some(key) => v1.layer(middleware::from_fn_with_state(Arc::<str>::from(key), require_api_key)),
         None => v1,
     };
-    Router::new()
-        .route("/health", get(health))
-        .merge(v1)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+    let routes = open.merge(v1).layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    match cors::layer(cors_origins) {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    }
 }
 
 /// Refuses requests without the right bearer token, in OpenAI's error shape.
@@ -222,7 +240,7 @@ async fn models(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
 
 /// Parameters shared by both endpoints.
 #[derive(Debug, Deserialize)]
-struct CommonParams {
+pub(crate) struct CommonParams {
     model: Option<String>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
@@ -279,9 +297,19 @@ struct RawMessage {
 /// Which endpoint a request came to: they differ only in how the prompt is given and how
 /// responses are shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Completions,
     Chat,
+}
+
+impl Endpoint {
+    /// The parameter that holds the prompt.
+    pub(crate) fn prompt_param(self) -> &'static str {
+        match self {
+            Self::Completions => "prompt",
+            Self::Chat => "messages",
+        }
+    }
 }
 
 async fn completions(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
@@ -315,30 +343,19 @@ async fn handle(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Resp
             .code("cluster_unavailable"));
     }
     let holder = state.holder()?;
-    let body: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(fields) = &body else {
-        return Err(ApiError::invalid("the request body must be a JSON object"));
+    let ParsedRequest { params, prompt } = parse_request(&body, endpoint, holder.model_id())?;
+    let prompt_text = match prompt {
+        PromptSource::Text(text) => text,
+        PromptSource::Chat(messages) => holder
+            .render_chat(&messages)
+            .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")).param("messages"))?,
     };
-    reject_unsupported(fields)?;
-    let params: CommonParams = serde_json::from_value(body.clone()).map_err(|e| ApiError::invalid(e.to_string()))?;
-    check_model(&holder, params.model.as_deref())?;
-
-    let prompt_text = match endpoint {
-        Endpoint::Completions => completion_prompt(fields)?,
-        Endpoint::Chat => {
-            let messages = chat_messages(fields)?;
-            holder
-                .render_chat(&messages)
-                .map_err(|e| ApiError::invalid(format!("cannot apply the chat template: {e}")).param("messages"))?
-        }
-    };
-    let prompt_param = if endpoint == Endpoint::Chat { "messages" } else { "prompt" };
+    let prompt_param = endpoint.prompt_param();
     let prompt = holder.tokenizer().encode(&prompt_text).map_err(|e| ApiError::internal(e.to_string()))?;
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty").param(prompt_param));
     }
-    let generation = generation_request(&holder, &params, prompt, prompt_param)?;
+    let generation = generation_request(&params, prompt, holder.context_length(), prompt_param)?;
 
     let include_usage = params.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let events = holder.submit(generation)?;
@@ -348,6 +365,80 @@ async fn handle(state: AppState, body: Bytes, endpoint: Endpoint) -> Result<Resp
     } else {
         let (text, outcome) = engine::collect(events).await.map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(Json(reply.complete(&text, &outcome)).into_response())
+    }
+}
+
+/// A request body, parsed and checked as far as it can be without the model's tokenizer.
+#[derive(Debug)]
+pub(crate) struct ParsedRequest {
+    pub(crate) params: CommonParams,
+    pub(crate) prompt: PromptSource,
+}
+
+/// The prompt as the client gave it, before the chat template and the tokenizer.
+#[derive(Debug)]
+pub(crate) enum PromptSource {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// Parses a request to `endpoint` of a node serving `model_id`. Every way a body can be
+/// wrong ends here, in OpenAI's error shape, before the request reaches the model.
+pub(crate) fn parse_request(body: &[u8], endpoint: Endpoint, model_id: &str) -> Result<ParsedRequest, ApiError> {
+    let KnownFields(fields) = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        // The fields' values take any JSON, so only a body of another type is a data error.
+        serde_json::error::Category::Data => ApiError::invalid("the request body must be a JSON object"),
+        _ => ApiError::invalid(format!("the request body is not valid JSON: {e}")),
+    })?;
+    reject_unsupported(&fields)?;
+    let params = CommonParams::deserialize(&fields).map_err(|e| ApiError::invalid(e.to_string()))?;
+    check_model(model_id, params.model.as_deref())?;
+    let prompt = match endpoint {
+        Endpoint::Completions => PromptSource::Text(completion_prompt(&fields)?),
+        Endpoint::Chat => PromptSource::Chat(chat_messages(&fields)?),
+    };
+    Ok(ParsedRequest { params, prompt })
+}
+
+/// The top-level fields of a request body that either endpoint reads or refuses.
+const KNOWN_FIELDS: &[&str] = &[
+    // Read: CommonParams, and each endpoint's prompt.
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+    "stream_options", "prompt", "messages",
+    // Refused when set: see `reject_unsupported`.
+    "n", "best_of", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "function_call",
+    "tool_choice", "logit_bias", "presence_penalty", "frequency_penalty", "response_format",
+];
+
+/// A body's [`KNOWN_FIELDS`]. Every other field is skipped as it is parsed, never stored:
+/// a parsed JSON value takes many times the bytes of its text, so a body padded with
+/// unknown fields would otherwise cost the node a hundred times its size.
+struct KnownFields(serde_json::Map<String, Value>);
+
+impl<'de> Deserialize<'de> for KnownFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = KnownFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<KnownFields, A::Error> {
+                let mut fields = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if KNOWN_FIELDS.contains(&key.as_str()) {
+                        // A repeated field keeps its last value, as in any JSON object.
+                        fields.insert(key, map.next_value()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(KnownFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
@@ -380,16 +471,15 @@ fn reject_unsupported(fields: &serde_json::Map<String, Value>) -> Result<(), Api
     Ok(())
 }
 
-fn check_model(holder: &Holder, model: Option<&str>) -> Result<(), ApiError> {
+fn check_model(model_id: &str, model: Option<&str>) -> Result<(), ApiError> {
     match model {
         None => Err(ApiError::invalid("`model` is required").param("model")),
-        Some(name) if name == holder.model_id() => Ok(()),
+        Some(name) if name == model_id => Ok(()),
         Some(name) => {
             // Echo the name back safely: it came from the client and may hold anything.
             let shown: String = name.chars().take(100).flat_map(char::escape_default).collect();
             Err(ApiError::invalid(format!(
-                "the model `{shown}` does not exist; this node serves `{}` (see /v1/models)",
-                holder.model_id()
+                "the model `{shown}` does not exist; this node serves `{model_id}` (see /v1/models)"
             ))
             .status(StatusCode::NOT_FOUND)
             .param("model")
@@ -400,7 +490,7 @@ fn check_model(holder: &Holder, model: Option<&str>) -> Result<(), ApiError> {
 
 fn completion_prompt(fields: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
     let value = fields.get("prompt").ok_or_else(|| ApiError::invalid("`prompt` is required").param("prompt"))?;
-    let prompt: PromptParam = serde_json::from_value(value.clone())
+    let prompt = PromptParam::deserialize(value)
         .map_err(|_| ApiError::invalid("`prompt` must be a string (or a list of one string)").param("prompt"))?;
     match prompt {
         PromptParam::Text(text) => Ok(text),
@@ -412,7 +502,7 @@ fn completion_prompt(fields: &serde_json::Map<String, Value>) -> Result<String, 
 fn chat_messages(fields: &serde_json::Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let bad = |message: String| ApiError::invalid(message).param("messages");
     let value = fields.get("messages").ok_or_else(|| bad("`messages` is required".into()))?;
-    let raw: Vec<RawMessage> = serde_json::from_value(value.clone())
+    let raw = Vec::<RawMessage>::deserialize(value)
         .map_err(|e| bad(format!("`messages` must be a list of {{role, content}} objects: {e}")))?;
     if raw.is_empty() {
         return Err(bad("`messages` must not be empty".into()));
@@ -454,13 +544,14 @@ fn chat_messages(fields: &serde_json::Map<String, Value>) -> Result<Vec<ChatMess
         .collect()
 }
 
-fn generation_request(
-    holder: &Holder,
+/// The generation a request asks for, given its tokenized prompt and the model's
+/// `context` length in tokens.
+pub(crate) fn generation_request(
     params: &CommonParams,
     prompt: Vec<u32>,
+    context: usize,
     prompt_param: &'static str,
 ) -> Result<Generation, ApiError> {
-    let context = holder.context_length();
     if prompt.len() >= context {
         return Err(ApiError::invalid(format!(
             "the prompt is {} tokens long; this model's context is {context} tokens, which must also hold at least one generated token",
@@ -639,4 +730,100 @@ fn unix_time() -> u64 {
 fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Method, Request};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const PAGE: &str = "https://chat.example.org";
+    const STRANGER: &str = "https://evil.example.net";
+
+    /// The API's layers around stand-in routes.
+    fn app(api_key: Option<&str>, cors_origins: &[&str]) -> Router {
+        let origins: Vec<CorsOrigin> = cors_origins.iter().map(|origin| origin.parse().unwrap()).collect();
+        let open = Router::new().route("/health", get(|| async { "ok" }));
+        let v1 = Router::new().route("/v1/chat/completions", post(|| async { "done" }));
+        guard(open, v1, api_key.map(String::from), &origins)
+    }
+
+    fn preflight(origin: &str) -> Request<Body> {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/v1/chat/completions")
+            .header(header::ORIGIN, origin)
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "authorization,content-type")
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    fn post_from(origin: &str, api_key: &str) -> Request<Body> {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header(header::ORIGIN, origin)
+            .header(header::AUTHORIZATION, format!("Bearer {api_key}"))
+            .body(Body::from("{}"))
+            .unwrap()
+    }
+
+    async fn send(app: &Router, request: Request<Body>) -> Response {
+        app.clone().oneshot(request).await.unwrap()
+    }
+
+    fn allowed_origin(response: &Response) -> Option<&str> {
+        response.headers().get(header::ACCESS_CONTROL_ALLOW_ORIGIN).map(|value| value.to_str().unwrap())
+    }
+
+    #[tokio::test]
+    async fn only_configured_origins_pass_preflight_even_with_an_api_key() {
+        let app = app(Some("secret"), &[PAGE]);
+
+        let allowed = send(&app, preflight(PAGE)).await;
+        assert!(allowed.status().is_success(), "{}", allowed.status());
+        assert_eq!(allowed_origin(&allowed), Some(PAGE));
+        let headers = allowed.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap();
+        assert!(headers.contains("authorization"), "{headers}");
+
+        let refused = send(&app, preflight(STRANGER)).await;
+        assert_eq!(allowed_origin(&refused), None);
+
+        let answered = send(&app, post_from(PAGE, "secret")).await;
+        assert_eq!(answered.status(), StatusCode::OK);
+        assert_eq!(allowed_origin(&answered), Some(PAGE));
+        let unreadable = send(&app, post_from(STRANGER, "secret")).await;
+        assert_eq!(allowed_origin(&unreadable), None);
+        // A refusal is readable by an allowed page, so it can tell its user why.
+        let wrong_key = send(&app, post_from(PAGE, "guess")).await;
+        assert_eq!(wrong_key.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(allowed_origin(&wrong_key), Some(PAGE));
+    }
+
+    #[tokio::test]
+    async fn without_configured_origins_no_cors_headers_are_sent() {
+        let app = app(None, &[]);
+        for origin in [PAGE, STRANGER] {
+            let preflight = send(&app, preflight(origin)).await;
+            assert!(!preflight.status().is_success(), "{}", preflight.status());
+            let cors_headers: Vec<_> =
+                preflight.headers().keys().filter(|name| name.as_str().starts_with("access-control-")).collect();
+            assert!(cors_headers.is_empty(), "{cors_headers:?}");
+            let answered = send(&app, post_from(origin, "unused")).await;
+            assert_eq!(answered.status(), StatusCode::OK);
+            assert_eq!(allowed_origin(&answered), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn any_origin_only_when_asked_for() {
+        let app = app(None, &["*"]);
+        let allowed = send(&app, preflight(STRANGER)).await;
+        assert!(allowed.status().is_success(), "{}", allowed.status());
+        assert_eq!(allowed_origin(&allowed), Some("*"));
+    }
 }

@@ -37,6 +37,8 @@ use crate::auth::{AuthedChannel, Credentials};
 use crate::paths::Choice;
 use crate::weights::WeightServer;
 
+pub mod connections;
+
 /// Frames waiting to go out on one link before the sender waits.
 const LINK_BUFFER: usize = 64;
 
@@ -213,10 +215,9 @@ async fn run(
             return;
         }
     };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = connections::incoming(listener, connections::MAX_CONNECTIONS);
     tokio::spawn(async move {
-        if let Err(error) = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        if let Err(error) = connections::server()
             .add_optional_service(auth)
             .add_service(server)
             .serve_with_incoming(incoming)

@@ -8,6 +8,8 @@ pub mod cluster;
 pub mod data_plane;
 pub mod device;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod holder;
 pub mod model_store;
 pub mod paths;

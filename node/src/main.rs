@@ -100,6 +100,10 @@ struct ServeArgs {
     /// Read the API key from this file (its first line).
     #[arg(long)]
     api_key_file: Option<std::path::PathBuf>,
+    /// Let web pages from ORIGIN (scheme://host[:port]) call the API from a browser
+    /// (repeatable; `*` for any page). Without it, browsers refuse other pages' requests.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<api::CorsOrigin>,
     /// Address the data plane (hidden states between stages) listens on.
     #[arg(long, default_value = DEFAULT_DATA_ADDR)]
     data_addr: SocketAddr,
@@ -323,6 +327,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if api_key.is_none() && !args.api_addr.ip().is_loopback() {
         tracing::warn!("the API listens on {} without an API key: anyone who can reach it can use the model", args.api_addr);
     }
+    let cors_origins = args.cors_origins;
     let limits = hearth_proto::Limits::default();
     let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
     let data_plane_stats = data_plane.stats().clone();
@@ -351,7 +356,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             model.id(),
             listener.local_addr().unwrap_or(args.api_addr)
         );
-        axum::serve(listener, api::router(api::AppState { holder, cluster: cluster.view, data_plane: data_plane_stats }, api_key))
+        axum::serve(listener, api::router(api::AppState { holder, cluster: cluster.view, data_plane: data_plane_stats }, api_key, &cors_origins))
             .with_graceful_shutdown(shutdown_signal())
             .await
             .context("serving the API")

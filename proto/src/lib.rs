@@ -36,6 +36,8 @@
 
 mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 mod limits;
 pub mod weights;

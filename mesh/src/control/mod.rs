@@ -35,7 +35,7 @@
 mod membership;
 mod pnet;
 mod swarm;
-mod wire;
+pub(crate) mod wire;
 
 use std::net::SocketAddr;
 use std::ops::Range;
