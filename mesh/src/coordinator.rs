@@ -10,6 +10,7 @@
 //! membership shows it gone.
 
 use std::cmp::Reverse;
+use std::ops::Range;
 
 use crate::control::{NodeInfo, Plan, PlanStage, MAX_EPOCH};
 use crate::placement::{place, ModelProfile, NodeCapacity, NodeId, PlacementError};
@@ -48,21 +49,7 @@ pub fn next_plan(
         return Ok(None);
     };
     let model_id = &mine.model_id;
-    let eligible: Vec<&NodeInfo> = members
-        .iter()
-        .filter(|member| {
-            let same = member.model_id == *model_id;
-            if !same {
-                tracing::debug!(
-                    node = %member.node_id,
-                    theirs = %member.model_id,
-                    ours = %model_id,
-                    "leaving a node that serves another model out of the plan"
-                );
-            }
-            same
-        })
-        .collect();
+    let eligible = eligible(members, model_id);
     let is_coordinator = eligible
         .iter()
         .map(|member| member.node_id.as_str())
@@ -72,29 +59,12 @@ pub fn next_plan(
         return Ok(None);
     }
 
-    let capacities: Vec<NodeCapacity> = eligible
-        .iter()
-        .map(|member| NodeCapacity {
-            id: NodeId(member.node_id.clone()),
-            usable_memory_bytes: member.usable_memory_bytes,
-        })
-        .collect();
-    let placement = place(profile, &capacities)?;
-    let stages: Vec<PlanStage> = placement
-        .stages
-        .into_iter()
-        .filter_map(|stage| {
-            // Every stage's node came from `eligible`, so the lookup always succeeds.
-            let member = eligible
-                .iter()
-                .find(|member| member.node_id == stage.node.0)?;
-            Some(PlanStage {
-                node_id: stage.node.0,
-                data_addr: member.data_addr,
-                layers: stage.layers,
-            })
-        })
-        .collect();
+    let stages = stages_for(&eligible, profile)?;
+    if let Some(current) = current {
+        if waits_for_newcomers(current, model_id, &eligible, &stages) {
+            return Ok(None);
+        }
+    }
 
     let newest_ready = eligible
         .iter()
@@ -122,6 +92,91 @@ pub fn next_plan(
         model_id: model_id.clone(),
         stages,
     }))
+}
+
+/// The layers node `me` would get if the coordinator planned over `members` now, while
+/// `me` is outside the plan in force: what a newcomer loads ahead of the plan that takes
+/// it in (see [`NodeInfo::prepared`]). `None` when `me` is in the plan, there is no plan
+/// (the first plan waits for nobody), or the members cannot hold the model.
+pub fn prospective_layers(
+    me: &str,
+    members: &[NodeInfo],
+    profile: &ModelProfile,
+    current: Option<&Plan>,
+) -> Option<Range<usize>> {
+    let current = current?;
+    if current.stages.iter().any(|stage| stage.node_id == me) {
+        return None;
+    }
+    let mine = members.iter().find(|member| member.node_id == me)?;
+    let stages = stages_for(&eligible(members, &mine.model_id), profile).ok()?;
+    stages.into_iter().find(|stage| stage.node_id == me).map(|stage| stage.layers)
+}
+
+/// The members serving `model_id`; others are left out of plans (and logged).
+fn eligible<'a>(members: &'a [NodeInfo], model_id: &str) -> Vec<&'a NodeInfo> {
+    members
+        .iter()
+        .filter(|member| {
+            let same = member.model_id == model_id;
+            if !same {
+                tracing::debug!(
+                    node = %member.node_id,
+                    theirs = %member.model_id,
+                    ours = %model_id,
+                    "leaving a node that serves another model out of the plan"
+                );
+            }
+            same
+        })
+        .collect()
+}
+
+/// The placement of `eligible` as plan stages.
+fn stages_for(eligible: &[&NodeInfo], profile: &ModelProfile) -> Result<Vec<PlanStage>, PlacementError> {
+    let capacities: Vec<NodeCapacity> = eligible
+        .iter()
+        .map(|member| NodeCapacity {
+            id: NodeId(member.node_id.clone()),
+            usable_memory_bytes: member.usable_memory_bytes,
+        })
+        .collect();
+    let placement = place(profile, &capacities)?;
+    Ok(placement
+        .stages
+        .into_iter()
+        .filter_map(|stage| {
+            // Every stage's node came from `eligible`, so the lookup always succeeds.
+            let member = eligible
+                .iter()
+                .find(|member| member.node_id == stage.node.0)?;
+            Some(PlanStage {
+                node_id: stage.node.0,
+                data_addr: member.data_addr,
+                layers: stage.layers,
+            })
+        })
+        .collect())
+}
+
+/// Whether the coordinator holds `stages` back: the plan in force still has all its
+/// nodes (so it serves), and a node the new plan takes in has not yet loaded the layers
+/// the new plan gives it. A plan that lost a node is replaced at once.
+fn waits_for_newcomers(current: &Plan, model_id: &str, eligible: &[&NodeInfo], stages: &[PlanStage]) -> bool {
+    let intact = current.model_id == model_id
+        && current
+            .stages
+            .iter()
+            .all(|stage| eligible.iter().any(|member| member.node_id == stage.node_id));
+    intact
+        && stages.iter().any(|stage| {
+            let newcomer = !current.stages.iter().any(|old| old.node_id == stage.node_id);
+            newcomer
+                && eligible
+                    .iter()
+                    .find(|member| member.node_id == stage.node_id)
+                    .is_some_and(|member| member.prepared.as_ref() != Some(&stage.layers))
+        })
 }
 
 /// Whether `plan` can serve requests: every stage's node is a live member that has
@@ -162,6 +217,7 @@ mod tests {
             ready_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
+            prepared: None,
         }
     }
 
@@ -249,7 +305,10 @@ mod tests {
     fn membership_changes_make_a_new_epoch() {
         let two = [member("a", GIB), member("b", GIB)];
         let first = next_plan("a", &two, &profile(), None).unwrap().unwrap();
-        let three = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        let mut three = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        // The newcomer is planned in once it has loaded the layers it will get.
+        assert_eq!(next_plan("a", &three, &profile(), Some(&first)).unwrap(), None);
+        three[2].prepared = prospective_layers("c", &three, &profile(), Some(&first));
         let second = next_plan("a", &three, &profile(), Some(&first))
             .unwrap()
             .unwrap();
@@ -268,6 +327,36 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(fourth.epoch, 4);
+    }
+
+    #[test]
+    fn a_plan_in_force_serves_until_newcomers_are_prepared() {
+        let two = [member("b", GIB), member("c", GIB)];
+        let first = next_plan("b", &two, &profile(), None).unwrap().unwrap();
+        // "a" joins: it has the smallest id, so it coordinates, but it is not prepared.
+        let mut three = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        for me in ["a", "b"] {
+            assert_eq!(next_plan(me, &three, &profile(), Some(&first)).unwrap(), None);
+        }
+        // Members of the plan in force have nothing to prepare.
+        assert_eq!(prospective_layers("b", &three, &profile(), Some(&first)), None);
+        // Layers prepared for another placement do not count.
+        three[0].prepared = Some(0..1);
+        assert_eq!(next_plan("a", &three, &profile(), Some(&first)).unwrap(), None);
+        let prepared = prospective_layers("a", &three, &profile(), Some(&first)).unwrap();
+        three[0].prepared = Some(prepared.clone());
+        let second = next_plan("a", &three, &profile(), Some(&first)).unwrap().unwrap();
+        assert_eq!(second.stages[0].node_id, "a");
+        assert_eq!(second.stages[0].layers, prepared);
+
+        // When the plan in force lost a node, the newcomer is not waited for.
+        let mut lost = [member("a", GIB), member("b", GIB)];
+        lost[0].prepared = None;
+        let replan = next_plan("a", &lost, &profile(), Some(&first)).unwrap().unwrap();
+        assert_eq!(replan.stages.len(), 2);
+        // No plan yet: the first plan waits for nobody, and there is nothing to prepare.
+        assert_eq!(prospective_layers("a", &three, &profile(), None), None);
+        assert!(next_plan("a", &lost, &profile(), None).unwrap().is_some());
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl Node {
             ready_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
+            prepared: None,
         };
         let config = ControlConfig {
             keypair: key,

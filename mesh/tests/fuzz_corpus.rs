@@ -69,6 +69,7 @@ fn write_seed_corpus() {
             rtt_us: 60,
             bytes_per_second: 1 << 30,
         }],
+        prepared: Some(0..12),
     };
     let plan = Plan {
         epoch: 3,

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use candle_core::Device;
 use hearth_mesh::cluster_key::ClusterKey;
 use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, HopReport, NodeInfo, Plan};
-use hearth_mesh::coordinator::{next_plan, plan_is_ready};
+use hearth_mesh::coordinator::{next_plan, plan_is_ready, prospective_layers};
 use hearth_mesh::discovery::{
     local_addresses, primary_address, Backend, ClusterHash, Discovery, DiscoveryConfig, DiscoveryEvent, InterfacePolicy, ManualPeer,
     PeerAdvert,
@@ -138,6 +138,7 @@ pub async fn join(
         ready_epoch: None,
         data_paths,
         hops: Vec::new(),
+        prepared: None,
     };
     let config = ControlConfig {
         keypair: identity.keypair().clone(),
@@ -196,6 +197,7 @@ pub async fn join(
         seen: std::collections::HashMap::new(),
         seen_data: std::collections::HashMap::new(),
         paths,
+        prepared: None,
         _discovery: discovery,
     };
     tokio::spawn(node.run(control_events, discovery_events, options.peers));
@@ -252,6 +254,9 @@ struct Node {
     seen_data: std::collections::HashMap<String, Vec<SocketAddr>>,
     /// The measured paths to every peer.
     paths: Paths,
+    /// Outside the plan in force: the layers loaded for the plan that will take this node
+    /// in (`me.prepared` says which).
+    prepared: Option<Stage>,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
     _discovery: Option<Discovery>,
 }
@@ -276,6 +281,7 @@ impl Node {
                         self.members = members;
                         self.learn_model().await;
                         self.update_paths();
+                        self.prepare().await;
                         // Alone and planless, wait for peers; once there are peers or a plan,
                         // the usual settling time (each change restarts it).
                         let alone = self.plan.is_none() && self.members.len() <= 1;
@@ -294,8 +300,11 @@ impl Node {
                 _ = redial.tick() => {
                     self.redial(&peers).await;
                     // A node without the model tries again for its header.
-                    if self.learn_model().await && !settling {
-                        self.plan_if_coordinator();
+                    if self.learn_model().await {
+                        self.prepare().await;
+                        if !settling {
+                            self.plan_if_coordinator();
+                        }
                     }
                 }
                 Ok(()) = path_changes.changed() => {
@@ -415,9 +424,11 @@ impl Node {
         self.plan = Some(plan.clone());
         self.publish_view();
         let Some(index) = position else {
-            // Left out: free the layers for good.
+            // Left out: free the layers for good, and get ready for the plan that will
+            // take this node in, if the members can hold it.
             drop(self.data_plane.uninstall().await);
             release_freed_memory();
+            self.prepare().await;
             return;
         };
         let layers = plan.stages[index].layers.clone();
@@ -426,8 +437,14 @@ impl Node {
             Some(role) if role.stage.layers() == layers => role.stage,
             previous => {
                 drop(previous);
+                // Layers loaded ahead of this plan, if they are the ones it gives.
+                let prepared = self.prepared.take().filter(|stage| stage.layers() == layers);
                 release_freed_memory();
-                match self.load(layers.clone()).await {
+                let loaded = match prepared {
+                    Some(stage) => Ok(stage),
+                    None => self.load(layers.clone()).await,
+                };
+                match loaded {
                     Ok(stage) => stage,
                     Err(error) => {
                         tracing::error!("cannot load layers {layers:?}: {error:#}");
@@ -448,10 +465,38 @@ impl Node {
             return;
         }
         self.me.ready_epoch = Some(plan.epoch);
+        self.me.prepared = None;
         if let Err(error) = self.control.update_me(self.me.clone()) {
             tracing::error!("cannot announce readiness: {error}");
         }
         self.publish_view();
+    }
+
+    /// Outside the plan in force: loads (or, without the model file, fetches) the layers
+    /// the next plan will give this node, and announces them. The coordinator takes the
+    /// node in only then, so the plan in force serves while it loads.
+    async fn prepare(&mut self) {
+        let Some(profile) = &self.profile else { return };
+        let Some(layers) = prospective_layers(&self.me.node_id, &self.members, profile, self.plan.as_ref()) else {
+            return;
+        };
+        if self.me.prepared.as_ref() == Some(&layers) {
+            return;
+        }
+        // Prepared for another placement: of no use now.
+        self.prepared = None;
+        release_freed_memory();
+        match self.load(layers.clone()).await {
+            Ok(stage) => {
+                tracing::info!(?layers, "loaded the layers the next plan will give this node; the plan in force serves meanwhile");
+                self.prepared = Some(stage);
+                self.me.prepared = Some(layers);
+                if let Err(error) = self.control.update_me(self.me.clone()) {
+                    tracing::error!("cannot announce the prepared layers: {error}");
+                }
+            }
+            Err(error) => tracing::error!("cannot load layers {layers:?} for the next plan: {error:#}"),
+        }
     }
 
     /// For a node without the model file: gets the header from a peer, if it has not yet.

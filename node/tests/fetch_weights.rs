@@ -57,6 +57,7 @@ fn member(id: &str, addr: SocketAddr, model: &str) -> NodeInfo {
         ready_epoch: None,
         data_paths: Vec::new(),
         hops: Vec::new(),
+        prepared: None,
     }
 }
 

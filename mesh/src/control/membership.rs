@@ -277,6 +277,7 @@ mod tests {
             ready_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
+            prepared: None,
         }
     }
 

@@ -72,6 +72,11 @@ pub struct NodeInfo {
     /// The paths this node's data plane uses to reach its peers, as it measured them.
     #[serde(default)]
     pub hops: Vec<HopReport>,
+    /// Layers a node outside the plan in force has loaded for the plan that will take
+    /// it in: the coordinator waits for a newcomer to be prepared, so the plan in force
+    /// serves while the newcomer loads (or fetches) its layers.
+    #[serde(default)]
+    pub prepared: Option<Range<usize>>,
 }
 
 /// One measured path from a node to a peer, as the node reports it.

@@ -164,6 +164,9 @@ pub(crate) fn validate_node_info(info: &NodeInfo) -> Result<(), Invalid> {
     info.data_paths
         .iter()
         .try_for_each(|addr| validate_addr(*addr, "a data path is not a connectable address"))?;
+    if info.prepared.as_ref().is_some_and(|layers| layers.start >= layers.end || layers.end > MAX_LAYERS) {
+        return Err(Invalid::Field("prepared layers are empty or out of range"));
+    }
     if info.hops.len() > MAX_HOPS {
         return Err(Invalid::Field("too many hops"));
     }
@@ -276,6 +279,7 @@ mod tests {
             ready_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
+            prepared: None,
         }
     }
 
@@ -418,6 +422,14 @@ mod tests {
             },
             NodeInfo {
                 hops: vec![hop(&a, "eth1"); MAX_HOPS + 1],
+                ..info(&a)
+            },
+            NodeInfo {
+                prepared: Some(4..4),
+                ..info(&a)
+            },
+            NodeInfo {
+                prepared: Some(0..MAX_LAYERS + 1),
                 ..info(&a)
             },
             NodeInfo {
