@@ -34,6 +34,9 @@ const SETTLE: Duration = Duration::from_millis(600);
 /// Before its first plan a node waits longer: an existing node takes about a second to see
 /// a newcomer on mDNS, and a node that planned alone would load every layer it can hold.
 const FIRST_SETTLE: Duration = Duration::from_millis(2000);
+/// How long a node that coordinates but has no plan waits to hear the plan its peers
+/// serve (its author repeats it every 500 ms) before planning without it.
+const PLAN_IN_FORCE_WAIT: Duration = Duration::from_millis(1500);
 /// How often manually given peers are dialled again, in case they started later.
 const REDIAL: Duration = Duration::from_secs(2);
 /// How often this node's measured paths are gossiped again when no choice changed: the
@@ -198,6 +201,7 @@ pub async fn join(
         seen_data: std::collections::HashMap::new(),
         paths,
         prepared: None,
+        awaiting_plan_since: None,
         _discovery: discovery,
     };
     tokio::spawn(node.run(control_events, discovery_events, options.peers));
@@ -257,6 +261,8 @@ struct Node {
     /// Outside the plan in force: the layers loaded for the plan that will take this node
     /// in (`me.prepared` says which).
     prepared: Option<Stage>,
+    /// Since when this node, coordinating without a plan, has waited for its peers' plan.
+    awaiting_plan_since: Option<tokio::time::Instant>,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
     _discovery: Option<Discovery>,
 }
@@ -305,6 +311,9 @@ impl Node {
                         if !settling {
                             self.plan_if_coordinator();
                         }
+                    } else if !settling && self.plan.is_none() {
+                        // Still waiting for the plan peers serve, or done waiting.
+                        self.plan_if_coordinator();
                     }
                 }
                 Ok(()) = path_changes.changed() => {
@@ -391,6 +400,16 @@ impl Node {
     /// On the coordinator: publishes a new plan when the membership calls for one.
     fn plan_if_coordinator(&mut self) {
         let Some(profile) = &self.profile else { return };
+        // Peers serve a plan this node has not heard yet (it just joined, and coordinates
+        // by its id): wait a little for it, so as to join it rather than replace it blind.
+        let others_serve =
+            self.plan.is_none() && self.members.iter().any(|m| m.node_id != self.me.node_id && m.ready_epoch.is_some());
+        if others_serve {
+            let since = *self.awaiting_plan_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < PLAN_IN_FORCE_WAIT {
+                return;
+            }
+        }
         match next_plan(&self.me.node_id, &self.members, profile, self.plan.as_ref()) {
             Ok(Some(plan)) => {
                 tracing::info!(epoch = plan.epoch, stages = plan.stages.len(), "publishing a new plan");

@@ -34,8 +34,9 @@ const MAX_PEERS: usize = 1024;
 ///   (or stops answering pings), or when it has not announced itself for 1.5 s while
 ///   not directly connected (5 s while connected).
 /// - The coordinator is the member with the smallest node id (this node included).
-/// - A plan is taken only from the coordinator, and only if it supersedes the plan in
-///   force (a higher epoch; on equal epochs the smaller coordinator id wins, so two
+/// - A plan is taken only from the coordinator (or, by a node with no plan yet, from
+///   the plan's own author, so a newcomer that coordinates by its id learns the plan
+///   in force), and only if it supersedes the plan in force (a higher epoch; on equal epochs the smaller coordinator id wins, so two
 ///   coordinators that briefly disagreed converge on the same plan).
 ///
 /// Time is passed in, never read, so tests control it.
@@ -235,7 +236,12 @@ impl Membership {
     /// Offers a plan published by `source` (this node's own included). Returns whether
     /// it became the plan in force.
     pub fn offer_plan(&mut self, source: &str, plan: Plan) -> bool {
-        if plan.coordinator != source || source != self.coordinator() {
+        // A node with no plan yet also takes the plan in force from its author, who may
+        // no longer coordinate: a newcomer with the smallest id needs the plan in force
+        // to take its place without stopping it.
+        let from_author_to_planless =
+            self.plan.is_none() && plan.coordinator == source && source != self.me.node_id;
+        if plan.coordinator != source || (source != self.coordinator() && !from_author_to_planless) {
             tracing::debug!(
                 from = %source,
                 coordinator = %self.coordinator(),
@@ -426,6 +432,13 @@ mod tests {
             "this node is not the coordinator"
         );
         assert!(!m.offer_plan("a", plan(1, "m")), "sent by someone else");
+        // A node with no plan takes the plan in force from its author even when the
+        // author no longer coordinates; once it has a plan, only from the coordinator.
+        let mut planless = Membership::new(info("c"));
+        planless.heard(info("b"), now);
+        planless.heard(info("a"), now);
+        assert!(planless.offer_plan("b", plan(2, "b")), "the author of the plan in force");
+        assert!(!planless.offer_plan("b", plan(3, "b")), "not the coordinator, and a plan is in force");
         assert!(m.offer_plan("a", plan(2, "a")));
         assert!(
             !m.offer_plan("a", plan(2, "a")),

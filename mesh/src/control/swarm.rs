@@ -565,12 +565,11 @@ impl Task {
     fn on_announce_tick(&mut self) {
         self.announce();
         let me = self.swarm.local_peer_id().to_base58();
-        let coordinating = self.membership.coordinator() == me
-            && self
-                .membership
-                .plan()
-                .is_some_and(|plan| plan.coordinator == me);
-        if coordinating {
+        // The author of the plan in force repeats it, even after a newcomer with a smaller
+        // id took over coordinating: that newcomer must learn the plan in force to join
+        // it without stopping it (see `Membership::offer_plan`).
+        let authored = self.membership.plan().is_some_and(|plan| plan.coordinator == me);
+        if authored {
             self.publish_plan();
         }
     }
