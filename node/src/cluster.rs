@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use candle_core::Device;
 use hearth_mesh::cluster_key::ClusterKey;
-use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, HopReport, NodeInfo, Plan};
+use hearth_mesh::control::{ControlConfig, ControlEvent, ControlPlane, HopReport, NodeInfo, Plan, MAX_DATA_PATHS};
 use hearth_mesh::coordinator::{next_plan, plan_is_ready, prospective_layers};
 use hearth_mesh::discovery::{
     local_addresses, primary_address, Backend, ClusterHash, Discovery, DiscoveryConfig, DiscoveryEvent, InterfacePolicy, ManualPeer,
@@ -222,9 +222,6 @@ fn data_paths(bound: SocketAddr, announced: SocketAddr, interfaces: &InterfacePo
     }
     paths
 }
-
-/// Peers refuse announcements listing more data paths than this.
-const MAX_DATA_PATHS: usize = 16;
 
 /// The placement profile of the model: what each part costs in memory.
 fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {

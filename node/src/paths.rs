@@ -254,13 +254,14 @@ impl Paths {
     /// at `primary` until it is.
     pub fn watch(&self, node_id: &str, primary: SocketAddr) -> watch::Receiver<Choice> {
         let known = self.shared.lock().get(node_id).map(|peer| peer.choice.subscribe());
-        known.unwrap_or_else(|| {
-            self.set_peer(node_id, primary, &[]);
-            self.shared.lock().get(node_id).map_or_else(
-                || watch::channel(Choice { addr: primary, failovers: 0 }).1,
-                |peer| peer.choice.subscribe(),
-            )
-        })
+        if let Some(choice) = known {
+            return choice;
+        }
+        // `set_peer` always adds the peer, with `primary` as its first choice.
+        self.set_peer(node_id, primary, &[]);
+        let peers = self.shared.lock();
+        let peer = peers.get(node_id).expect("set_peer adds the peer");
+        peer.choice.subscribe()
     }
 
     /// The path in use for `node_id`, if it is known.

@@ -47,6 +47,10 @@ use tokio::sync::{mpsc, oneshot};
 use membership::Membership;
 pub(crate) use wire::MAX_EPOCH;
 
+/// The most data-plane addresses a node may announce ([`NodeInfo::data_paths`]); peers
+/// refuse announcements listing more.
+pub const MAX_DATA_PATHS: usize = 16;
+
 /// What every node gossips about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {

@@ -158,7 +158,7 @@ pub(crate) fn validate_node_info(info: &NodeInfo) -> Result<(), Invalid> {
     }
     validate_addr(info.data_addr, "data_addr is not a connectable address")?;
     validate_addr(info.api_addr, "api_addr is not a connectable address")?;
-    if info.data_paths.len() > MAX_LISTEN_ADDRS {
+    if info.data_paths.len() > super::MAX_DATA_PATHS {
         return Err(Invalid::Field("too many data paths"));
     }
     info.data_paths
