@@ -1,8 +1,8 @@
 //! The GGML block formats the kernels read, byte for byte as GGUF stores them.
 //!
 //! Every format packs 32 consecutive values of a row into one block that starts with an
-//! f16 scale. Blocks are read in place from the file's bytes: nothing is converted at load
-//! time, so a matrix takes exactly the memory its file says.
+//! f16 scale. Blocks are read from the file's bytes unconverted: at most rearranged, four
+//! rows interleaved (`interleave.rs`), so a matrix takes exactly the memory its file says.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;

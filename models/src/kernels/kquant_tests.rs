@@ -49,7 +49,7 @@ fn random_matrix(rng: &mut ChaCha8Rng, kind: KQuant, rows: usize, cols: usize) -
             KQuant::Q6_K => block[208..210].copy_from_slice(&f16_bits(rng)),
         }
     }
-    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, data: data.into() }
+    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into() }
 }
 
 fn quantized_matrix(rng: &mut ChaCha8Rng, dtype: GgmlDType, rows: usize, cols: usize) -> (QuantMatrix, QTensor) {
@@ -203,6 +203,40 @@ fn every_isa_multiplies_k_quants_like_the_portable_code() {
                 let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                 assert_eq!(differing, 0, "{name} differs from the portable kernel: {kind:?} {rows}x{cols}, {m} rows");
             }
+        }
+    }
+}
+
+/// Q4_K rows interleaved for the AVX-512 kernel against the portable kernel on the file's
+/// layout, bit for bit: shapes with tails of rows, decoding and prefill widths, a product
+/// that crosses activation tiles, several threads; and their embeddings.
+#[test]
+fn interleaved_q4_k_multiplies_like_the_portable_code() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let Some(vnni) = super::kquant_x86::Avx512Vnni::detect() else {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI, so no matrix is interleaved here");
+            return;
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let kind = KQuant::Q4_K;
+        // Rows of 65536 values make activation tiles of 4 rows: 9 rows cross two.
+        let extra = [(5, 65536, 9), (9, 65536, 1)];
+        for (rows, cols, m) in shapes().into_iter().filter(|&(rows, _, _)| rows < 1000).chain(extra) {
+            let matrix = random_matrix(&mut rng, kind, rows, cols);
+            let interleaved = matrix.clone().with_layout(super::Layout::Interleaved(vnni));
+            let x = activations(&mut rng, m * cols);
+            let expected = product::multiply(&matrix, &x, m, 1, Isa::Portable);
+            for threads in [1, 3] {
+                let got = product::multiply(&interleaved, &x, m, threads, Isa::detect());
+                let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert_eq!(differing, 0, "interleaved {kind:?} {rows}x{cols}, {m} rows, {threads} threads");
+            }
+            let ids: Vec<u32> = (0..rows as u32).rev().collect();
+            let (mut expected, mut got) = (Vec::new(), Vec::new());
+            matrix.embedding_into(&ids, &mut expected).unwrap();
+            interleaved.embedding_into(&ids, &mut got).unwrap();
+            assert_eq!(got, expected, "embedding of interleaved {kind:?} {rows}x{cols}");
         }
     }
 }

@@ -19,8 +19,11 @@
 //! on AVX2 machines for kernels that sum in another order (see `kquant_portable.rs`).
 //!
 //! Instruction sets are picked at run time; `portable.rs` (`kquant_portable.rs` for the
-//! K-quants) is the reference every SIMD version must equal bit for bit. Output rows are
-//! split across threads (`product.rs`, `threads.rs`) without changing any result.
+//! K-quants) is the reference every SIMD version must equal bit for bit. On CPUs with
+//! AVX-512 VNNI, Q4_0, Q4_1, Q8_0 and Q4_K matrices are rearranged at load so that four rows
+//! interleave ([`Layout`], `interleave.rs`), and `x86_interleaved.rs` and
+//! `kquant_x86_interleaved.rs` multiply four rows per instruction, still bit for bit. Output
+//! rows are split across threads (`product.rs`, `threads.rs`) without changing any result.
 //!
 //! The rest of the decoder's arithmetic on the CPU (RMS norm, RoPE, SiLU and its gate,
 //! attention over an f16 KV cache) is in `ops.rs` and `attention.rs`, just as exact.
@@ -28,6 +31,9 @@
 mod activation;
 pub(crate) mod attention;
 mod format;
+// Only the x86 kernels read interleaved rows so far.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod interleave;
 mod kquant_activation;
 mod kquant_format;
 #[cfg(target_arch = "aarch64")]
@@ -35,6 +41,8 @@ mod kquant_neon;
 mod kquant_portable;
 #[cfg(target_arch = "x86_64")]
 mod kquant_x86;
+#[cfg(target_arch = "x86_64")]
+mod kquant_x86_interleaved;
 pub(crate) mod ops;
 #[cfg(target_arch = "x86_64")]
 mod ops_x86;
@@ -43,6 +51,8 @@ mod product;
 mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_interleaved;
 
 #[cfg(test)]
 mod kquant_tests;
@@ -59,6 +69,8 @@ use candle_core::{bail, DType, Device, Module, Storage, Tensor};
 
 use activation::Q8Block;
 use format::MatrixFormat;
+#[cfg(target_arch = "x86_64")]
+use interleave::GROUP_ROWS;
 use kquant_activation::Q8KBlock;
 use kquant_format::KQuant;
 pub(crate) use product::release_large_buffers;
@@ -76,7 +88,7 @@ impl Matrix {
     pub(crate) fn quantized(qtensor: QTensor) -> candle_core::Result<Self> {
         match QuantMatrix::from_qtensor(&qtensor)? {
             // `qtensor` is dropped here: only the matrix's copy of the bytes stays.
-            Some(matrix) => Ok(Self::Native(matrix)),
+            Some(matrix) => Ok(Self::Native(matrix.with_best_layout())),
             None => Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?)),
         }
     }
@@ -150,7 +162,7 @@ pub struct BenchMatrix(Matrix);
 impl BenchMatrix {
     /// The matrix of a 2-D CPU tensor in a format the kernels multiply; `None` otherwise.
     pub fn native(qtensor: &QTensor) -> candle_core::Result<Option<Self>> {
-        Ok(QuantMatrix::from_qtensor(qtensor)?.map(|matrix| Self(Matrix::Native(matrix))))
+        Ok(QuantMatrix::from_qtensor(qtensor)?.map(|matrix| Self(Matrix::Native(matrix.with_best_layout()))))
     }
 
     /// `x @ selfᵀ` for the `m` rows of `x`, into `out`, as the models run it.
@@ -165,8 +177,36 @@ pub(crate) struct QuantMatrix {
     format: MatrixFormat,
     rows: usize,
     cols: usize,
-    /// The blocks, row after row; shared by clones (a tied LM head and the embedding).
+    layout: Layout,
+    /// The blocks, arranged as `layout` says; shared by clones (a tied LM head and the
+    /// embedding).
     data: Arc<[u8]>,
+}
+
+/// The largest block of a format that is interleaved: Q4_K's.
+const MAX_INTERLEAVED_BLOCK_BYTES: usize = KQuant::Q4_K.block_bytes();
+
+/// How a matrix's blocks are arranged in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// As the file stores them, row after row.
+    Rows,
+    /// Rows interleaved in fours (`interleave.rs`; Q4_0, Q4_1, Q8_0 and Q4_K only) for the
+    /// AVX-512 kernels, which the token vouches this CPU runs.
+    #[cfg(target_arch = "x86_64")]
+    Interleaved(kquant_x86::Avx512Vnni),
+}
+
+impl Layout {
+    /// The layout whose kernels are fastest on this CPU for matrices of `format`.
+    pub(crate) fn best(format: MatrixFormat) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some(vnni)) = (interleave::interleaves(format), kquant_x86::Avx512Vnni::detect()) {
+            return Self::Interleaved(vnni);
+        }
+        let _ = format;
+        Self::Rows
+    }
 }
 
 impl QuantMatrix {
@@ -182,7 +222,38 @@ impl QuantMatrix {
         if data.len() != rows * (cols / format.block_values()) * format.block_bytes() {
             bail!("a {rows}x{cols} {format:?} matrix holds {} bytes", data.len());
         }
-        Ok(Some(Self { format, rows, cols, data: Arc::from(&*data) }))
+        Ok(Some(Self { format, rows, cols, layout: Layout::Rows, data: Arc::from(&*data) }))
+    }
+
+    /// `self` in the layout whose kernels are fastest on this CPU.
+    pub(crate) fn with_best_layout(self) -> Self {
+        let layout = Layout::best(self.format);
+        self.with_layout(layout)
+    }
+
+    /// `self` (in row layout) with its blocks rearranged into `layout`, in place unless a
+    /// clone shares them.
+    ///
+    /// # Panics
+    /// If `self` is not in row layout, or `layout` does not hold matrices of its format.
+    pub(crate) fn with_layout(mut self, layout: Layout) -> Self {
+        if layout == self.layout {
+            return self;
+        }
+        assert_eq!(self.layout, Layout::Rows, "only a matrix in row layout is rearranged");
+        match layout {
+            Layout::Rows => {}
+            #[cfg(target_arch = "x86_64")]
+            Layout::Interleaved(_) => {
+                if Arc::get_mut(&mut self.data).is_none() {
+                    self.data = Arc::from(&*self.data);
+                }
+                let data = Arc::get_mut(&mut self.data).expect("an unshared copy");
+                interleave::interleave(self.format, data, self.rows, self.cols / self.format.block_values());
+            }
+        }
+        self.layout = layout;
+        self
     }
 
     /// `x @ selfᵀ` for `x` of shape `(..., cols)` on the CPU: shape `(..., rows)`.
@@ -228,15 +299,30 @@ impl QuantMatrix {
         }
         let start = out.len();
         out.resize(start + ids.len() * self.cols, 0.0);
+        // Room for any rearranged block.
+        let mut buffer = [0u8; MAX_INTERLEAVED_BLOCK_BYTES];
         for (&id, out) in ids.iter().zip(out[start..].chunks_exact_mut(self.cols)) {
-            let id = id as usize;
-            let row = self.row_bytes(id..id + 1);
-            let values = self.format.block_values();
-            for (block, out) in row.chunks_exact(self.format.block_bytes()).zip(out.chunks_exact_mut(values)) {
-                self.format.dequantize_block(block, out);
+            for (b, out) in out.chunks_exact_mut(self.format.block_values()).enumerate() {
+                self.format.dequantize_block(self.block(id as usize, b, &mut buffer), out);
             }
         }
         Ok(())
+    }
+
+    /// Block `b` of row `row` as the file stores it: in place, or put back together in
+    /// `buffer` if the layout rearranged it.
+    fn block<'a>(&'a self, row: usize, b: usize, buffer: &'a mut [u8]) -> &'a [u8] {
+        let bytes = self.format.block_bytes();
+        match self.layout {
+            #[cfg(target_arch = "x86_64")]
+            Layout::Interleaved(_) if row < self.rows / GROUP_ROWS * GROUP_ROWS => {
+                let first = row / GROUP_ROWS * GROUP_ROWS;
+                let group = self.row_bytes(first..first + GROUP_ROWS);
+                interleave::block_of(self.format, group, row - first, b, &mut buffer[..bytes]);
+                &buffer[..bytes]
+            }
+            _ => &self.row_bytes(row..row + 1)[b * bytes..(b + 1) * bytes],
+        }
     }
 
     /// `m` rows of `cols` values times this matrix, on up to `threads` threads: `m` rows of
@@ -245,6 +331,8 @@ impl QuantMatrix {
         product::multiply(self, x, m, threads, Isa::detect())
     }
 
+    /// The bytes of `rows`; in an interleaved layout, `rows` must start and end on group
+    /// boundaries (or at the matrix's end).
     fn row_bytes(&self, rows: Range<usize>) -> &[u8] {
         let row_bytes = self.cols / self.format.block_values() * self.format.block_bytes();
         &self.data[rows.start * row_bytes..rows.end * row_bytes]

@@ -12,10 +12,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::activation::Q8Block;
 use super::format::{ActivationFormat, MatrixFormat, BLOCK};
+use super::interleave::GROUP_ROWS;
 use super::kquant_activation::{quantize_row_k, Q8KBlock};
 use super::kquant_format::QK_K;
 use super::threads::{self, Chunks, Job};
-use super::{Isa, QuantMatrix};
+#[cfg(target_arch = "x86_64")]
+use super::x86_interleaved::{group_biases, GroupBiases};
+use super::{Isa, Layout, QuantMatrix};
 
 /// Below this many products of 32 values (about 5 µs of work), a chunk is not worth a
 /// thread. (A K-quant block counts as eight: its cost per value is about the same.)
@@ -46,7 +49,8 @@ pub(super) fn multiply_into(matrix: &QuantMatrix, x: &[f32], m: usize, threads: 
     let work = matrix.rows * (matrix.cols / BLOCK) * m;
     let threads = threads.min(work / MIN_BLOCKS_PER_CHUNK).max(1);
     let chunks = if threads == 1 { 1 } else { (threads * CHUNKS_PER_THREAD).min(work / MIN_BLOCKS_PER_CHUNK) };
-    let chunk_rows = matrix.rows.div_ceil(chunks);
+    // Whole groups of rows, for interleaved layouts.
+    let chunk_rows = matrix.rows.div_ceil(chunks).next_multiple_of(GROUP_ROWS);
 
     // Workers get jobs only while they are offered, so a kept job no worker holds any more
     // is this thread's alone.
@@ -97,6 +101,7 @@ pub(crate) fn release_large_buffers() {
             p.out.capacity() <= KEEP_VALUES
                 && p.acts.capacity() * BLOCK <= KEEP_VALUES
                 && p.acts_k.capacity() * QK_K <= KEEP_VALUES
+                && p.bias_values() <= KEEP_VALUES
         })
     });
     CHUNK_OUT.with_borrow_mut(|results| {
@@ -122,6 +127,9 @@ struct Product {
     /// The quantized activations: `acts` for 32-value formats, `acts_k` for K-quants.
     acts: Vec<Q8Block>,
     acts_k: Vec<Q8KBlock>,
+    /// For interleaved Q4_0 and Q8_0 matrices, the integer sums `acts` start from.
+    #[cfg(target_arch = "x86_64")]
+    biases: Vec<GroupBiases>,
     m: usize,
     chunk_rows: usize,
     chunks: Chunks,
@@ -140,6 +148,10 @@ impl Product {
                 for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts.chunks_exact_mut(blocks)) {
                     isa.quantize_row(x, acts, with_sum);
                 }
+                #[cfg(target_arch = "x86_64")]
+                if let Layout::Interleaved(_) = matrix.layout {
+                    group_biases(format, &self.acts, &mut self.biases);
+                }
             }
             MatrixFormat::K(_) => {
                 self.acts_k.clear();
@@ -156,6 +168,14 @@ impl Product {
         self.isa = Some(isa);
         self.m = m;
         self.chunk_rows = chunk_rows;
+    }
+
+    /// Values held for the biases of interleaved products.
+    fn bias_values(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return self.biases.capacity() * size_of::<GroupBiases>() / size_of::<i32>();
+        #[cfg(not(target_arch = "x86_64"))]
+        0
     }
 
     fn rows_of(&self, chunk: usize, rows: usize) -> Range<usize> {
@@ -181,8 +201,20 @@ impl Job for Product {
             let weights = matrix.row_bytes(rows.clone());
             let blocks = matrix.cols / matrix.format.block_values();
             match matrix.format {
-                MatrixFormat::Block32(format) => isa.product_rows(format, weights, blocks, &self.acts, m, results),
-                MatrixFormat::K(kind) => isa.product_rows_k(kind, weights, blocks, &self.acts_k, m, results),
+                MatrixFormat::Block32(format) => match matrix.layout {
+                    Layout::Rows => isa.product_rows(format, weights, blocks, &self.acts, m, results),
+                    #[cfg(target_arch = "x86_64")]
+                    Layout::Interleaved(vnni) => {
+                        vnni.product_groups(format, weights, rows.len(), blocks, &self.acts, &self.biases, m, results)
+                    }
+                },
+                MatrixFormat::K(kind) => match matrix.layout {
+                    Layout::Rows => isa.product_rows_k(kind, weights, blocks, &self.acts_k, m, results),
+                    #[cfg(target_arch = "x86_64")]
+                    Layout::Interleaved(vnni) => {
+                        vnni.product_groups_k(kind, weights, rows.len(), blocks, &self.acts_k, m, results)
+                    }
+                },
             }
             // Transposed into the output in tiles of weight rows, so that both the reads
             // and the writes stay within a few cache lines.

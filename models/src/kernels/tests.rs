@@ -143,6 +143,46 @@ fn every_isa_multiplies_like_the_portable_code() {
     }
 }
 
+/// Rows interleaved for the AVX-512 kernels against the portable kernels on the file's
+/// layout, bit for bit: shapes with tails of rows, decoding and prefill widths, activation
+/// tiles, several threads; and their embeddings.
+#[test]
+fn interleaved_rows_multiply_like_the_portable_code() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let Some(vnni) = super::kquant_x86::Avx512Vnni::detect() else {
+            eprintln!("SKIPPED: this CPU lacks AVX-512 VNNI, so no matrix is interleaved here");
+            return;
+        };
+        let layout = super::Layout::Interleaved(vnni);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // A row of 16384 values makes activation tiles of 24 rows: 30 rows cross one.
+        let shapes = COLS.iter().flat_map(|&cols| ROWS.map(|rows| (rows, cols, 1..=9))).chain([(9, 16384, 29..=30)]);
+        for (dtype, format) in FORMATS {
+            for (rows, cols, ms) in shapes.clone() {
+                let (matrix, _) = matrix(&mut rng, dtype, rows, cols);
+                let interleaved = matrix.clone().with_layout(layout);
+                for m in ms {
+                    let x = activations(&mut rng, m * cols);
+                    let expected = product_with(Isa::Portable, &matrix, &x, m, 1);
+                    for threads in [1, 3] {
+                        let got = product_with(Isa::detect(), &interleaved, &x, m, threads);
+                        assert!(
+                            got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "interleaved {format:?} {rows}x{cols}, {m} rows, {threads} threads"
+                        );
+                    }
+                }
+                let ids: Vec<u32> = (0..rows as u32).rev().collect();
+                let (mut expected, mut got) = (Vec::new(), Vec::new());
+                matrix.embedding_into(&ids, &mut expected).unwrap();
+                interleaved.embedding_into(&ids, &mut got).unwrap();
+                assert_eq!(got, expected, "embedding of interleaved {format:?} {rows}x{cols}");
+            }
+        }
+    }
+}
+
 /// The portable kernels against f64 sums of products of candle's dequantized weights and
 /// the dequantized activations.
 #[test]
@@ -237,17 +277,23 @@ fn products_match_llama_cpp_bit_for_bit() {
     for product in fixture["products"].as_array().unwrap() {
         let name = product["weight"].as_str().unwrap();
         let qtensor = content.tensor(&mut file, name, &Device::Cpu).unwrap();
-        let matrix = QuantMatrix::from_qtensor(&qtensor).unwrap().expect("a native format");
+        let rows = QuantMatrix::from_qtensor(&qtensor).unwrap().expect("a native format");
         let x = floats(&product["inputs"]);
         let m = product["rows_of_input"].as_u64().unwrap() as usize;
         let stride = product["output_stride"].as_u64().unwrap() as usize;
         let expected = floats(&product["outputs"]);
-        for isa in Isa::all() {
+        // Each instruction set on the file's layout, and this CPU's best layout.
+        let best = rows.clone().with_best_layout();
+        for (isa, matrix) in Isa::all().into_iter().map(|isa| (isa, &rows)).chain([(Isa::detect(), &best)]) {
+            let layout = matrix.layout;
             for threads in [1, 2] {
-                let got: Vec<f32> = product_with(isa, &matrix, &x, m, threads).into_iter().step_by(stride).collect();
+                let got: Vec<f32> = product_with(isa, matrix, &x, m, threads).into_iter().step_by(stride).collect();
                 assert_eq!(got.len(), expected.len(), "{name}");
                 let differing = got.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                assert_eq!(differing, 0, "{name}, {isa:?}, {threads} threads: {differing} outputs differ from llama.cpp's");
+                assert_eq!(
+                    differing, 0,
+                    "{name}, {isa:?}, {layout:?}, {threads} threads: {differing} outputs differ from llama.cpp's"
+                );
             }
         }
     }

@@ -12,9 +12,9 @@ use super::format::{WeightFormat, BLOCK};
 use super::portable::{add_offset, sum_lanes};
 
 /// Formats as const-generic parameters, so one kernel body serves all three.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
+pub(super) const Q4_0: u8 = 0;
+pub(super) const Q4_1: u8 = 1;
+pub(super) const Q8_0: u8 = 2;
 
 /// Activation rows handled per pass over a weight row when prefilling: each unpacked weight
 /// block is reused this many times, and the accumulators still fit in 16 vector registers.
@@ -109,7 +109,7 @@ unsafe fn quantize_row(x: &[f32], out: &mut [Q8Block], with_sum: bool) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block], m: usize, out: &mut [f32]) {
+pub(super) unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block], m: usize, out: &mut [f32]) {
     let row_bytes = blocks * block_bytes::<FORMAT>();
     assert!(acts.len() >= m * blocks && out.len() * row_bytes == weights.len() * m);
     let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
@@ -154,7 +154,7 @@ unsafe fn rows<const FORMAT: u8>(weights: &[u8], blocks: usize, acts: &[Q8Block]
     }
 }
 
-const fn block_bytes<const FORMAT: u8>() -> usize {
+pub(super) const fn block_bytes<const FORMAT: u8>() -> usize {
     match FORMAT {
         Q4_0 => WeightFormat::Q4_0.block_bytes(),
         Q4_1 => WeightFormat::Q4_1.block_bytes(),

@@ -1,0 +1,245 @@
+//! AVX-512 VNNI kernel for Q4_K over rows interleaved in fours (`interleave.rs`): the
+//! arithmetic of `kquant_portable.rs`, bit for bit, four rows per instruction.
+//!
+//! Each 16-byte chunk of a group's quants holds the same bytes of all four rows, one row per
+//! 128-bit lane. A chunk's low nibbles are 16 values of one sub-block and its high nibbles
+//! 16 of the next, so `maddubs` with those activations (copied into every lane), then
+//! `dpwssd` with each row's sub-block scale, leave in every lane the integer sums of four of
+//! ggml's eight lanes: lanes 0-3 for the first 16 values of a sub-block, 4-7 for the last.
+//! The float steps and the mins then run on the four rows at once, each lane on its own.
+
+use std::arch::x86_64::*;
+
+use super::format::MatrixFormat;
+use super::interleave::{quants_offset, GROUP_ROWS};
+use super::kquant_activation::Q8KBlock;
+use super::kquant_format::KQuant;
+use super::kquant_x86::Avx512Vnni;
+
+/// Activation rows per pass over a group when prefilling.
+const ACT_ROWS: usize = 4;
+
+/// Groups per pass when decoding (one activation row).
+const DECODE_GROUPS: usize = 2;
+
+/// The activation rows of one prefill pass are kept to about this many bytes (see
+/// `x86_interleaved.rs`).
+const ACT_TILE_BYTES: usize = 512 * 1024;
+
+/// How far ahead of the block being read to prefetch weights.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Bytes of one block of a group: four rows' blocks.
+const GROUP_BLOCK: usize = GROUP_ROWS * KQuant::Q4_K.block_bytes();
+
+/// Where a group's block has its packed scales (after the four scales and four mins) and
+/// its quants.
+const PACKED: usize = GROUP_ROWS * 4;
+const QUANTS: usize = quants_offset(MatrixFormat::K(KQuant::Q4_K));
+
+impl Avx512Vnni {
+    /// [`super::kquant_portable::product_rows_k`] for a chunk of an interleaved Q4_K matrix:
+    /// `rows` rows of `blocks` blocks, whole groups of four then a tail of fewer rows in row
+    /// layout.
+    ///
+    /// # Panics
+    /// If `kind` is not Q4_K, the only K-quant that is interleaved.
+    #[allow(clippy::too_many_arguments)] // The slices and their shape, as every kernel here takes them.
+    pub(crate) fn product_groups_k(
+        self,
+        kind: KQuant,
+        weights: &[u8],
+        rows: usize,
+        blocks: usize,
+        acts: &[Q8KBlock],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        assert_eq!(kind, KQuant::Q4_K, "only Q4_K matrices are interleaved");
+        let row_bytes = blocks * kind.block_bytes();
+        assert!(weights.len() == rows * row_bytes && out.len() == rows * m && acts.len() >= m * blocks);
+        let whole = rows / GROUP_ROWS * GROUP_ROWS;
+        let (grouped, tail) = weights.split_at(whole * row_bytes);
+        let (out, out_tail) = out.split_at_mut(whole * m);
+        self.product_rows_k(kind, tail, blocks, acts, m, out_tail);
+        // SAFETY: `self` exists only on CPUs with the features `groups` needs.
+        unsafe { groups(grouped, blocks, acts, m, out) };
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn groups(grouped: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out: &mut [f32]) {
+    let group_bytes = blocks * GROUP_BLOCK;
+    let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
+    // SAFETY (every call below): same features as this function; `dots` checks that the
+    // groups and activation rows it gets are whole and of equal length.
+    unsafe {
+        if m == 1 {
+            let mut pairs = grouped.chunks_exact(DECODE_GROUPS * group_bytes);
+            let mut outs = out.chunks_exact_mut(DECODE_GROUPS * GROUP_ROWS);
+            for (pair, out) in (&mut pairs).zip(&mut outs) {
+                let (first, second) = pair.split_at(group_bytes);
+                let dots = dots::<DECODE_GROUPS, 1>([first, second], [act(0)]);
+                for (out, dots) in out.chunks_exact_mut(GROUP_ROWS).zip(dots) {
+                    out.copy_from_slice(&dots[0]);
+                }
+            }
+            let last = pairs.remainder().chunks_exact(group_bytes);
+            for (group, out) in last.zip(outs.into_remainder().chunks_exact_mut(GROUP_ROWS)) {
+                out.copy_from_slice(&dots::<1, 1>([group], [act(0)])[0][0]);
+            }
+            return;
+        }
+        let tile = (ACT_TILE_BYTES / (blocks * size_of::<Q8KBlock>())).max(ACT_ROWS) / ACT_ROWS * ACT_ROWS;
+        for start in (0..m).step_by(tile) {
+            let end = (start + tile).min(m);
+            for (group, out) in grouped.chunks_exact(group_bytes).zip(out.chunks_exact_mut(GROUP_ROWS * m)) {
+                // `out` holds the group's four rows of `m` outputs.
+                let mut store = |i: usize, dots: &[[f32; GROUP_ROWS]]| {
+                    for (n, dots) in dots.iter().enumerate() {
+                        for (k, &dot) in dots.iter().enumerate() {
+                            out[k * m + i + n] = dot;
+                        }
+                    }
+                };
+                let mut i = start;
+                while end - i >= ACT_ROWS {
+                    store(i, &dots::<1, ACT_ROWS>([group], [act(i), act(i + 1), act(i + 2), act(i + 3)])[0]);
+                    i += ACT_ROWS;
+                }
+                match end - i {
+                    3 => store(i, &dots::<1, 3>([group], [act(i), act(i + 1), act(i + 2)])[0]),
+                    2 => store(i, &dots::<1, 2>([group], [act(i), act(i + 1)])[0]),
+                    1 => store(i, &dots::<1, 1>([group], [act(i)])[0]),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// `G` interleaved groups dotted with `N` activation rows: for each group and activation
+/// row, the four rows' results.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlock]; N]) -> [[[f32; GROUP_ROWS]; N]; G] {
+    let blocks = xs[0].len();
+    assert!(groups.iter().all(|group| group.len() == blocks * GROUP_BLOCK) && xs.iter().all(|x| x.len() == blocks));
+    // Each of four factors to a whole 128-bit lane.
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    // Each row's three words of packed scales to its own lane (the fourth word is unused).
+    let to_lanes = _mm512_set_epi32(11, 11, 10, 9, 8, 8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0);
+    let low4 = _mm512_set1_epi8(0x0F);
+    // ggml's unpacking of the 6-bit scales and mins (`scales_then_mins`), in every lane: the
+    // words (w0, w2, w1, w2 >> 4) masked to 6, 4, 6, 4 bits, topped up with the high two
+    // bits of (-, w0, -, w1) in bits 4-5 of each byte.
+    let shifts = _mm512_set_epi32(4, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0, 4, 0, 0, 0);
+    let (l6, l4, l2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let low_masks = _mm512_set_epi32(l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6);
+    let high_masks = _mm512_set_epi32(l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0);
+    // Bytes 8-15 of a lane (the mins) as i16s.
+    let mins_of = _mm512_broadcast_i32x4(_mm_setr_epi8(8, -128, 9, -128, 10, -128, 11, -128, 12, -128, 13, -128, 14, -128, 15, -128));
+
+    let mut low = [[_mm512_setzero_ps(); N]; G];
+    let mut high = [[_mm512_setzero_ps(); N]; G];
+    let mut min_lanes = [[_mm512_setzero_ps(); N]; G];
+    for b in 0..blocks {
+        let mut d = [_mm512_setzero_ps(); G];
+        let mut dmin = [_mm512_setzero_ps(); G];
+        let mut unpacked = [_mm512_setzero_si512(); G];
+        let blocks_of: [&[u8]; G] = std::array::from_fn(|g| &groups[g][b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK]);
+        for g in 0..G {
+            // SAFETY: the block is one whole interleaved block: the reads stay inside it. The
+            // prefetch is a hint that never faults, wherever it points.
+            unsafe {
+                let p = blocks_of[g].as_ptr();
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+                d[g] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(p.cast()))));
+                dmin[g] =
+                    _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(p.add(8).cast()))));
+                let words = _mm512_permutexvar_epi32(to_lanes, _mm512_maskz_loadu_epi32(0x0FFF, p.add(PACKED).cast()));
+                let kept = _mm512_and_si512(
+                    _mm512_srlv_epi32(_mm512_shuffle_epi32::<0b10_01_10_00>(words), shifts),
+                    low_masks,
+                );
+                let topped = _mm512_and_si512(_mm512_srli_epi32::<6>(_mm512_shuffle_epi32::<0b01_01_00_00>(words)), high_masks);
+                unpacked[g] = _mm512_or_si512(kept, _mm512_slli_epi32::<4>(topped));
+            }
+        }
+        let mut sums_low = [[_mm512_setzero_si512(); N]; G];
+        let mut sums_high = [[_mm512_setzero_si512(); N]; G];
+        for chunk in 0..8 {
+            // Chunk `2j` holds values 0-15 of sub-blocks 2j (low nibbles) and 2j + 1 (high
+            // nibbles); chunk `2j + 1` their values 16-31.
+            let (j, half) = (chunk / 2, chunk % 2);
+            for g in 0..G {
+                // SAFETY: the chunk's 64 bytes are inside the block.
+                let raw = unsafe { _mm512_loadu_si512(blocks_of[g].as_ptr().add(QUANTS + 64 * chunk).cast()) };
+                let quants = [_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4)];
+                let scales = [scale_of(unpacked[g], 2 * j), scale_of(unpacked[g], 2 * j + 1)];
+                for n in 0..N {
+                    let sums = if half == 0 { &mut sums_low[g][n] } else { &mut sums_high[g][n] };
+                    for (sub, (quants, scale)) in quants.into_iter().zip(scales).enumerate() {
+                        // SAFETY: `qs` holds 256 bytes; the 16 read start at most at 240.
+                        let a = unsafe {
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(
+                                xs[n][b].qs.as_ptr().add(64 * j + 32 * sub + 16 * half).cast(),
+                            ))
+                        };
+                        *sums = _mm512_dpwssd_epi32(*sums, _mm512_maddubs_epi16(quants, a), scale);
+                    }
+                }
+            }
+        }
+        for n in 0..N {
+            let a = &xs[n][b];
+            // The sums of the activations of each sub-block, from the sums of each 16.
+            // SAFETY: `bsums` holds 16 i16s.
+            let sub_sums = unsafe {
+                let p = a.bsums.as_ptr();
+                _mm512_broadcast_i32x4(_mm_hadd_epi16(_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(8).cast())))
+            };
+            for g in 0..G {
+                let scale = _mm512_mul_ps(_mm512_set1_ps(a.d), d[g]);
+                low[g][n] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums_low[g][n]), low[g][n]);
+                high[g][n] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums_high[g][n]), high[g][n]);
+                let mins = _mm512_madd_epi16(_mm512_shuffle_epi8(unpacked[g], mins_of), sub_sums);
+                let dmin = _mm512_mul_ps(_mm512_set1_ps(-a.d), dmin[g]);
+                min_lanes[g][n] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(mins), min_lanes[g][n]);
+            }
+        }
+    }
+    let mut out = [[[0.0f32; GROUP_ROWS]; N]; G];
+    for g in 0..G {
+        for n in 0..N {
+            // `sum_lanes` and `sum_min_lanes` in every 128-bit lane: (0 + 2) + (1 + 3), after
+            // lanes 4-7 of a row are added to lanes 0-3.
+            let mut sums = [0.0f32; 16];
+            let mut mins = [0.0f32; 16];
+            // SAFETY: both hold 16 f32s.
+            unsafe {
+                _mm512_storeu_ps(sums.as_mut_ptr(), pairwise(_mm512_add_ps(low[g][n], high[g][n])));
+                _mm512_storeu_ps(mins.as_mut_ptr(), pairwise(min_lanes[g][n]));
+            }
+            for (k, out) in out[g][n].iter_mut().enumerate() {
+                *out = sums[4 * k] + mins[4 * k];
+            }
+        }
+    }
+    out
+}
+
+/// Byte `s` of every 128-bit lane of `unpacked` (sub-block `s`'s scale) as eight i16s.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn scale_of(unpacked: __m512i, s: usize) -> __m512i {
+    _mm512_shuffle_epi8(unpacked, _mm512_set1_epi16(s as i16 | i16::MIN))
+}
+
+/// `(v0 + v2) + (v1 + v3)` into element 0 of every 128-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn pairwise(v: __m512) -> __m512 {
+    let t = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+    _mm512_add_ps(t, _mm512_permute_ps::<0b10_11_00_01>(t))
+}

@@ -1,0 +1,289 @@
+//! AVX-512 VNNI kernels for Q4_0, Q4_1 and Q8_0 over rows interleaved in fours
+//! (`interleave.rs`): the arithmetic of `portable.rs`, bit for bit, four rows per instruction.
+//!
+//! A block's 32 quants split into two halves of 16 (Q4's low and high nibbles, Q8_0's first
+//! and second 16 bytes). One 512-bit register holds a half of all four rows, one row per
+//! 128-bit lane, so `dpbusd` against that half of the activation block, copied into every
+//! lane, yields the sums of four consecutive products that ggml's `maddubs` and `madd`
+//! yield: lanes 0-3 of each row in one register, lanes 4-7 in the other. Every lane is then
+//! scaled and accumulated in f32 on its own, in block order, and the eight lanes of a row are
+//! summed at the end in ggml's order, so the results equal the row-by-row kernels'.
+//!
+//! `dpbusd` multiplies unsigned bytes by signed ones. Q4_1's nibbles are unsigned already;
+//! Q4_0's `nibble - 8` is taken as `nibble`, and Q8_0's `q` as `q + 128`, and the excess (8
+//! or 128 times the group's sum of activations, worked out once per activation block by
+//! [`group_biases`]) is where each integer sum starts.
+
+use std::arch::x86_64::*;
+
+use super::activation::Q8Block;
+use super::format::{MatrixFormat, WeightFormat};
+use super::interleave::{quants_offset, GROUP_ROWS};
+use super::kquant_x86::Avx512Vnni;
+use super::x86::{self, Q4_0, Q4_1, Q8_0};
+
+/// Activation rows per pass over a group when prefilling: each unpacked weight block serves
+/// them all, and their accumulators (two registers each) stay in registers.
+const ACT_ROWS: usize = 4;
+
+/// Groups per pass when decoding (one activation row): their multiply-add chains overlap.
+const DECODE_GROUPS: usize = 2;
+
+/// The activation rows of one prefill pass over a chunk's groups are kept to about this many
+/// bytes, so that they stay in the L2 cache while every group of the chunk reads them.
+const ACT_TILE_BYTES: usize = 512 * 1024;
+
+/// How far ahead of the block being read to prefetch weights.
+const PREFETCH_BYTES: usize = 2048;
+
+/// The starting integer sums for an activation block: minus the excess that unsigned
+/// weights add to each group of four products.
+pub(crate) type GroupBiases = [i32; 8];
+
+/// Fills `out` with the [`GroupBiases`] of every block of `acts` for weights of `format`
+/// (nothing for Q4_1, whose weights need none).
+pub(crate) fn group_biases(format: WeightFormat, acts: &[Q8Block], out: &mut Vec<GroupBiases>) {
+    out.clear();
+    let excess = match format {
+        WeightFormat::Q4_0 => 8,
+        WeightFormat::Q8_0 => 128,
+        WeightFormat::Q4_1 => return,
+    };
+    out.extend(acts.iter().map(|a| {
+        let mut biases = [0; 8];
+        for (bias, group) in biases.iter_mut().zip(a.qs.chunks_exact(4)) {
+            *bias = -excess * group.iter().map(|&q| q as i32).sum::<i32>();
+        }
+        biases
+    }));
+}
+
+impl Avx512Vnni {
+    /// [`super::portable::product_rows`] for a chunk of an interleaved matrix: `rows` rows
+    /// of `blocks` blocks, whole groups of four then a tail of fewer rows in row layout.
+    /// `biases` holds the [`group_biases`] of `acts` for `format`.
+    #[allow(clippy::too_many_arguments)] // The slices and their shape, as every kernel here takes them.
+    pub(crate) fn product_groups(
+        self,
+        format: WeightFormat,
+        weights: &[u8],
+        rows: usize,
+        blocks: usize,
+        acts: &[Q8Block],
+        biases: &[GroupBiases],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let shape = Shape { rows, blocks, m };
+        // SAFETY: `self` exists only on CPUs with the features `groups` needs.
+        unsafe {
+            match format {
+                WeightFormat::Q4_0 => groups::<Q4_0>(weights, shape, acts, biases, out),
+                WeightFormat::Q4_1 => groups::<Q4_1>(weights, shape, acts, biases, out),
+                WeightFormat::Q8_0 => groups::<Q8_0>(weights, shape, acts, biases, out),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    rows: usize,
+    blocks: usize,
+    m: usize,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn groups<const FORMAT: u8>(
+    weights: &[u8],
+    Shape { rows, blocks, m }: Shape,
+    acts: &[Q8Block],
+    biases: &[GroupBiases],
+    out: &mut [f32],
+) {
+    let row_bytes = blocks * x86::block_bytes::<FORMAT>();
+    let group_bytes = GROUP_ROWS * row_bytes;
+    assert!(weights.len() == rows * row_bytes && out.len() == rows * m && acts.len() >= m * blocks);
+    assert!(FORMAT == Q4_1 || biases.len() >= m * blocks, "activation biases missing");
+    let whole = rows / GROUP_ROWS * GROUP_ROWS;
+    let (grouped, tail) = weights.split_at(whole * row_bytes);
+    let (out, out_tail) = out.split_at_mut(whole * m);
+    // SAFETY: this function's features include those of the row layout's kernels.
+    unsafe { x86::rows::<FORMAT>(tail, blocks, acts, m, out_tail) };
+
+    let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
+    let bias = |i: usize| {
+        if FORMAT == Q4_1 {
+            &[][..]
+        } else {
+            &biases[i * blocks..(i + 1) * blocks]
+        }
+    };
+    // SAFETY (every call below): same features as this function; `dots` checks that the
+    // groups and activation rows it gets are whole and of equal length.
+    unsafe {
+        if m == 1 {
+            let mut pairs = grouped.chunks_exact(DECODE_GROUPS * group_bytes);
+            let mut outs = out.chunks_exact_mut(DECODE_GROUPS * GROUP_ROWS);
+            for (pair, out) in (&mut pairs).zip(&mut outs) {
+                let (first, second) = pair.split_at(group_bytes);
+                let dots = dots::<FORMAT, DECODE_GROUPS, 1>([first, second], [act(0)], [bias(0)]);
+                for (out, dots) in out.chunks_exact_mut(GROUP_ROWS).zip(dots) {
+                    out.copy_from_slice(&dots[0]);
+                }
+            }
+            for (group, out) in
+                pairs.remainder().chunks_exact(group_bytes).zip(outs.into_remainder().chunks_exact_mut(GROUP_ROWS))
+            {
+                out.copy_from_slice(&dots::<FORMAT, 1, 1>([group], [act(0)], [bias(0)])[0][0]);
+            }
+            return;
+        }
+        // Prefill: a tile of activation rows at a time, which every group then passes over.
+        let tile = (ACT_TILE_BYTES / (blocks * size_of::<Q8Block>())).max(ACT_ROWS) / ACT_ROWS * ACT_ROWS;
+        for start in (0..m).step_by(tile) {
+            let end = (start + tile).min(m);
+            for (group, out) in grouped.chunks_exact(group_bytes).zip(out.chunks_exact_mut(GROUP_ROWS * m)) {
+                // `out` holds the group's four rows of `m` outputs.
+                let mut store = |i: usize, dots: &[[f32; GROUP_ROWS]]| {
+                    for (n, dots) in dots.iter().enumerate() {
+                        for (k, &dot) in dots.iter().enumerate() {
+                            out[k * m + i + n] = dot;
+                        }
+                    }
+                };
+                let mut i = start;
+                while end - i >= ACT_ROWS {
+                    let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
+                    let biases = [bias(i), bias(i + 1), bias(i + 2), bias(i + 3)];
+                    store(i, &dots::<FORMAT, 1, ACT_ROWS>([group], acts, biases)[0]);
+                    i += ACT_ROWS;
+                }
+                match end - i {
+                    3 => store(
+                        i,
+                        &dots::<FORMAT, 1, 3>(
+                            [group],
+                            [act(i), act(i + 1), act(i + 2)],
+                            [bias(i), bias(i + 1), bias(i + 2)],
+                        )[0],
+                    ),
+                    2 => store(i, &dots::<FORMAT, 1, 2>([group], [act(i), act(i + 1)], [bias(i), bias(i + 1)])[0]),
+                    1 => store(i, &dots::<FORMAT, 1, 1>([group], [act(i)], [bias(i)])[0]),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// `G` interleaved groups dotted with `N` activation rows: for each group and activation
+/// row, the four rows' results.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn dots<const FORMAT: u8, const G: usize, const N: usize>(
+    groups: [&[u8]; G],
+    xs: [&[Q8Block]; N],
+    biases: [&[GroupBiases]; N],
+) -> [[[f32; GROUP_ROWS]; N]; G] {
+    let format = match FORMAT {
+        Q4_0 => WeightFormat::Q4_0,
+        Q4_1 => WeightFormat::Q4_1,
+        _ => WeightFormat::Q8_0,
+    };
+    let bytes = GROUP_ROWS * format.block_bytes();
+    let quants = quants_offset(MatrixFormat::Block32(format));
+    let blocks = xs[0].len();
+    assert!(groups.iter().all(|group| group.len() == blocks * bytes) && xs.iter().all(|x| x.len() == blocks));
+    assert!(FORMAT == Q4_1 || biases.iter().all(|b| b.len() == blocks));
+    // Each of four scales to a whole 128-bit lane.
+    let spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let mut low = [[_mm512_setzero_ps(); N]; G];
+    let mut high = [[_mm512_setzero_ps(); N]; G];
+    let mut offsets = [[_mm_setzero_ps(); N]; G];
+    for b in 0..blocks {
+        let mut halves = [(_mm512_setzero_si512(), _mm512_setzero_si512()); G];
+        let mut scales = [_mm512_setzero_ps(); G];
+        let mut mins = [_mm_setzero_ps(); G];
+        for g in 0..G {
+            let block = &groups[g][b * bytes..(b + 1) * bytes];
+            // SAFETY: `block` is one whole interleaved block: the reads stay inside it. The
+            // prefetch is a hint that never faults, wherever it points.
+            unsafe {
+                let p = block.as_ptr();
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+                let d = _mm_cvtph_ps(_mm_loadl_epi64(p.cast()));
+                scales[g] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(d));
+                if FORMAT == Q4_1 {
+                    mins[g] = _mm_cvtph_ps(_mm_loadl_epi64(p.add(8).cast()));
+                }
+                halves[g] = if FORMAT == Q8_0 {
+                    let flip = _mm512_set1_epi8(-128);
+                    (
+                        _mm512_xor_si512(_mm512_loadu_si512(p.add(quants).cast()), flip),
+                        _mm512_xor_si512(_mm512_loadu_si512(p.add(quants + 64).cast()), flip),
+                    )
+                } else {
+                    let raw = _mm512_loadu_si512(p.add(quants).cast());
+                    (_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4))
+                };
+            }
+        }
+        for n in 0..N {
+            let a = &xs[n][b];
+            // SAFETY: `qs` holds 32 bytes and a bias block 8 i32s: the loads read within them.
+            let (a_low, a_high, bias_low, bias_high) = unsafe {
+                let q = a.qs.as_ptr();
+                let (bias_low, bias_high) = if FORMAT == Q4_1 {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                } else {
+                    let bias = biases[n][b].as_ptr();
+                    (
+                        _mm512_broadcast_i32x4(_mm_loadu_si128(bias.cast())),
+                        _mm512_broadcast_i32x4(_mm_loadu_si128(bias.add(4).cast())),
+                    )
+                };
+                (
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(q.cast())),
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(16).cast())),
+                    bias_low,
+                    bias_high,
+                )
+            };
+            let d = _mm512_set1_ps(a.d);
+            for g in 0..G {
+                let scale = _mm512_mul_ps(scales[g], d);
+                let sums_low = _mm512_dpbusd_epi32(bias_low, halves[g].0, a_low);
+                let sums_high = _mm512_dpbusd_epi32(bias_high, halves[g].1, a_high);
+                low[g][n] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums_low), low[g][n]);
+                high[g][n] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sums_high), high[g][n]);
+                if FORMAT == Q4_1 {
+                    // `m * s` is exact in f32, so one rounding, as `add_offset`'s.
+                    offsets[g][n] = _mm_fmadd_ps(mins[g], _mm_set1_ps(a.s), offsets[g][n]);
+                }
+            }
+        }
+    }
+    let mut out = [[[0.0f32; GROUP_ROWS]; N]; G];
+    for g in 0..G {
+        for n in 0..N {
+            // `sum_lanes` in every 128-bit lane: lanes 0-3 of a row plus lanes 4-7, then
+            // (0 + 2) + (1 + 3).
+            let h = _mm512_add_ps(low[g][n], high[g][n]);
+            let t = _mm512_add_ps(h, _mm512_permute_ps::<0b01_00_11_10>(h));
+            let sums = _mm512_add_ps(t, _mm512_permute_ps::<0b10_11_00_01>(t));
+            let mut lanes = [0.0f32; 16];
+            let mut row_offsets = [0.0f32; GROUP_ROWS];
+            // SAFETY: `lanes` holds 16 f32s, `row_offsets` 4.
+            unsafe {
+                _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+                _mm_storeu_ps(row_offsets.as_mut_ptr(), offsets[g][n]);
+            }
+            for (k, out) in out[g][n].iter_mut().enumerate() {
+                *out = lanes[4 * k] + row_offsets[k];
+            }
+        }
+    }
+    out
+}
