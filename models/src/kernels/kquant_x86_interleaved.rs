@@ -168,25 +168,32 @@ unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlo
         }
         let mut sums_low = [[_mm512_setzero_si512(); N]; G];
         let mut sums_high = [[_mm512_setzero_si512(); N]; G];
-        for chunk in 0..8 {
+        for j in 0..4 {
             // Chunk `2j` holds values 0-15 of sub-blocks 2j (low nibbles) and 2j + 1 (high
-            // nibbles); chunk `2j + 1` their values 16-31.
-            let (j, half) = (chunk / 2, chunk % 2);
+            // nibbles), for lanes 0-3; chunk `2j + 1` their values 16-31, for lanes 4-7.
             for g in 0..G {
-                // SAFETY: the chunk's 64 bytes are inside the block.
-                let raw = unsafe { _mm512_loadu_si512(blocks_of[g].as_ptr().add(QUANTS + 64 * chunk).cast()) };
-                let quants = [_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4)];
+                // SAFETY: both chunks' 64 bytes are inside the block.
+                let (first, second) = unsafe {
+                    let p = blocks_of[g].as_ptr().add(QUANTS + 128 * j);
+                    (_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(64).cast()))
+                };
+                let nibbles = |raw: __m512i| [_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4)];
+                let (first, second) = (nibbles(first), nibbles(second));
                 let scales = [scale_of(unpacked[g], 2 * j), scale_of(unpacked[g], 2 * j + 1)];
                 for n in 0..N {
-                    let sums = if half == 0 { &mut sums_low[g][n] } else { &mut sums_high[g][n] };
-                    for (sub, (quants, scale)) in quants.into_iter().zip(scales).enumerate() {
-                        // SAFETY: `qs` holds 256 bytes; the 16 read start at most at 240.
-                        let a = unsafe {
-                            _mm512_broadcast_i32x4(_mm_loadu_si128(
-                                xs[n][b].qs.as_ptr().add(64 * j + 32 * sub + 16 * half).cast(),
-                            ))
+                    for sub in 0..2 {
+                        // SAFETY: `qs` holds 256 bytes; the 32 read start at most at 224.
+                        let (a_first, a_second) = unsafe {
+                            let q = xs[n][b].qs.as_ptr().add(64 * j + 32 * sub);
+                            (
+                                _mm512_broadcast_i32x4(_mm_loadu_si128(q.cast())),
+                                _mm512_broadcast_i32x4(_mm_loadu_si128(q.add(16).cast())),
+                            )
                         };
-                        *sums = _mm512_dpwssd_epi32(*sums, _mm512_maddubs_epi16(quants, a), scale);
+                        let low = _mm512_maddubs_epi16(first[sub], a_first);
+                        let high = _mm512_maddubs_epi16(second[sub], a_second);
+                        sums_low[g][n] = _mm512_dpwssd_epi32(sums_low[g][n], low, scales[sub]);
+                        sums_high[g][n] = _mm512_dpwssd_epi32(sums_high[g][n], high, scales[sub]);
                     }
                 }
             }
