@@ -6,7 +6,9 @@
 //! cargo run --release -p hearth-models --example kquant_speed
 //! ```
 //!
-//! `-- Q4K 1` limits the run to the types whose names contain `Q4K` and to one thread.
+//! `-- Q4K 1` limits the run to the types whose names contain `Q4K` and to one thread;
+//! `-- Q4K 1 64` multiplies 64 input rows at once (a prefill's kind of product) and also
+//! gives billions of multiply-adds per second.
 //!
 //! Thread pools (candle's and Hearth's kernels') are sized once per process from
 //! `RAYON_NUM_THREADS`, so each thread count runs in a child process of its own.
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
     for threads in counts {
         let status = Command::new(&exe)
             .args(args.first())
+            .args(args.get(2))
             .env(CHILD_ENV, "1")
             .env("RAYON_NUM_THREADS", threads.to_string())
             .status();
@@ -65,12 +68,13 @@ fn main() -> ExitCode {
 fn measure() -> candle_core::Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
     let filter = std::env::args().nth(1).unwrap_or_default();
+    let m: usize = std::env::args().nth(2).and_then(|m| m.parse().ok()).unwrap_or(1);
     for (rows, cols) in SHAPES {
         // Weights and an input like a model's: small values, a few larger ones.
         let weights: Vec<f32> = (0..rows * cols).map(|i| pseudo_random(i as u64) * 0.05).collect();
         let weights = Tensor::from_vec(weights, (rows, cols), &Device::Cpu)?;
-        let x: Vec<f32> = (0..cols).map(|i| pseudo_random(i as u64 + (1 << 40)) * 2.0).collect();
-        let input = Tensor::from_slice(&x, (1, cols), &Device::Cpu)?;
+        let x: Vec<f32> = (0..m * cols).map(|i| pseudo_random(i as u64 + (1 << 40)) * 2.0).collect();
+        let input = Tensor::from_slice(&x, (m, cols), &Device::Cpu)?;
         for dtype in TYPES.into_iter().filter(|t| format!("{t:?}").contains(&filter)) {
             let qtensor = QTensor::quantize(&weights, dtype)?;
             let bytes = qtensor.storage_size_in_bytes();
@@ -80,16 +84,18 @@ fn measure() -> candle_core::Result<()> {
             let candle = QMatMul::from_arc(Arc::new(qtensor))?;
 
             let mut out = Vec::new();
-            let ours = best_time(|| native.forward_into(&x, 1, &mut out))?;
-            let theirs = best_time(|| candle.forward(&input).map(drop))?;
+            let runs = (RUNS / m).max(5);
+            let ours = best_time(runs, || native.forward_into(&x, m, &mut out))?;
+            let theirs = best_time(runs, || candle.forward(&input).map(drop))?;
             // The two agree up to rounding: a check that both computed the same product.
             let expected = candle.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
             let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let worst = out.iter().zip(&expected).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             let gbs = |seconds: f64| bytes as f64 / seconds / 1e9;
+            let gmacs = (rows * cols * m) as f64 / ours / 1e9;
             println!(
-                "{threads} thread(s) {:<5} {rows:>4}x{cols:<4} {:>5.1} MB: hearth {:>6.1} GB/s ({:>6.3} ms), \
-                 candle {:>5.1} GB/s ({:>6.3} ms), {:>5.1}x candle (max diff {:.1e} of {:.1e})",
+                "{threads} thread(s) {:<5} {rows:>4}x{cols:<4} x {m} {:>5.1} MB: hearth {:>6.1} GB/s ({:>6.3} ms, \
+                 {gmacs:>6.1} GMAC/s), candle {:>5.1} GB/s ({:>6.3} ms), {:>5.1}x candle (max diff {:.1e} of {:.1e})",
                 format!("{dtype:?}"),
                 bytes as f64 / 1e6,
                 gbs(ours),
@@ -105,12 +111,12 @@ fn measure() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The best time of one product, over `RUNS` runs of `PRODUCTS` products (after one
+/// The best time of one product, over `runs` runs of `PRODUCTS` products (after one
 /// untimed run to warm caches and thread pools).
-fn best_time(mut product: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
+fn best_time(runs: usize, mut product: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
     product()?;
     let mut best = f64::INFINITY;
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let started = Instant::now();
         for _ in 0..PRODUCTS {
             product()?;
