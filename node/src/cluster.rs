@@ -461,7 +461,7 @@ impl Node {
                     None => self.load(layers.clone()).await,
                 };
                 match loaded {
-                    Ok(stage) => stage,
+                    Ok(stage) => std::sync::Arc::new(stage),
                     Err(error) => {
                         tracing::error!("cannot load layers {layers:?}: {error:#}");
                         self.problem = Some(format!("{error:#}"));

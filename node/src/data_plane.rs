@@ -63,7 +63,9 @@ impl Neighbour {
 /// This node's part in one plan.
 pub struct StageRole {
     pub epoch: u64,
-    pub stage: Stage,
+    /// Behind an `Arc` so that a step can run it while it changes the rest of the data
+    /// plane (its sequences, its links).
+    pub stage: Arc<Stage>,
     /// The next stage, or `None` when this is the last one.
     pub next: Option<Neighbour>,
     /// The first stage, where the last stage sends the tokens it samples.
@@ -294,7 +296,14 @@ struct Sequence {
     upstream: Upstream,
     /// The last stage's sampler and stopping rules.
     sampling: Option<(Sampler, Generation)>,
+    /// On the first stage of a replay: the tokens generated before the failure, which go
+    /// down the pipeline together once the first of them comes round.
+    replay: Vec<u32>,
 }
+
+/// A replay's known tokens go down the pipeline in frames of this many steps, so that the
+/// stages work on them at once, each on its own frame.
+const STEPS_PER_FRAME: usize = 16;
 
 /// A stream to a neighbour's data plane.
 struct Link {
@@ -581,12 +590,12 @@ impl Worker {
             StageFrame::Prefill(Prefill { sequence_id, start_position, tokens, generation, .. }) => {
                 anyhow::ensure!(role.stage.is_first(), "this stage takes hidden states, not tokens");
                 let generation = self.open_or_continue(sequence_id, start_position, generation, upstream)?;
-                self.step(sequence_id, Input::Tokens(&tokens), generation).await
+                self.step(sequence_id, Input::Tokens(&tokens), generation, false).await
             }
-            StageFrame::Activation(Activation { sequence_id, start_position, hidden, generation, .. }) => {
+            StageFrame::Activation(Activation { sequence_id, start_position, hidden, generation, steps, .. }) => {
                 anyhow::ensure!(!role.stage.is_first(), "the first stage takes tokens, not hidden states");
                 let generation = self.open_or_continue(sequence_id, start_position, generation, upstream)?;
-                self.step(sequence_id, Input::Hidden(hidden), generation).await
+                self.step(sequence_id, Input::Hidden(hidden), generation, steps).await
             }
             StageFrame::Token(token) => {
                 // Only the first stage receives tokens: from the last stage, round the ring.
@@ -627,7 +636,11 @@ impl Worker {
                 }
                 _ => None,
             };
-            let sequence = Sequence { cache: role.stage.new_cache(), upstream, sampling };
+            let replay = match &generation {
+                Some(g) if role.stage.is_first() => g.forced_tokens.clone(),
+                _ => Vec::new(),
+            };
+            let sequence = Sequence { cache: role.stage.new_cache(), upstream, sampling, replay };
             self.sequences.insert(sequence_id, sequence);
             return Ok(generation);
         }
@@ -647,75 +660,115 @@ impl Worker {
     }
 
     /// Runs new positions of a sequence through this stage and sends the result on: hidden
-    /// states to the next stage, or a sampled token round the ring.
-    async fn step(&mut self, sequence_id: u64, input: Input<'_>, generation: Option<Generation>) -> anyhow::Result<()> {
+    /// states to the next stage, or a sampled token round the ring. With `steps`, each row
+    /// is a decoding step of its own (a replay's known tokens): the rows run one at a time,
+    /// exactly as they ran when they were decoded, and their hidden states go on together.
+    async fn step(
+        &mut self,
+        sequence_id: u64,
+        input: Input<'_>,
+        generation: Option<Generation>,
+        steps: bool,
+    ) -> anyhow::Result<()> {
         let Some(role) = &self.role else { return Ok(()) };
-        let epoch = role.epoch;
-        let sequence =
-            self.sequences.get_mut(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
-        let start_position = sequence.cache.positions() as u32;
-        let hidden_tensor;
-        let stage_input = match &input {
-            Input::Tokens(tokens) => StageInput::Tokens(tokens),
+        let stage = role.stage.clone();
+        let start_position =
+            self.sequences.get(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?.cache.positions()
+                as u32;
+        let hidden_input = match &input {
+            Input::Tokens(_) => None,
             Input::Hidden(hidden) => {
-                hidden_tensor = Tensor::from_vec(
-                    hidden.to_f32_vec(),
-                    (hidden.rows(), hidden.cols()),
-                    role.stage.device(),
-                )?;
-                StageInput::Hidden(&hidden_tensor)
+                Some(Tensor::from_vec(hidden.to_f32_vec(), (hidden.rows(), hidden.cols()), stage.device())?)
             }
         };
-        match role.stage.forward(stage_input, &mut sequence.cache)? {
-            StageOutput::Hidden(hidden) => {
-                let (rows, cols) = hidden.dims2()?;
-                let values = hidden.flatten_all()?.to_vec1::<f32>()?;
-                let hidden = HiddenStates::from_f32(rows, cols, &values, DType::F32)?;
-                let frame = Activation { epoch, sequence_id, start_position, hidden, generation };
-                let next = self.next.as_mut().ok_or_else(|| anyhow::anyhow!("this stage has no next stage"))?;
-                anyhow::ensure!(next.send(StageFrame::Activation(frame)).await, "the link to the next stage is closed");
-            }
-            StageOutput::Logits(logits) => {
-                let (sampler, settings) = sequence
-                    .sampling
-                    .as_mut()
-                    .ok_or_else(|| anyhow::anyhow!("sequence {sequence_id} reached the last stage without its sampling settings"))?;
-                // A replay's known tokens come first, without drawing from the sampler.
-                let id = match settings.forced_tokens.pop() {
-                    Some(forced) => forced,
-                    None => crate::engine::with_host_slice(&logits, |values| sampler.sample(values))?,
-                };
-                let position = sequence.cache.positions() as u32;
-                let finish = if settings.stop_tokens.contains(&id) {
-                    Some(FinishReason::Stop)
-                } else if position + 1 >= settings.max_len {
-                    Some(FinishReason::Length)
-                } else {
-                    None
-                };
-                let token = Token { epoch, sequence_id, position, id, finish, word_pos: sampler.state().word_pos };
-                // A finished sequence is forgotten here, unless this stage is also the first,
-                // which still has to pass the token to the holder.
-                let upstream = sequence.upstream.clone();
-                if finish.is_some() && !role.stage.is_first() {
-                    self.sequences.remove(&sequence_id);
+        let rows = match &input {
+            Input::Tokens(tokens) => tokens.len(),
+            Input::Hidden(hidden) => hidden.rows(),
+        };
+        let runs: Vec<std::ops::Range<usize>> = if steps { (0..rows).map(|r| r..r + 1).collect() } else { vec![0..rows] };
+        let mut hidden_out: Vec<f32> = Vec::new();
+        let mut cols = 0;
+        for run in runs {
+            let sequence = self
+                .sequences
+                .get_mut(&sequence_id)
+                .ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
+            let row_input;
+            let stage_input = match (&input, &hidden_input) {
+                (Input::Tokens(tokens), _) => StageInput::Tokens(&tokens[run]),
+                (_, Some(hidden)) => {
+                    row_input = if run.len() == rows { hidden.clone() } else { hidden.narrow(0, run.start, run.len())? };
+                    StageInput::Hidden(&row_input)
                 }
-                match &mut self.ring {
-                    // The first stage is here too: queue the token behind other work, so that
-                    // sequences take turns.
-                    None => {
-                        let _ = self.work.send(Work::Inbound {
-                            message: StageFrame::Token(token).into_wire(),
-                            upstream,
-                        });
-                    }
-                    Some(ring) => {
-                        anyhow::ensure!(ring.send(StageFrame::Token(token)).await, "the link to the first stage is closed")
+                (Input::Hidden(_), None) => unreachable!("hidden input is always converted above"),
+            };
+            match stage.forward(stage_input, &mut sequence.cache)? {
+                StageOutput::Hidden(hidden) => {
+                    cols = hidden.dims2()?.1;
+                    hidden_out.extend(hidden.flatten_all()?.to_vec1::<f32>()?);
+                }
+                StageOutput::Logits(logits) => {
+                    if self.sample(sequence_id, &logits).await? {
+                        // Finished (it cannot be within a replay's known tokens).
+                        break;
                     }
                 }
             }
         }
+        if hidden_out.is_empty() {
+            return Ok(());
+        }
+        let epoch = self.role.as_ref().map_or(0, |role| role.epoch);
+        let hidden = HiddenStates::from_f32(hidden_out.len() / cols, cols, &hidden_out, DType::F32)?;
+        let frame = Activation { epoch, sequence_id, start_position, hidden, generation, steps };
+        let next = self.next.as_mut().ok_or_else(|| anyhow::anyhow!("this stage has no next stage"))?;
+        anyhow::ensure!(next.send(StageFrame::Activation(frame)).await, "the link to the next stage is closed");
         Ok(())
+    }
+
+    /// On the last stage: picks the sequence's next token from `logits` (a replay's known
+    /// token, or the sampler's) and sends it round the ring. Returns whether the sequence
+    /// finished.
+    async fn sample(&mut self, sequence_id: u64, logits: &Tensor) -> anyhow::Result<bool> {
+        let Some(role) = &self.role else { return Ok(true) };
+        let (epoch, is_first) = (role.epoch, role.stage.is_first());
+        let sequence =
+            self.sequences.get_mut(&sequence_id).ok_or_else(|| anyhow::anyhow!("unknown sequence {sequence_id}"))?;
+        let (sampler, settings) = sequence
+            .sampling
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("sequence {sequence_id} reached the last stage without its sampling settings"))?;
+        // A replay's known tokens come first, without drawing from the sampler.
+        let id = match settings.forced_tokens.pop() {
+            Some(forced) => forced,
+            None => crate::engine::with_host_slice(logits, |values| sampler.sample(values))?,
+        };
+        let position = sequence.cache.positions() as u32;
+        let finish = if settings.stop_tokens.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if position + 1 >= settings.max_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let token = Token { epoch, sequence_id, position, id, finish, word_pos: sampler.state().word_pos };
+        // A finished sequence is forgotten here, unless this stage is also the first, which
+        // still has to pass the token to the holder.
+        let upstream = sequence.upstream.clone();
+        if finish.is_some() && !is_first {
+            self.sequences.remove(&sequence_id);
+        }
+        match &mut self.ring {
+            // The first stage is here too: queue the token behind other work, so that
+            // sequences take turns.
+            None => {
+                let _ = self.work.send(Work::Inbound { message: StageFrame::Token(token).into_wire(), upstream });
+            }
+            Some(ring) => {
+                anyhow::ensure!(ring.send(StageFrame::Token(token)).await, "the link to the first stage is closed")
+            }
+        }
+        Ok(finish.is_some())
     }
 
     /// On the first stage: a sampled token came round. The holder gets it first, then it
@@ -737,7 +790,29 @@ impl Worker {
             }
             return Ok(());
         }
-        self.step(sequence_id, Input::Tokens(&[token.id]), None).await
+        let Some(sequence) = self.sequences.get_mut(&sequence_id) else { return Ok(()) };
+        let next_position = sequence.cache.positions() as u32;
+        if token.position < next_position {
+            // One of a replay's known tokens, which went down the pipeline already.
+            return Ok(());
+        }
+        anyhow::ensure!(
+            token.position == next_position,
+            "a token for position {} came round to a sequence at position {next_position}",
+            token.position
+        );
+        let known = std::mem::take(&mut sequence.replay);
+        if known.is_empty() {
+            return self.step(sequence_id, Input::Tokens(&[token.id]), None, false).await;
+        }
+        // The first token of a replay came round: all the tokens generated before the
+        // failure go down now, as the steps they were, rather than one trip round the ring
+        // each.
+        anyhow::ensure!(known[0] == token.id, "the replay produced token {} instead of {}", token.id, known[0]);
+        for steps in known.chunks(STEPS_PER_FRAME) {
+            self.step(sequence_id, Input::Tokens(steps), None, true).await?;
+        }
+        Ok(())
     }
 
     /// Forgets every sequence, telling whoever waits on each (its holder, on the first

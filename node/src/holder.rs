@@ -199,9 +199,10 @@ impl Holder {
 impl Inner {
     /// Drives one request to its end. When the pipeline fails under it (a stage dies, the
     /// plan changes), the request is replayed on the next plan: the prompt goes in again,
-    /// then the tokens generated so far are forced one step at a time (the original
-    /// computation, step for step), and sampling resumes where it stopped, so the client
-    /// sees exactly the tokens it would have seen without the fault.
+    /// then the tokens generated so far are forced (each run as the decoding step it was,
+    /// so the computation is the original one, but sent down the pipeline together: see
+    /// `ActivationFrame.steps`), and sampling resumes where it stopped, so the client sees
+    /// exactly the tokens it would have seen without the fault.
     async fn run(&self, request: &Generation, events: &mpsc::Sender<Event>) -> anyhow::Result<Outcome> {
         let started = Instant::now();
         anyhow::ensure!(

@@ -207,7 +207,7 @@ async fn a_keyed_ring_generates_what_one_process_does() {
         let stage = source.load_stage(window[0]..window[1], &Device::Cpu).expect("stage loads");
         let next = planes.get(i + 1).map(|p| Neighbour::Remote(p.addr()));
         let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
-        planes[i].install(StageRole { epoch: 2, stage, next, first }).await.expect("installs");
+        planes[i].install(StageRole { epoch: 2, stage: stage.into(), next, first }).await.expect("installs");
     }
     let tokenizer = source.tokenizer().expect("tokenizer");
     let chat_template = source.chat_template(&tokenizer).expect("template").expect("the model has one");

@@ -72,6 +72,7 @@ fn activation(epoch: u64, sequence_id: u64, shape: Vec<u64>, data: Vec<u8>) -> p
             shape,
             data: data.into(),
             generation: None,
+            steps: false,
         })),
     }
 }
@@ -112,7 +113,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     let plane = DataPlane::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), limits, None).expect("starts");
     // The last stage: it takes hidden states (activation frames) and samples.
     let stage = source.load_stage(1..n, &Device::Cpu).expect("loads");
-    plane.install(StageRole { epoch, stage, next: None, first: Neighbour::Local }).await.expect("installs");
+    plane.install(StageRole { epoch, stage: stage.into(), next: None, first: Neighbour::Local }).await.expect("installs");
 
     // No client-side limits: the client sends whatever it is given, as a hostile peer would.
     let mut client = Client::connect(format!("http://{}", plane.addr()))
@@ -207,7 +208,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     // 4. The data plane still serves: a holder talks to a first stage, so install every
     // layer (a new plan) on the same data plane and generate through it.
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
-    plane.install(StageRole { epoch: epoch + 1, stage, next: None, first: Neighbour::Local }).await.expect("installs");
+    plane.install(StageRole { epoch: epoch + 1, stage: stage.into(), next: None, first: Neighbour::Local }).await.expect("installs");
     let info = ModelInfo::from_source(&source).expect("model info");
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_stage: plane.addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);

@@ -302,6 +302,9 @@ pub struct Activation {
     pub hidden: HiddenStates,
     /// Present exactly when `start_position` is 0.
     pub generation: Option<Generation>,
+    /// Each row is a decoding step of its own, to be run one at a time (see
+    /// [`pb::ActivationFrame::steps`]).
+    pub steps: bool,
 }
 
 impl Activation {
@@ -318,16 +321,17 @@ impl Activation {
             shape,
             data,
             generation,
+            steps,
         } = frame;
         check_header(epoch, sequence_id, expect)?;
         let hidden = HiddenStates::from_wire(dtype, &shape, data, limits, expect.hidden_size)?;
         check_position_range(start_position, hidden.rows as u64)?;
         let generation = opening_generation(start_position, generation, expect.vocab_size)?;
-        Ok(Self { epoch, sequence_id, start_position, hidden, generation })
+        Ok(Self { epoch, sequence_id, start_position, hidden, generation, steps })
     }
 
     pub fn into_wire(self) -> pb::ActivationFrame {
-        let Self { epoch, sequence_id, start_position, hidden, generation } = self;
+        let Self { epoch, sequence_id, start_position, hidden, generation, steps } = self;
         pb::ActivationFrame {
             epoch,
             sequence_id,
@@ -336,6 +340,7 @@ impl Activation {
             shape: vec![hidden.rows as u64, hidden.cols as u64],
             data: hidden.data,
             generation: generation.map(Generation::into_wire),
+            steps,
         }
     }
 }

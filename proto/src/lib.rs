@@ -25,7 +25,7 @@
 //!
 //! // Sending: build the typed frame, then its message.
 //! let hidden = HiddenStates::from_f32(2, 4, &[0.5; 8], DType::BF16)?;
-//! let sent = Activation { epoch: 7, sequence_id: 9, start_position: 5, hidden, generation: None };
+//! let sent = Activation { epoch: 7, sequence_id: 9, start_position: 5, hidden, generation: None, steps: false };
 //! let message = StageFrame::from(sent.clone()).into_wire();
 //!
 //! // Receiving: nothing is acted on before it is validated.

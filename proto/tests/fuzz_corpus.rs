@@ -41,7 +41,7 @@ fn activation(start_position: u32, dtype: DType) -> Activation {
     let values: Vec<f32> = (0..2 * EXPECT.hidden_size).map(|i| i as f32 / 3.0).collect();
     let hidden = HiddenStates::from_f32(2, EXPECT.hidden_size, &values, dtype).unwrap();
     let generation = (start_position == 0).then(generation);
-    Activation { epoch: EXPECT.epoch, sequence_id: 9, start_position, hidden, generation }
+    Activation { epoch: EXPECT.epoch, sequence_id: 9, start_position, hidden, generation, steps: start_position == 7 }
 }
 
 /// Valid encodings of every kind of message, for the fuzzer to start from:

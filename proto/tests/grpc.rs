@@ -96,6 +96,7 @@ fn activation(rows: usize, hidden_size: usize) -> pb::StageMessage {
         start_position: 3,
         hidden,
         generation: None,
+        steps: false,
     })
     .into_wire()
 }

@@ -98,6 +98,7 @@ proptest! {
             start_position,
             hidden,
             generation: None,
+            steps: seed % 2 == 0,
         };
         let bytes = StageFrame::from(sent.clone()).into_wire().encode_to_vec();
         let received = validate(&bytes).expect("decodes").expect("valid");

@@ -29,6 +29,7 @@ fn activation_frame(rows: u64, dtype: DType) -> pb::ActivationFrame {
         shape: vec![rows, cols],
         data: Bytes::from(vec![0; (rows * cols) as usize * dtype.size_in_bytes()]),
         generation: None,
+        steps: false,
     }
 }
 
@@ -76,6 +77,7 @@ fn activations_round_trip_in_every_dtype() {
             start_position: 0,
             hidden,
             generation: Some(generation()),
+            steps: dtype == DType::F16,
         };
         let StageFrame::Activation(received) = over_the_wire(frame.clone().into()) else {
             panic!("not an activation");

@@ -101,6 +101,7 @@ pub fn activation_frames() -> impl Strategy<Value = pb::ActivationFrame> {
                     shape,
                     data: Bytes::from(vec![0x3c; len]),
                     generation: ((start_position == 0) != misplaced).then_some(generation),
+                    steps: skew % 2 == 0,
                 }
             },
         )
