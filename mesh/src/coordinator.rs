@@ -31,6 +31,11 @@ pub fn coordinator(members: &[NodeInfo]) -> Option<&NodeInfo> {
 /// placement of the members differs from it (a node came or went, or its memory or
 /// data address changed). Otherwise, including when `me` is not a member, `None`.
 ///
+/// While the plan in force has all its nodes, a plan that takes newcomers in waits until
+/// they have loaded their layers ([`NodeInfo::prepared`]), so the plan in force serves
+/// meanwhile. A plan that lost a node is replaced at once, over the nodes that served it
+/// when they can hold the model, so that recovery never waits for a newcomer's loading.
+///
 /// The new epoch is one more than the newest the cluster has seen: the plan in force
 /// or any member's `ready_epoch`, whichever is greater. A coordinator that restarted
 /// and lost its plan thus still publishes a plan the others take. For the same
@@ -59,7 +64,10 @@ pub fn next_plan(
         return Ok(None);
     }
 
-    let stages = stages_for(&eligible, profile)?;
+    let stages = match current {
+        Some(current) if !intact(current, model_id, &eligible) => replacement(current, &eligible, profile)?,
+        _ => stages_for(&eligible, profile)?,
+    };
     if let Some(current) = current {
         if waits_for_newcomers(current, model_id, &eligible, &stages) {
             return Ok(None);
@@ -159,16 +167,39 @@ fn stages_for(eligible: &[&NodeInfo], profile: &ModelProfile) -> Result<Vec<Plan
         .collect())
 }
 
+/// Whether the plan in force still has all its nodes (and serves this model).
+fn intact(current: &Plan, model_id: &str, eligible: &[&NodeInfo]) -> bool {
+    current.model_id == model_id
+        && current
+            .stages
+            .iter()
+            .all(|stage| eligible.iter().any(|member| member.node_id == stage.node_id))
+}
+
+/// The stages that replace a plan that lost a node: over the nodes that served it, if
+/// they can hold the model. Their layers are loaded or at hand, while a newcomer may
+/// still be fetching its own for minutes, so recovery does not wait for it; newcomers
+/// come in afterwards, in two phases ([`waits_for_newcomers`]). Over every member when
+/// the survivors cannot hold the model.
+fn replacement(current: &Plan, eligible: &[&NodeInfo], profile: &ModelProfile) -> Result<Vec<PlanStage>, PlacementError> {
+    let survivors: Vec<&NodeInfo> = eligible
+        .iter()
+        .filter(|member| current.stages.iter().any(|stage| stage.node_id == member.node_id))
+        .copied()
+        .collect();
+    if survivors.len() < eligible.len() {
+        if let Ok(stages) = stages_for(&survivors, profile) {
+            return Ok(stages);
+        }
+    }
+    stages_for(eligible, profile)
+}
+
 /// Whether the coordinator holds `stages` back: the plan in force still has all its
 /// nodes (so it serves), and a node the new plan takes in has not yet loaded the layers
 /// the new plan gives it. A plan that lost a node is replaced at once.
 fn waits_for_newcomers(current: &Plan, model_id: &str, eligible: &[&NodeInfo], stages: &[PlanStage]) -> bool {
-    let intact = current.model_id == model_id
-        && current
-            .stages
-            .iter()
-            .all(|stage| eligible.iter().any(|member| member.node_id == stage.node_id));
-    intact
+    intact(current, model_id, eligible)
         && stages.iter().any(|stage| {
             let newcomer = !current.stages.iter().any(|old| old.node_id == stage.node_id);
             newcomer
@@ -349,14 +380,31 @@ mod tests {
         assert_eq!(second.stages[0].node_id, "a");
         assert_eq!(second.stages[0].layers, prepared);
 
-        // When the plan in force lost a node, the newcomer is not waited for.
-        let mut lost = [member("a", GIB), member("b", GIB)];
-        lost[0].prepared = None;
-        let replan = next_plan("a", &lost, &profile(), Some(&first)).unwrap().unwrap();
-        assert_eq!(replan.stages.len(), 2);
         // No plan yet: the first plan waits for nobody, and there is nothing to prepare.
         assert_eq!(prospective_layers("a", &three, &profile(), None), None);
-        assert!(next_plan("a", &lost, &profile(), None).unwrap().is_some());
+        assert!(next_plan("a", &three, &profile(), None).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_plan_that_lost_a_node_is_replaced_over_its_survivors_at_once() {
+        let two = [member("b", GIB), member("c", GIB)];
+        let first = next_plan("b", &two, &profile(), None).unwrap().unwrap();
+        // c drops while newcomer a (the coordinator by id) is still loading: the survivor
+        // serves at once, without waiting for a.
+        let mut lost = [member("a", GIB), member("b", GIB)];
+        let replan = next_plan("a", &lost, &profile(), Some(&first)).unwrap().unwrap();
+        assert_eq!(layers(&replan), [("b", 0..24)]);
+        // Then a comes in the usual way, once prepared, while b's plan serves.
+        assert_eq!(next_plan("a", &lost, &profile(), Some(&replan)).unwrap(), None);
+        lost[0].prepared = prospective_layers("a", &lost, &profile(), Some(&replan));
+        let joined = next_plan("a", &lost, &profile(), Some(&replan)).unwrap().unwrap();
+        assert_eq!(joined.stages.len(), 2);
+
+        // Survivors that cannot hold the model get the newcomer at once: there is no
+        // plan to serve from meanwhile.
+        let small = [member("a", GIB), member("b", 200 << 20)];
+        let replan = next_plan("a", &small, &profile(), Some(&first)).unwrap().unwrap();
+        assert_eq!(replan.stages.len(), 2);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! One task owns all of this state and reacts to three sources: discovery (new peers to
 //! connect to), the control plane (membership and plans), and its own layer loads.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -185,6 +188,7 @@ pub async fn join(
     let (view_tx, view) = watch::channel(ClusterView { node: node_id.clone(), ..ClusterView::default() });
     let profile = model.source().map(|source| model_profile(&source, &device));
     let paths = Paths::start(data_plane.credentials(), data_plane.limits(), options.interfaces.clone());
+    let (prepared_tx, prepared_rx) = mpsc::channel(1);
     let node = Node {
         me,
         control,
@@ -201,10 +205,12 @@ pub async fn join(
         seen_data: std::collections::HashMap::new(),
         paths,
         prepared: None,
+        preparing: None,
+        prepared_tx,
         awaiting_plan_since: None,
         _discovery: discovery,
     };
-    tokio::spawn(node.run(control_events, discovery_events, options.peers));
+    tokio::spawn(node.run(control_events, discovery_events, prepared_rx, options.peers));
     Ok(ClusterHandles { routes, view, node_id })
 }
 
@@ -236,6 +242,15 @@ fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {
     }
 }
 
+/// Layers being loaded for the next plan, and the task loading them.
+struct Preparing {
+    layers: Range<usize>,
+    task: tokio::task::AbortHandle,
+}
+
+/// What a preparation task reports: the layers it loaded, or why it could not.
+type PreparedStage = (Range<usize>, anyhow::Result<Stage>);
+
 struct Node {
     me: NodeInfo,
     control: ControlPlane,
@@ -258,6 +273,12 @@ struct Node {
     /// Outside the plan in force: the layers loaded for the plan that will take this node
     /// in (`me.prepared` says which).
     prepared: Option<Stage>,
+    /// The layers being loaded (or fetched) for that plan, on a task of their own, so that
+    /// the node keeps following the cluster meanwhile: a fetch of many GB takes minutes, and
+    /// this node may be the one that must re-plan if a node drops in the meantime.
+    preparing: Option<Preparing>,
+    /// Where preparation tasks report.
+    prepared_tx: mpsc::Sender<PreparedStage>,
     /// Since when this node, coordinating without a plan, has waited for its peers' plan.
     awaiting_plan_since: Option<tokio::time::Instant>,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
@@ -269,6 +290,7 @@ impl Node {
         mut self,
         mut control_events: mpsc::Receiver<ControlEvent>,
         mut discovery_events: mpsc::Receiver<DiscoveryEvent>,
+        mut prepared: mpsc::Receiver<PreparedStage>,
         peers: Vec<ManualPeer>,
     ) {
         let mut redial = tokio::time::interval(REDIAL);
@@ -284,7 +306,7 @@ impl Node {
                         self.members = members;
                         self.learn_model().await;
                         self.update_paths();
-                        self.prepare().await;
+                        self.prepare();
                         // Alone and planless, wait for peers; once there are peers or a plan,
                         // the usual settling time (each change restarts it).
                         let alone = self.plan.is_none() && self.members.len() <= 1;
@@ -300,11 +322,12 @@ impl Node {
                     }
                 },
                 Some(event) = discovery_events.recv() => self.discovered(event),
+                Some((layers, stage)) = prepared.recv() => self.preparation_done(layers, stage),
                 _ = redial.tick() => {
                     self.redial(&peers).await;
                     // A node without the model tries again for its header.
                     if self.learn_model().await {
-                        self.prepare().await;
+                        self.prepare();
                         if !settling {
                             self.plan_if_coordinator();
                         }
@@ -444,7 +467,7 @@ impl Node {
             // take this node in, if the members can hold it.
             drop(self.data_plane.uninstall().await);
             release_freed_memory();
-            self.prepare().await;
+            self.prepare();
             return;
         };
         let layers = plan.stages[index].layers.clone();
@@ -453,7 +476,10 @@ impl Node {
             Some(role) if role.stage.layers() == layers => role.stage,
             previous => {
                 drop(previous);
-                // Layers loaded ahead of this plan, if they are the ones it gives.
+                // Layers loaded ahead of this plan, if they are the ones it gives. One still
+                // loading is stopped and loaded here instead (a fetch resumes from the
+                // tensors it completed).
+                self.stop_preparing();
                 let prepared = self.prepared.take().filter(|stage| stage.layers() == layers);
                 release_freed_memory();
                 let loaded = match prepared {
@@ -461,7 +487,7 @@ impl Node {
                     None => self.load(layers.clone()).await,
                 };
                 match loaded {
-                    Ok(stage) => std::sync::Arc::new(stage),
+                    Ok(stage) => Arc::new(stage),
                     Err(error) => {
                         tracing::error!("cannot load layers {layers:?}: {error:#}");
                         self.problem = Some(format!("{error:#}"));
@@ -489,20 +515,40 @@ impl Node {
     }
 
     /// Outside the plan in force: loads (or, without the model file, fetches) the layers
-    /// the next plan will give this node, and announces them. The coordinator takes the
-    /// node in only then, so the plan in force serves while it loads.
-    async fn prepare(&mut self) {
+    /// the next plan will give this node, on a task of its own, and announces them once
+    /// loaded ([`Node::preparation_done`]). The coordinator takes the node in only then, so the plan
+    /// in force serves while it loads.
+    fn prepare(&mut self) {
         let Some(profile) = &self.profile else { return };
         let Some(layers) = prospective_layers(&self.me.node_id, &self.members, profile, self.plan.as_ref()) else {
             return;
         };
-        if self.me.prepared.as_ref() == Some(&layers) {
+        let loading = self.preparing.as_ref().is_some_and(|preparing| preparing.layers == layers);
+        if self.me.prepared.as_ref() == Some(&layers) || loading {
             return;
         }
-        // Prepared for another placement: of no use now.
+        // Prepared, or preparing, for another placement: of no use now.
+        self.stop_preparing();
         self.prepared = None;
         release_freed_memory();
-        match self.load(layers.clone()).await {
+        let load = self.loader(layers.clone());
+        let report = self.prepared_tx.clone();
+        let reported = layers.clone();
+        let task = tokio::spawn(async move {
+            let stage = load.await;
+            let _ = report.send((reported, stage)).await;
+        });
+        self.preparing = Some(Preparing { layers, task: task.abort_handle() });
+    }
+
+    /// A preparation task finished: keeps and announces its layers, unless they are no
+    /// longer the ones wanted.
+    fn preparation_done(&mut self, layers: Range<usize>, stage: anyhow::Result<Stage>) {
+        if self.preparing.as_ref().is_none_or(|preparing| preparing.layers != layers) {
+            return;
+        }
+        self.preparing = None;
+        match stage {
             Ok(stage) => {
                 tracing::info!(?layers, "loaded the layers the next plan will give this node; the plan in force serves meanwhile");
                 self.prepared = Some(stage);
@@ -511,7 +557,14 @@ impl Node {
                     tracing::error!("cannot announce the prepared layers: {error}");
                 }
             }
+            // Tried again on the next change of members.
             Err(error) => tracing::error!("cannot load layers {layers:?} for the next plan: {error:#}"),
+        }
+    }
+
+    fn stop_preparing(&mut self) {
+        if let Some(preparing) = self.preparing.take() {
+            preparing.task.abort();
         }
     }
 
@@ -526,14 +579,22 @@ impl Node {
         self.profile.is_some()
     }
 
-    async fn load(&self, layers: std::ops::Range<usize>) -> anyhow::Result<Stage> {
-        // A node without the model file fetches the stage's tensors from peers first.
-        let source = self.model.for_stage(layers.clone(), self.plan.as_ref(), &self.members, &self.me.node_id).await?;
-        let device = self.device.clone();
-        let started = std::time::Instant::now();
-        let stage = tokio::task::spawn_blocking(move || source.load_stage(layers, &device)).await??;
-        tracing::info!(layers = ?stage.layers(), ms = started.elapsed().as_millis() as u64, "loaded layers");
-        Ok(stage)
+    async fn load(&self, layers: Range<usize>) -> anyhow::Result<Stage> {
+        self.loader(layers).await
+    }
+
+    /// Loading `layers`, as a future of its own that borrows nothing from the node.
+    fn loader(&self, layers: Range<usize>) -> impl Future<Output = anyhow::Result<Stage>> + Send + 'static {
+        let (model, plan, members) = (self.model.clone(), self.plan.clone(), self.members.clone());
+        let (me, device) = (self.me.node_id.clone(), self.device.clone());
+        async move {
+            // A node without the model file fetches the stage's tensors from peers first.
+            let source = model.for_stage(layers.clone(), plan.as_ref(), &members, &me).await?;
+            let started = std::time::Instant::now();
+            let stage = tokio::task::spawn_blocking(move || source.load_stage(layers, &device)).await??;
+            tracing::info!(layers = ?stage.layers(), ms = started.elapsed().as_millis() as u64, "loaded layers");
+            Ok(stage)
+        }
     }
 
     /// Recomputes what the API shows and which pipeline requests take.

@@ -594,6 +594,84 @@ def test_fourth_node_without_model_joins_mid_request(make_cluster: Callable[[], 
     print(f"{case}: {fetched[-1]}")
 
 
+SLOW_FETCH_RATE = "8mbit"
+
+
+@pytest.mark.timeout(300)
+def test_a_drop_while_a_newcomer_fetches_slowly_is_replanned_at_once(
+    make_cluster: Callable[[], Cluster], prompts: list[str], record_timing: Callable[[str, float], None],
+    hearth_binary: Path, tmp_path: Path,
+) -> None:
+    """A newcomer with no model file fetches its weights over a slow link (what its peers
+    send it capped at 8 Mbit/s: tens of seconds for its layers). A node of the plan in force
+    is killed meanwhile. The survivors re-plan among themselves and serve again within
+    seconds, exactly, without waiting for the newcomer (whose loading runs on a task of its
+    own, so it follows the cluster meanwhile, even when it is the coordinator); then the
+    newcomer, once it has its layers, is planned in and serves exactly too."""
+    case = "drop-during-slow-fetch"
+    mesh = fresh_mesh(make_cluster)
+    cluster = mesh.cluster
+    client, victim = mesh.stage_node(0), mesh.stage_node(-1)
+    model = served_model_id(client)
+    prompt = prompts[2]
+    ref = reference_stream(client, model, prompt)
+
+    cache = tmp_path / "empty-model-cache"
+    cache.mkdir()
+    newcomer = cluster.add_node(start=False)
+    newcomer.command = ["env", f"HEARTH_CACHE_DIR={cache}", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=",
+                        str(hearth_binary), "serve", "--model", "default", "--data-dir", str(newcomer.data_dir),
+                        "--memory-limit", "800MiB"]
+    newcomer.memory_limit = "800MiB"
+    # The bridge's port to the newcomer carries what its peers send it.
+    netns.limit_rate(cluster.hub_netns, newcomer.hub_port, SLOW_FETCH_RATE)
+    cluster.start_nodes([newcomer])
+
+    def log() -> str:
+        return newcomer.log_path.read_text(errors="replace")
+
+    assert wait_until(lambda: "got the model's header" in log(), timeout_s=60.0) is not None, (
+        f"{case}: the newcomer never got the model's header:\n{newcomer.log_tail()}")
+    assert "fetched the stage's weights" not in log(), f"{case}: the fetch was not slow enough to prove anything"
+    survivors = [node for node in cluster.nodes if node is not victim and node is not newcomer]
+    pids = pids_of(survivors)
+    killed_at = time.monotonic()
+    victim.kill(signal.SIGKILL)
+
+    def serves() -> bool:
+        try:
+            answer = client.http("POST", "/v1/completions", timeout=10.0,
+                                 json={"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        except OSError:
+            return False
+        return answer.status == 200
+
+    assert wait_until(serves, timeout_s=REPLAN_TIMEOUT_S, interval_s=0.1) is not None, (
+        f"{case}: the survivors did not serve again within {REPLAN_TIMEOUT_S:.0f} s of the kill:\n"
+        f"{cluster.views()}\n{client.log_tail()}")
+    back_after = time.monotonic() - killed_at
+    fetching = "fetched the stage's weights" not in log()
+    print(f"\n{case}: the survivors served again {back_after:.2f} s after the kill; the newcomer was "
+          f"{'still fetching' if fetching else 'done fetching'} then")
+    record_timing(f"{case}: survivors serve again after the kill", back_after)
+    assert fetching, f"{case}: the newcomer finished fetching before the survivors served: inconclusive"
+    assert_same_stream(stream(client, model, prompt), ref, f"{case}, on the survivors' plan")
+    assert_still_running(survivors, pids, case)
+
+    # Then the newcomer comes in, once it has its layers.
+    try:
+        view = cluster.wait_for_plan([*survivors, newcomer], n_layers=N_LAYERS, min_epoch=mesh.view.epoch + 1,
+                                     timeout_s=200.0)
+    except netns.HarnessError as err:
+        pytest.fail(f"{case}: the newcomer was not planned in:\n{err}\n{newcomer.log_tail()}", pytrace=False)
+    joined_after = time.monotonic() - killed_at
+    print(f"{case}: planned in {joined_after:.1f} s after the kill:\n{view.describe(cluster.names_by_ip())}")
+    assert newcomer.ip in [stage.ip for stage in view.stages]
+    for node in (client, newcomer):
+        assert_same_stream(stream(node, model, prompt), ref, f"{case}, with the newcomer, on {node.name}")
+    assert_no_panic(cluster)
+
+
 def test_a_node_without_model_or_peers_waits_answering_503(make_cluster: Callable[[], Cluster],
                                                              hearth_binary: Path, tmp_path: Path) -> None:
     """Alone, a node with no model file and no way to download one keeps running, and its
