@@ -33,13 +33,8 @@ fn local_text(source: &ModelSource, request: &Generation) -> String {
     text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_stages_over_grpc_generate_what_one_process_does() {
-    let source = default_model();
-    let info = ModelInfo::from_source(&source).expect("model info");
-    let n = source.config().num_layers;
-    let cuts = [0, 5, 17, n];
-    let limits = Limits::default();
+/// Data planes on loopback running the stages between `cuts`, linked into a pipeline (epoch 3).
+async fn pipeline(source: &ModelSource, cuts: &[usize], limits: Limits) -> Vec<DataPlane> {
     let planes: Vec<DataPlane> =
         cuts.windows(2).map(|_| DataPlane::start(loopback(), limits, None).expect("data plane starts")).collect();
     for (i, window) in cuts.windows(2).enumerate() {
@@ -48,6 +43,16 @@ async fn three_stages_over_grpc_generate_what_one_process_does() {
         let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
         planes[i].install(StageRole { epoch: 3, stage: stage.into(), next, first }).await.expect("installs");
     }
+    planes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_stages_over_grpc_generate_what_one_process_does() {
+    let source = default_model();
+    let info = ModelInfo::from_source(&source).expect("model info");
+    let n = source.config().num_layers;
+    let limits = Limits::default();
+    let planes = pipeline(&source, &[0, 5, 17, n], limits).await;
     let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_stage: planes[0].addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);
 
@@ -115,16 +120,8 @@ async fn run_sequence(
 async fn a_replay_continues_exactly_and_sends_its_known_tokens_together() {
     let source = default_model();
     let n = source.config().num_layers;
-    let cuts = [0, 9, 20, n];
     let limits = Limits::default();
-    let planes: Vec<DataPlane> =
-        cuts.windows(2).map(|_| DataPlane::start(loopback(), limits, None).expect("data plane starts")).collect();
-    for (i, window) in cuts.windows(2).enumerate() {
-        let stage = source.load_stage(window[0]..window[1], &Device::Cpu).expect("stage loads");
-        let next = planes.get(i + 1).map(|p| Neighbour::Remote(p.addr()));
-        let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
-        planes[i].install(StageRole { epoch: 3, stage: stage.into(), next, first }).await.expect("installs");
-    }
+    let planes = pipeline(&source, &[0, 9, 20, n], limits).await;
     let info = ModelInfo::from_source(&source).expect("model info");
     let prompt = info.tokenizer.encode("Once upon a time, in a village by the sea,").expect("encodes");
     let completion = 40;

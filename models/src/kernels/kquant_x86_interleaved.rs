@@ -15,16 +15,7 @@ use super::interleave::{quants_offset, GROUP_ROWS};
 use super::kquant_activation::Q8KBlock;
 use super::kquant_format::KQuant;
 use super::kquant_x86::Avx512Vnni;
-
-/// Activation rows per pass over a group when prefilling.
-const ACT_ROWS: usize = 4;
-
-/// Groups per pass when decoding (one activation row).
-const DECODE_GROUPS: usize = 2;
-
-/// The activation rows of one prefill pass are kept to about this many bytes (see
-/// `x86_interleaved.rs`).
-const ACT_TILE_BYTES: usize = 512 * 1024;
+use super::x86_interleaved::{drive, GroupDots};
 
 /// How far ahead of the block being read to prefetch weights.
 const PREFETCH_BYTES: usize = 2048;
@@ -62,59 +53,31 @@ impl Avx512Vnni {
         let (grouped, tail) = weights.split_at(whole * row_bytes);
         let (out, out_tail) = out.split_at_mut(whole * m);
         self.product_rows_k(kind, tail, blocks, acts, m, out_tail);
-        // SAFETY: `self` exists only on CPUs with the features `groups` needs.
-        unsafe { groups(grouped, blocks, acts, m, out) };
+        // SAFETY: `self` exists only on CPUs with the features `drive` and `Q4KDots` need.
+        unsafe { drive(&Q4KDots { acts, blocks }, grouped, blocks * GROUP_BLOCK, m, out) };
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn groups(grouped: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out: &mut [f32]) {
-    let group_bytes = blocks * GROUP_BLOCK;
-    let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
-    // SAFETY (every call below): same features as this function; `dots` checks that the
-    // groups and activation rows it gets are whole and of equal length.
-    unsafe {
-        if m == 1 {
-            let mut pairs = grouped.chunks_exact(DECODE_GROUPS * group_bytes);
-            let mut outs = out.chunks_exact_mut(DECODE_GROUPS * GROUP_ROWS);
-            for (pair, out) in (&mut pairs).zip(&mut outs) {
-                let (first, second) = pair.split_at(group_bytes);
-                let dots = dots::<DECODE_GROUPS, 1>([first, second], [act(0)]);
-                for (out, dots) in out.chunks_exact_mut(GROUP_ROWS).zip(dots) {
-                    out.copy_from_slice(&dots[0]);
-                }
-            }
-            let last = pairs.remainder().chunks_exact(group_bytes);
-            for (group, out) in last.zip(outs.into_remainder().chunks_exact_mut(GROUP_ROWS)) {
-                out.copy_from_slice(&dots::<1, 1>([group], [act(0)])[0][0]);
-            }
-            return;
-        }
-        let tile = (ACT_TILE_BYTES / (blocks * size_of::<Q8KBlock>())).max(ACT_ROWS) / ACT_ROWS * ACT_ROWS;
-        for start in (0..m).step_by(tile) {
-            let end = (start + tile).min(m);
-            for (group, out) in grouped.chunks_exact(group_bytes).zip(out.chunks_exact_mut(GROUP_ROWS * m)) {
-                // `out` holds the group's four rows of `m` outputs.
-                let mut store = |i: usize, dots: &[[f32; GROUP_ROWS]]| {
-                    for (n, dots) in dots.iter().enumerate() {
-                        for (k, &dot) in dots.iter().enumerate() {
-                            out[k * m + i + n] = dot;
-                        }
-                    }
-                };
-                let mut i = start;
-                while end - i >= ACT_ROWS {
-                    store(i, &dots::<1, ACT_ROWS>([group], [act(i), act(i + 1), act(i + 2), act(i + 3)])[0]);
-                    i += ACT_ROWS;
-                }
-                match end - i {
-                    3 => store(i, &dots::<1, 3>([group], [act(i), act(i + 1), act(i + 2)])[0]),
-                    2 => store(i, &dots::<1, 2>([group], [act(i), act(i + 1)])[0]),
-                    1 => store(i, &dots::<1, 1>([group], [act(i)])[0]),
-                    _ => {}
-                }
-            }
-        }
+/// [`GroupDots`] for Q4_K.
+struct Q4KDots<'a> {
+    acts: &'a [Q8KBlock],
+    blocks: usize,
+}
+
+impl GroupDots for Q4KDots<'_> {
+    fn act_row_bytes(&self) -> usize {
+        self.blocks * size_of::<Q8KBlock>()
+    }
+
+    unsafe fn dots<const G: usize, const N: usize>(
+        &self,
+        groups: [&[u8]; G],
+        first: usize,
+    ) -> [[[f32; GROUP_ROWS]; N]; G] {
+        let blocks = self.blocks;
+        let acts = std::array::from_fn(|n| &self.acts[(first + n) * blocks..(first + n + 1) * blocks]);
+        // SAFETY: the caller vouches for the CPU.
+        unsafe { dots::<G, N>(groups, acts) }
     }
 }
 
@@ -122,7 +85,10 @@ unsafe fn groups(grouped: &[u8], blocks: usize, acts: &[Q8KBlock], m: usize, out
 /// row, the four rows' results.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlock]; N]) -> [[[f32; GROUP_ROWS]; N]; G] {
+unsafe fn dots<const G: usize, const N: usize>(
+    groups: [&[u8]; G],
+    xs: [&[Q8KBlock]; N],
+) -> [[[f32; GROUP_ROWS]; N]; G] {
     let blocks = xs[0].len();
     assert!(groups.iter().all(|group| group.len() == blocks * GROUP_BLOCK) && xs.iter().all(|x| x.len() == blocks));
     // Each of four factors to a whole 128-bit lane.
@@ -138,7 +104,9 @@ unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlo
     let low_masks = _mm512_set_epi32(l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6, l4, l6);
     let high_masks = _mm512_set_epi32(l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0, l2, 0);
     // Bytes 8-15 of a lane (the mins) as i16s.
-    let mins_of = _mm512_broadcast_i32x4(_mm_setr_epi8(8, -128, 9, -128, 10, -128, 11, -128, 12, -128, 13, -128, 14, -128, 15, -128));
+    let mins_of = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        8, -128, 9, -128, 10, -128, 11, -128, 12, -128, 13, -128, 14, -128, 15, -128,
+    ));
 
     let mut low = [[_mm512_setzero_ps(); N]; G];
     let mut high = [[_mm512_setzero_ps(); N]; G];
@@ -155,14 +123,17 @@ unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlo
                 let p = blocks_of[g].as_ptr();
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
                 d[g] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(p.cast()))));
-                dmin[g] =
-                    _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(p.add(8).cast()))));
+                dmin[g] = _mm512_permutexvar_ps(
+                    spread,
+                    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64(p.add(8).cast()))),
+                );
                 let words = _mm512_permutexvar_epi32(to_lanes, _mm512_maskz_loadu_epi32(0x0FFF, p.add(PACKED).cast()));
                 let kept = _mm512_and_si512(
                     _mm512_srlv_epi32(_mm512_shuffle_epi32::<0b10_01_10_00>(words), shifts),
                     low_masks,
                 );
-                let topped = _mm512_and_si512(_mm512_srli_epi32::<6>(_mm512_shuffle_epi32::<0b01_01_00_00>(words)), high_masks);
+                let topped =
+                    _mm512_and_si512(_mm512_srli_epi32::<6>(_mm512_shuffle_epi32::<0b01_01_00_00>(words)), high_masks);
                 unpacked[g] = _mm512_or_si512(kept, _mm512_slli_epi32::<4>(topped));
             }
         }
@@ -177,7 +148,8 @@ unsafe fn dots<const G: usize, const N: usize>(groups: [&[u8]; G], xs: [&[Q8KBlo
                     let p = blocks_of[g].as_ptr().add(QUANTS + 128 * j);
                     (_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(64).cast()))
                 };
-                let nibbles = |raw: __m512i| [_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4)];
+                let nibbles =
+                    |raw: __m512i| [_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low4)];
                 let (first, second) = (nibbles(first), nibbles(second));
                 let scales = [scale_of(unpacked[g], 2 * j), scale_of(unpacked[g], 2 * j + 1)];
                 for n in 0..N {

@@ -102,45 +102,67 @@ unsafe fn groups<const FORMAT: u8>(
     out: &mut [f32],
 ) {
     let row_bytes = blocks * x86::block_bytes::<FORMAT>();
-    let group_bytes = GROUP_ROWS * row_bytes;
     assert!(weights.len() == rows * row_bytes && out.len() == rows * m && acts.len() >= m * blocks);
     assert!(FORMAT == Q4_1 || biases.len() >= m * blocks, "activation biases missing");
     let whole = rows / GROUP_ROWS * GROUP_ROWS;
     let (grouped, tail) = weights.split_at(whole * row_bytes);
     let (out, out_tail) = out.split_at_mut(whole * m);
-    // SAFETY: this function's features include those of the row layout's kernels.
-    unsafe { x86::rows::<FORMAT>(tail, blocks, acts, m, out_tail) };
+    // SAFETY: this function's features include those of the row layout's kernels, and of
+    // `Block32Dots`'s.
+    unsafe {
+        x86::rows::<FORMAT>(tail, blocks, acts, m, out_tail);
+        drive(&Block32Dots::<FORMAT> { acts, biases, blocks }, grouped, GROUP_ROWS * row_bytes, m, out);
+    }
+}
 
-    let act = |i: usize| &acts[i * blocks..(i + 1) * blocks];
-    let bias = |i: usize| {
-        if FORMAT == Q4_1 {
-            &[][..]
-        } else {
-            &biases[i * blocks..(i + 1) * blocks]
-        }
-    };
-    // SAFETY (every call below): same features as this function; `dots` checks that the
-    // groups and activation rows it gets are whole and of equal length.
+/// The dots of interleaved groups with activation rows, for one weight format: what
+/// [`drive`] runs.
+pub(super) trait GroupDots {
+    /// Bytes of one activation row, to size the tiles that stay in cache.
+    fn act_row_bytes(&self) -> usize;
+
+    /// `G` groups dotted with the `N` activation rows from row `first` on: for each group
+    /// and activation row, the four rows' results.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512 (F, BW, VL) with VNNI, AVX2, FMA and F16C.
+    unsafe fn dots<const G: usize, const N: usize>(
+        &self,
+        groups: [&[u8]; G],
+        first: usize,
+    ) -> [[[f32; GROUP_ROWS]; N]; G];
+}
+
+/// Runs `kernel` over the whole groups of `grouped` (each `group_bytes` long) and `m`
+/// activation rows, into `out` (each row's `m` outputs in turn): two groups at a time when
+/// decoding, so that their chains of multiply-adds overlap; when prefilling, a tile of
+/// activation rows at a time, small enough to stay in the L2 cache while every group passes
+/// over it, four rows at a time.
+///
+/// # Safety
+/// As [`GroupDots::dots`].
+pub(super) unsafe fn drive(kernel: &impl GroupDots, grouped: &[u8], group_bytes: usize, m: usize, out: &mut [f32]) {
+    assert!(grouped.len().is_multiple_of(group_bytes) && out.len() == grouped.len() / group_bytes * GROUP_ROWS * m);
+    // SAFETY (every call below): the caller vouches for the CPU; the kernels check that
+    // the groups and activation rows they get are whole and of equal length.
     unsafe {
         if m == 1 {
             let mut pairs = grouped.chunks_exact(DECODE_GROUPS * group_bytes);
             let mut outs = out.chunks_exact_mut(DECODE_GROUPS * GROUP_ROWS);
             for (pair, out) in (&mut pairs).zip(&mut outs) {
                 let (first, second) = pair.split_at(group_bytes);
-                let dots = dots::<FORMAT, DECODE_GROUPS, 1>([first, second], [act(0)], [bias(0)]);
+                let dots = kernel.dots::<DECODE_GROUPS, 1>([first, second], 0);
                 for (out, dots) in out.chunks_exact_mut(GROUP_ROWS).zip(dots) {
                     out.copy_from_slice(&dots[0]);
                 }
             }
-            for (group, out) in
-                pairs.remainder().chunks_exact(group_bytes).zip(outs.into_remainder().chunks_exact_mut(GROUP_ROWS))
-            {
-                out.copy_from_slice(&dots::<FORMAT, 1, 1>([group], [act(0)], [bias(0)])[0][0]);
+            let last = pairs.remainder().chunks_exact(group_bytes);
+            for (group, out) in last.zip(outs.into_remainder().chunks_exact_mut(GROUP_ROWS)) {
+                out.copy_from_slice(&kernel.dots::<1, 1>([group], 0)[0][0]);
             }
             return;
         }
-        // Prefill: a tile of activation rows at a time, which every group then passes over.
-        let tile = (ACT_TILE_BYTES / (blocks * size_of::<Q8Block>())).max(ACT_ROWS) / ACT_ROWS * ACT_ROWS;
+        let tile = (ACT_TILE_BYTES / kernel.act_row_bytes()).max(ACT_ROWS) / ACT_ROWS * ACT_ROWS;
         for start in (0..m).step_by(tile) {
             let end = (start + tile).min(m);
             for (group, out) in grouped.chunks_exact(group_bytes).zip(out.chunks_exact_mut(GROUP_ROWS * m)) {
@@ -154,26 +176,48 @@ unsafe fn groups<const FORMAT: u8>(
                 };
                 let mut i = start;
                 while end - i >= ACT_ROWS {
-                    let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
-                    let biases = [bias(i), bias(i + 1), bias(i + 2), bias(i + 3)];
-                    store(i, &dots::<FORMAT, 1, ACT_ROWS>([group], acts, biases)[0]);
+                    store(i, &kernel.dots::<1, ACT_ROWS>([group], i)[0]);
                     i += ACT_ROWS;
                 }
                 match end - i {
-                    3 => store(
-                        i,
-                        &dots::<FORMAT, 1, 3>(
-                            [group],
-                            [act(i), act(i + 1), act(i + 2)],
-                            [bias(i), bias(i + 1), bias(i + 2)],
-                        )[0],
-                    ),
-                    2 => store(i, &dots::<FORMAT, 1, 2>([group], [act(i), act(i + 1)], [bias(i), bias(i + 1)])[0]),
-                    1 => store(i, &dots::<FORMAT, 1, 1>([group], [act(i)], [bias(i)])[0]),
+                    3 => store(i, &kernel.dots::<1, 3>([group], i)[0]),
+                    2 => store(i, &kernel.dots::<1, 2>([group], i)[0]),
+                    1 => store(i, &kernel.dots::<1, 1>([group], i)[0]),
                     _ => {}
                 }
             }
         }
+    }
+}
+
+/// [`GroupDots`] for the 32-value formats.
+struct Block32Dots<'a, const FORMAT: u8> {
+    acts: &'a [Q8Block],
+    biases: &'a [GroupBiases],
+    blocks: usize,
+}
+
+impl<const FORMAT: u8> GroupDots for Block32Dots<'_, FORMAT> {
+    fn act_row_bytes(&self) -> usize {
+        self.blocks * size_of::<Q8Block>()
+    }
+
+    unsafe fn dots<const G: usize, const N: usize>(
+        &self,
+        groups: [&[u8]; G],
+        first: usize,
+    ) -> [[[f32; GROUP_ROWS]; N]; G] {
+        let blocks = self.blocks;
+        let acts = std::array::from_fn(|n| &self.acts[(first + n) * blocks..(first + n + 1) * blocks]);
+        let biases = std::array::from_fn(|n| {
+            if FORMAT == Q4_1 {
+                &[][..]
+            } else {
+                &self.biases[(first + n) * blocks..(first + n + 1) * blocks]
+            }
+        });
+        // SAFETY: the caller vouches for the CPU.
+        unsafe { dots::<FORMAT, G, N>(groups, acts, biases) }
     }
 }
 
