@@ -376,7 +376,24 @@ impl ModelSource {
             )));
         }
         let mut loader = self.loader(device)?;
-        Stage::load(&self.config, layers, &mut loader)
+        Stage::load(&self.config, layers, &mut loader, None)
+    }
+
+    /// The stage of `layers`, made from `stage` (a stage of this model): the layers both
+    /// ranges share, and the embedding or head if both have them, move over as they are;
+    /// only the others load. The layers the new range leaves out are freed first. A node
+    /// whose range changes when a peer joins or leaves thus loads only what it lacks, or
+    /// nothing when its range shrinks.
+    pub fn reshape_stage(&self, stage: Stage, layers: Range<usize>) -> Result<Stage> {
+        let n = self.config.num_layers;
+        if layers.start >= layers.end || layers.end > n {
+            return Err(Error::InvalidInput(format!(
+                "layer range {}..{} is not within the model's {n} layers",
+                layers.start, layers.end
+            )));
+        }
+        let mut loader = self.loader(stage.device())?;
+        Stage::load(&self.config, layers, &mut loader, Some(stage))
     }
 
     fn loader(&self, device: &Device) -> Result<TensorLoader<'_>> {

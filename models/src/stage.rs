@@ -80,16 +80,39 @@ enum StageRope {
 }
 
 impl Stage {
-    pub(crate) fn load(config: &ModelConfig, layers: Range<usize>, loader: &mut TensorLoader<'_>) -> Result<Self> {
+    /// Loads the stage of `layers`, taking over from `previous` (a stage of the same model
+    /// on the same device) whatever it already holds: its layers in the range, its
+    /// embedding, its head. The rest of `previous` is dropped before anything new loads, so
+    /// memory holds at most the new stage.
+    pub(crate) fn load(
+        config: &ModelConfig,
+        layers: Range<usize>,
+        loader: &mut TensorLoader<'_>,
+        previous: Option<Stage>,
+    ) -> Result<Self> {
         let device = loader.device().clone();
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
-        let embedding = if is_first { Some(loader.matrix(TensorName::TokenEmbedding)?) } else { None };
+        let (mut kept, kept_embedding, kept_head) = match previous {
+            Some(previous) if previous.device.same_device(&device) && previous.config == *config => {
+                let kept: std::collections::HashMap<usize, Block> =
+                    previous.layers.zip(previous.blocks).filter(|(i, _)| layers.contains(i)).collect();
+                (kept, previous.embedding.filter(|_| is_first), previous.head.filter(|_| is_last))
+            }
+            _ => Default::default(),
+        };
+        let embedding = match kept_embedding {
+            Some(embedding) => Some(embedding),
+            None if is_first => Some(loader.matrix(TensorName::TokenEmbedding)?),
+            None => None,
+        };
         let blocks = layers
             .clone()
-            .map(|i| Block::load(config, i, loader))
+            .map(|i| kept.remove(&i).map_or_else(|| Block::load(config, i, loader), Ok))
             .collect::<Result<Vec<_>>>()?;
-        let head = if is_last {
+        let head = if let Some(head) = kept_head {
+            Some(head)
+        } else if is_last {
             let output = match (&embedding, config.tied_embeddings) {
                 (Some(embedding), true) => embedding.clone(),
                 (None, true) => loader.matrix(TensorName::TokenEmbedding)?,

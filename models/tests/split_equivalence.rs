@@ -33,6 +33,39 @@ fn default_model_splits_match_whole_model() {
     assert_splits_match_whole(&source, &[504, 3575, 282, 4649, 314], 8);
 }
 
+/// Stages reshaped from other stages (when a peer joins or leaves, a node keeps the layers
+/// its new range shares with its old one) compute what freshly loaded ones do, bit for bit:
+/// a range that shrinks, one that shifts, one that grows into the head, and the whole
+/// model from a middle stage.
+#[test]
+fn reshaped_stages_match_freshly_loaded_ones() {
+    let source = open_default_model();
+    let n = source.config().num_layers;
+    let prompt = [504, 3575, 282, 4649, 314];
+    let (expected_ids, expected_logits) = greedy(&load_split(&source, &[]), &prompt, 6);
+    let device = candle_core::Device::Cpu;
+    let reshape = |from: std::ops::Range<usize>, to: std::ops::Range<usize>| {
+        let stage = source.load_stage(from, &device).expect("stage loads");
+        source.reshape_stage(stage, to).expect("stage reshapes")
+    };
+    let splits = [
+        // Shrinks, and (the second) shifts into the head.
+        vec![reshape(0..20, 0..12), reshape(5..20, 12..n)],
+        // Grows at both ends: takes the embedding and the head on.
+        vec![reshape(10..20, 0..n)],
+        // From a first and a last stage: gives the embedding, resp. the head, up.
+        vec![reshape(0..n, 0..9), reshape(3..n, 9..n)],
+    ];
+    for stages in splits {
+        let ranges: Vec<_> = stages.iter().map(|s| s.layers()).collect();
+        let (ids, logits) = greedy(&stages, &prompt, 6);
+        assert_eq!(ids, expected_ids, "reshaped stages {ranges:?}");
+        assert_eq!(logits, expected_logits, "reshaped stages {ranges:?}: logits differ");
+    }
+    let stage = source.load_stage(0..10, &device).expect("stage loads");
+    assert!(source.reshape_stage(stage, 5..n + 1).is_err(), "a range past the model is refused");
+}
+
 #[test]
 fn tiny_llama_splits_match_whole_model() {
     let dir = tiny_model::write(tiny_model::Flavor::Llama, "split-llama");

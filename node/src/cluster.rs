@@ -475,17 +475,22 @@ impl Node {
         let stage = match previous {
             Some(role) if role.stage.layers() == layers => role.stage,
             previous => {
-                drop(previous);
                 // Layers loaded ahead of this plan, if they are the ones it gives. One still
                 // loading is stopped and loaded here instead (a fetch resumes from the
                 // tensors it completed).
                 self.stop_preparing();
                 let prepared = self.prepared.take().filter(|stage| stage.layers() == layers);
-                release_freed_memory();
+                // Otherwise the new stage is made from the previous one: the layers both
+                // ranges share move over, and only the others load.
+                let previous = previous.and_then(|role| Arc::into_inner(role.stage));
                 let loaded = match prepared {
-                    Some(stage) => Ok(stage),
-                    None => self.load(layers.clone()).await,
+                    Some(stage) => {
+                        drop(previous);
+                        Ok(stage)
+                    }
+                    None => self.loader(layers.clone(), previous).await,
                 };
+                release_freed_memory();
                 match loaded {
                     Ok(stage) => Arc::new(stage),
                     Err(error) => {
@@ -531,7 +536,7 @@ impl Node {
         self.stop_preparing();
         self.prepared = None;
         release_freed_memory();
-        let load = self.loader(layers.clone());
+        let load = self.loader(layers.clone(), None);
         let report = self.prepared_tx.clone();
         let reported = layers.clone();
         let task = tokio::spawn(async move {
@@ -579,20 +584,27 @@ impl Node {
         self.profile.is_some()
     }
 
-    async fn load(&self, layers: Range<usize>) -> anyhow::Result<Stage> {
-        self.loader(layers).await
-    }
-
-    /// Loading `layers`, as a future of its own that borrows nothing from the node.
-    fn loader(&self, layers: Range<usize>) -> impl Future<Output = anyhow::Result<Stage>> + Send + 'static {
+    /// Loading `layers` (made from `previous`, if given: see `ModelSource::reshape_stage`),
+    /// as a future of its own that borrows nothing from the node.
+    fn loader(
+        &self,
+        layers: Range<usize>,
+        previous: Option<Stage>,
+    ) -> impl Future<Output = anyhow::Result<Stage>> + Send + 'static {
         let (model, plan, members) = (self.model.clone(), self.plan.clone(), self.members.clone());
         let (me, device) = (self.me.node_id.clone(), self.device.clone());
         async move {
             // A node without the model file fetches the stage's tensors from peers first.
             let source = model.for_stage(layers.clone(), plan.as_ref(), &members, &me).await?;
             let started = std::time::Instant::now();
-            let stage = tokio::task::spawn_blocking(move || source.load_stage(layers, &device)).await??;
-            tracing::info!(layers = ?stage.layers(), ms = started.elapsed().as_millis() as u64, "loaded layers");
+            let kept = previous.as_ref().map(Stage::layers);
+            let stage = tokio::task::spawn_blocking(move || match previous {
+                Some(previous) => source.reshape_stage(previous, layers),
+                None => source.load_stage(layers, &device),
+            })
+            .await??;
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::info!(layers = ?stage.layers(), previous = ?kept, ms, "loaded layers");
             Ok(stage)
         }
     }
