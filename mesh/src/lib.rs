@@ -15,6 +15,9 @@ pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+#[cfg(unix)]
+#[doc(hidden)]
+pub mod netns_testing;
 mod placement;
 mod size;
 

@@ -685,10 +685,12 @@ impl Worker {
             Input::Tokens(tokens) => tokens.len(),
             Input::Hidden(hidden) => hidden.rows(),
         };
-        let runs: Vec<std::ops::Range<usize>> = if steps { (0..rows).map(|r| r..r + 1).collect() } else { vec![0..rows] };
+        // Steps run one row at a time; anything else in one go.
+        let run_rows = if steps { 1 } else { rows.max(1) };
         let mut hidden_out: Vec<f32> = Vec::new();
         let mut cols = 0;
-        for run in runs {
+        for start in (0..rows).step_by(run_rows) {
+            let run = start..(start + run_rows).min(rows);
             let sequence = self
                 .sequences
                 .get_mut(&sequence_id)

@@ -38,6 +38,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // Parsed once per process.
 enum Command {
     /// Load a model and serve the OpenAI-compatible API.
     Serve(ServeArgs),

@@ -387,7 +387,7 @@ fn decide(current: Choice, stats: &[(SocketAddr, &Stats)]) -> Option<Choice> {
             .filter(|(addr, s)| *addr != current.addr && s.alive())
             .min_by(|a, b| {
                 let cost = |s: &Stats| s.cost().unwrap_or(f64::INFINITY);
-                cost(&a.1).total_cmp(&cost(&b.1))
+                cost(a.1).total_cmp(&cost(b.1))
             });
         return alternative.map(|(addr, _)| Choice { addr: *addr, failovers: current.failovers + 1 });
     }

@@ -105,7 +105,7 @@ async fn run_sequence(
     while tokens.len() < completion {
         let reply = tokio::time::timeout(std::time::Duration::from_secs(60), replies.message());
         let message = reply.await.expect("a token within a minute").expect("a reply").expect("the stream stays open");
-        match StageFrame::from_wire(message, &Limits::default(), &expect).expect("a valid frame") {
+        match StageFrame::from_wire(message, &Limits::default(), expect).expect("a valid frame") {
             StageFrame::Token(token) => tokens.push((token.id, token.word_pos)),
             other => panic!("not a token: {other:?}"),
         }

@@ -571,87 +571,11 @@ mod tests {
 /// `tests/mdns.rs` (see there for the rest, and for why the namespace is set up so).
 #[cfg(test)]
 mod mdns_tests {
-    use std::io::Write;
-    use std::os::unix::fs::MetadataExt;
-    use std::process::Command;
     use std::time::Instant;
 
     use super::*;
     use crate::identity::Identity;
-
-    /// Set in the child that runs a test inside its private network namespace.
-    const IN_NETNS: &str = "HEARTH_MDNS_TEST_NETNS";
-
-    /// Run inside the new namespace before exec'ing the test binary: a veth pair
-    /// `hm0` <-> `hm1`, which carries multicast between its ends once `accept_local`
-    /// lets in packets from the namespace's own addresses.
-    const NETNS_SETUP: &str = r#"set -e
-ip link set lo up
-if [ -w /proc/sys/net/ipv6/conf/default/accept_dad ]; then
-    echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad
-fi
-ip link add hm0 type veth peer name hm1
-for conf in all hm0 hm1; do
-    echo 1 > /proc/sys/net/ipv4/conf/$conf/accept_local
-done
-ip addr add 10.250.0.1/24 dev hm0
-ip addr add 10.250.0.2/24 dev hm1
-ip link set hm0 up
-ip link set hm1 up
-exec "$0" "$@""#;
-
-    /// True in the child already inside a private network namespace. Otherwise runs
-    /// the test `name` again in one, fails if it fails there, and returns false; or
-    /// skips loudly if no namespace can be made (a failure under `CI=true` as root).
-    fn in_private_netns(name: &str) -> bool {
-        if std::env::var_os(IN_NETNS).is_some() {
-            return true;
-        }
-        let root = std::fs::metadata("/proc/self").is_ok_and(|proc| proc.uid() == 0);
-        let ci = std::env::var("CI").is_ok_and(|ci| ci == "true" || ci == "1");
-        let mut unshare = Command::new("unshare");
-        if !root {
-            unshare.args(["--user", "--map-root-user"]);
-        }
-        unshare
-            .args(["--net", "--", "sh", "-c", NETNS_SETUP])
-            .arg(std::env::current_exe().expect("the test binary's path"))
-            .args(["--exact", name, "--nocapture", "--test-threads", "1"])
-            .env(IN_NETNS, "1");
-        let why = match unshare.output() {
-            Err(e) => format!("cannot run unshare: {e}"),
-            // libtest exits with 0 or 101; anything else is unshare or the setup failing.
-            Ok(out) if matches!(out.status.code(), Some(0 | 101) | None) => {
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                eprint!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-                assert!(
-                    out.status.success(),
-                    "{name} failed in its namespace: {}",
-                    out.status
-                );
-                assert!(
-                    stdout.contains("test result: ok. 1 passed"),
-                    "{name} did not run in its namespace"
-                );
-                return false;
-            }
-            Ok(out) => format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        };
-        assert!(
-            !(ci && root),
-            "CI=true and root, yet no network namespace for {name}: {why}"
-        );
-        // Straight to stderr, past the test harness's capture, so the skip shows.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED: mDNS tests need root to create a private network namespace ***\n    ({name}: {why})\n"
-        );
-        false
-    }
+    use crate::netns_testing::in_private_netns;
 
     #[test]
     fn the_handle_can_be_shared_across_tasks() {
