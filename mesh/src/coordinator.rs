@@ -36,8 +36,9 @@ pub fn coordinator(members: &[NodeInfo]) -> Option<&NodeInfo> {
 /// meanwhile. A plan that lost a node is replaced at once, over the nodes that served it
 /// when they can hold the model, so that recovery never waits for a newcomer's loading.
 ///
-/// The new epoch is one more than the newest the cluster has seen: the plan in force
-/// or any member's `ready_epoch`, whichever is greater. A coordinator that restarted
+/// The new epoch is in the round after the newest epoch the cluster has seen (the plan
+/// in force or any member's `ready_epoch`, whichever is greater), tagged with the
+/// coordinator ([`EPOCH_TAG_BITS`]). A coordinator that restarted
 /// and lost its plan thus still publishes a plan the others take. For the same
 /// reason a plan in force that some member has already moved past is replaced.
 ///
@@ -94,12 +95,30 @@ pub fn next_plan(
         .max()
         .unwrap_or(0);
     Ok(Some(Plan {
-        // Epochs read from the wire are at most MAX_EPOCH, far from overflowing.
-        epoch: newest_seen.saturating_add(1).min(MAX_EPOCH),
+        epoch: next_epoch(newest_seen, me),
         coordinator: me.to_owned(),
         model_id: model_id.clone(),
         stages,
     }))
+}
+
+/// Bits at the bottom of every epoch that tag the coordinator that published it.
+pub const EPOCH_TAG_BITS: u32 = 16;
+
+/// The epoch after `newest_seen`, for a plan `coordinator` publishes: the next round, in
+/// the high bits, and a tag of the coordinator in the low ones. The halves of a partitioned
+/// cluster each plan on their own from the same newest epoch; their coordinators differ, so
+/// their epochs do too (but for a 1 in 65536 clash of tags), and a stage never takes a frame
+/// sent under the other half's plan for one of its own when the halves meet again.
+fn next_epoch(newest_seen: u64, coordinator: &str) -> u64 {
+    // FNV-1a: any spread of ids will do, as long as every build agrees.
+    let hash = coordinator.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let round = (newest_seen >> EPOCH_TAG_BITS) + 1;
+    let tag = hash & ((1 << EPOCH_TAG_BITS) - 1);
+    // Epochs read from the wire are at most MAX_EPOCH, far from overflowing.
+    ((round << EPOCH_TAG_BITS) | tag).min(MAX_EPOCH)
 }
 
 /// The layers node `me` would get if the coordinator planned over `members` now, while
@@ -265,6 +284,25 @@ mod tests {
         }
     }
 
+    fn round(epoch: u64) -> u64 {
+        epoch >> EPOCH_TAG_BITS
+    }
+
+    #[test]
+    fn the_halves_of_a_partition_plan_different_epochs() {
+        // Both halves saw the same plan; each half's coordinator plans for its half.
+        let whole = [member("a", GIB), member("b", GIB), member("c", GIB), member("d", GIB)];
+        let first = next_plan("a", &whole, &profile(), None).unwrap().unwrap();
+        let left = next_plan("a", &whole[..2], &profile(), Some(&first)).unwrap().unwrap();
+        let right = next_plan("c", &whole[2..], &profile(), Some(&first)).unwrap().unwrap();
+        assert_eq!(round(left.epoch), round(right.epoch));
+        assert_ne!(left.epoch, right.epoch, "one epoch for two plans");
+        assert!(left.epoch > first.epoch && right.epoch > first.epoch);
+        // The same coordinator tags its epochs the same way every time.
+        let again = next_plan("a", &whole[..1], &profile(), Some(&left)).unwrap().unwrap();
+        assert_eq!(again.epoch - left.epoch, 1 << EPOCH_TAG_BITS);
+    }
+
     fn layers(plan: &Plan) -> Vec<(&str, std::ops::Range<usize>)> {
         plan.stages
             .iter()
@@ -283,7 +321,7 @@ mod tests {
     fn layers_follow_memory() {
         let members = [member("a", GIB), member("b", 2 * GIB), member("c", 3 * GIB)];
         let plan = next_plan("a", &members, &profile(), None).unwrap().unwrap();
-        assert_eq!(plan.epoch, 1);
+        assert_eq!(round(plan.epoch), 1);
         assert_eq!(plan.coordinator, "a");
         assert_eq!(plan.model_id, "org/model");
         // Largest memory first: 3:2:1 of 24 layers.
@@ -343,12 +381,12 @@ mod tests {
         let second = next_plan("a", &three, &profile(), Some(&first))
             .unwrap()
             .unwrap();
-        assert_eq!(second.epoch, 2);
+        assert_eq!(round(second.epoch), 2);
         assert_eq!(second.stages.len(), 3);
         let third = next_plan("a", &two, &profile(), Some(&second))
             .unwrap()
             .unwrap();
-        assert_eq!(third.epoch, 3);
+        assert_eq!(round(third.epoch), 3);
         assert_eq!(layers(&third), layers(&first));
 
         // A node whose data plane moved needs a plan that says so.
@@ -357,7 +395,7 @@ mod tests {
         let fourth = next_plan("a", &moved, &profile(), Some(&third))
             .unwrap()
             .unwrap();
-        assert_eq!(fourth.epoch, 4);
+        assert_eq!(round(fourth.epoch), 4);
     }
 
     #[test]
@@ -417,7 +455,7 @@ mod tests {
         let by_b = next_plan("b", &only_b, &profile(), Some(&by_a))
             .unwrap()
             .unwrap();
-        assert_eq!((by_b.epoch, by_b.coordinator.as_str()), (2, "b"));
+        assert_eq!((round(by_b.epoch), by_b.coordinator.as_str()), (2, "b"));
     }
 
     #[test]
@@ -425,19 +463,19 @@ mod tests {
         let members = [
             member("a", GIB),
             NodeInfo {
-                ready_epoch: Some(7),
+                ready_epoch: Some(7 << EPOCH_TAG_BITS | 3),
                 ..member("b", GIB)
             },
         ];
-        // A coordinator that restarted has no plan but must not go back to epoch 1.
+        // A coordinator that restarted has no plan but must not go back to round 1.
         let plan = next_plan("a", &members, &profile(), None).unwrap().unwrap();
-        assert_eq!(plan.epoch, 8);
+        assert_eq!(round(plan.epoch), 8);
         // And a plan in force that a member has moved past is replaced.
-        let stale = Plan { epoch: 5, ..plan };
+        let stale = Plan { epoch: 5 << EPOCH_TAG_BITS, ..plan };
         let next = next_plan("a", &members, &profile(), Some(&stale))
             .unwrap()
             .unwrap();
-        assert_eq!(next.epoch, 8);
+        assert_eq!(round(next.epoch), 8);
     }
 
     #[test]
@@ -477,15 +515,16 @@ mod tests {
                 })
                 .collect()
         };
+        let e = plan.epoch;
         assert!(!plan_is_ready(&plan, &with_ready([None, None, None])));
-        assert!(!plan_is_ready(&plan, &with_ready([Some(1), Some(0), None])));
+        assert!(!plan_is_ready(&plan, &with_ready([Some(e), Some(e - 1), None])));
         // "c" is no stage, so its readiness does not matter.
-        assert!(plan_is_ready(&plan, &with_ready([Some(1), Some(1), None])));
-        assert!(plan_is_ready(&plan, &with_ready([Some(2), Some(1), None])));
+        assert!(plan_is_ready(&plan, &with_ready([Some(e), Some(e), None])));
+        assert!(plan_is_ready(&plan, &with_ready([Some(e + 1), Some(e), None])));
         // A stage whose node is gone.
         assert!(!plan_is_ready(
             &plan,
-            &with_ready([Some(1), Some(1), None])[..1]
+            &with_ready([Some(e), Some(e), None])[..1]
         ));
     }
 
