@@ -15,7 +15,7 @@ use super::interleave::{quants_offset, GROUP_ROWS};
 use super::kquant_activation::Q8KBlock;
 use super::kquant_format::KQuant;
 use super::kquant_x86::Avx512Vnni;
-use super::x86_interleaved::{drive, GroupDots};
+use super::x86_interleaved::{act_rows, drive, GroupDots};
 
 /// How far ahead of the block being read to prefetch weights.
 const PREFETCH_BYTES: usize = 2048;
@@ -74,10 +74,8 @@ impl GroupDots for Q4KDots<'_> {
         groups: [&[u8]; G],
         first: usize,
     ) -> [[[f32; GROUP_ROWS]; N]; G] {
-        let blocks = self.blocks;
-        let acts = std::array::from_fn(|n| &self.acts[(first + n) * blocks..(first + n + 1) * blocks]);
         // SAFETY: the caller vouches for the CPU.
-        unsafe { dots::<G, N>(groups, acts) }
+        unsafe { dots::<G, N>(groups, act_rows(self.acts, self.blocks, first)) }
     }
 }
 

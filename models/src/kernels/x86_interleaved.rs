@@ -190,6 +190,11 @@ pub(super) unsafe fn drive(kernel: &impl GroupDots, grouped: &[u8], group_bytes:
     }
 }
 
+/// Rows `first..first + N` of `acts`, rows of `blocks` blocks each.
+pub(super) fn act_rows<T, const N: usize>(acts: &[T], blocks: usize, first: usize) -> [&[T]; N] {
+    std::array::from_fn(|n| &acts[(first + n) * blocks..(first + n + 1) * blocks])
+}
+
 /// [`GroupDots`] for the 32-value formats.
 struct Block32Dots<'a, const FORMAT: u8> {
     acts: &'a [Q8Block],
@@ -207,15 +212,9 @@ impl<const FORMAT: u8> GroupDots for Block32Dots<'_, FORMAT> {
         groups: [&[u8]; G],
         first: usize,
     ) -> [[[f32; GROUP_ROWS]; N]; G] {
-        let blocks = self.blocks;
-        let acts = std::array::from_fn(|n| &self.acts[(first + n) * blocks..(first + n + 1) * blocks]);
-        let biases = std::array::from_fn(|n| {
-            if FORMAT == Q4_1 {
-                &[][..]
-            } else {
-                &self.biases[(first + n) * blocks..(first + n + 1) * blocks]
-            }
-        });
+        let acts = act_rows(self.acts, self.blocks, first);
+        // Q4_1 needs no biases.
+        let biases = if FORMAT == Q4_1 { [&[][..]; N] } else { act_rows(self.biases, self.blocks, first) };
         // SAFETY: the caller vouches for the CPU.
         unsafe { dots::<FORMAT, G, N>(groups, acts, biases) }
     }
