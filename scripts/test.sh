@@ -16,9 +16,10 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 echo "== installing test dependencies"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 # The namespace tests drive `ip` and `tc`, and `ethtool` for the user-space netem relay
-# (kernels without sch_netem); as root we can install them.
-if [[ $EUID -eq 0 ]] && ! { command -v tc && command -v ethtool; } >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 ethtool) >/dev/null
+# (kernels without sch_netem); the web page's test runs its script in Node. As root we can
+# install them.
+if [[ $EUID -eq 0 ]] && ! { command -v tc && command -v ethtool && command -v node; } >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 ethtool nodejs) >/dev/null
 fi
 
 echo "== building (release)"

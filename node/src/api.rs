@@ -68,8 +68,9 @@ impl FromRef<AppState> for watch::Receiver<ClusterView> {
 
 /// The API's routes. With `api_key`, every `/v1` request must carry
 /// `Authorization: Bearer <api_key>`, as OpenAI clients send it; `/health` stays open so
-/// that supervisors can probe the node. Browsers let only `cors_origins` (none by
-/// default) read the answers from other pages.
+/// that supervisors can probe the node, and so does the web page at `/` (which holds no
+/// data: it asks the key of its user for the `/v1` calls it makes). Browsers let only
+/// `cors_origins` (none by default) read the answers from other pages.
 pub fn router(state: AppState, api_key: Option<String>, cors_origins: &[CorsOrigin]) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(models))
@@ -77,8 +78,25 @@ pub fn router(state: AppState, api_key: Option<String>, cors_origins: &[CorsOrig
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found);
-    let open = Router::new().route("/health", get(health));
+    let open = Router::new().route("/health", get(health)).route("/", get(page));
     guard(open, v1, api_key, cors_origins).with_state(state)
+}
+
+/// The web page: the cluster as this node sees it, and a chat, both through this API.
+const PAGE: &str = include_str!("api/page.html");
+
+/// What the page may do: run its own inline script and styles, talk to this origin only,
+/// and not be framed by other sites.
+const PAGE_POLICY: &str =
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'";
+
+async fn page() -> Response {
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (headers, PAGE).into_response()
 }
 
 /// Puts the API's layers around its routes: `v1` behind the API key, if any; request
@@ -749,6 +767,25 @@ mod tests {
         let open = Router::new().route("/health", get(|| async { "ok" }));
         let v1 = Router::new().route("/v1/chat/completions", post(|| async { "done" }));
         guard(open, v1, api_key.map(String::from), &origins)
+    }
+
+    #[tokio::test]
+    async fn the_web_page_is_served_without_a_key_and_locked_to_its_origin() {
+        let open = Router::new().route("/", get(page));
+        let v1 = Router::new().route("/v1/chat/completions", post(|| async { "done" }));
+        let app = guard(open, v1, Some("secret".into()), &[]);
+        let response = send(&app, Request::builder().uri("/").body(Body::empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let header = |name| response.headers().get(name).map(|v: &axum::http::HeaderValue| v.to_str().unwrap().to_owned());
+        assert_eq!(header(header::CONTENT_TYPE).as_deref(), Some("text/html; charset=utf-8"));
+        let policy = header(header::CONTENT_SECURITY_POLICY).unwrap_or_default();
+        assert!(policy.contains("connect-src 'self'") && policy.contains("frame-ancestors 'none'"), "{policy}");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        for needed in ["/v1/cluster", "/v1/models", "/v1/chat/completions", "Authorization"] {
+            assert!(body.contains(needed), "the page never calls {needed}");
+        }
+        assert!(!body.contains("innerHTML"), "text from the API must not become markup");
     }
 
     fn preflight(origin: &str) -> Request<Body> {
