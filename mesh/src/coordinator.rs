@@ -69,16 +69,20 @@ pub fn next_plan(
         Some(current) if !intact(current, model_id, &eligible) => replacement(current, &eligible, profile)?,
         _ => stages_for(&eligible, profile)?,
     };
-    if let Some(current) = current {
-        if waits_for_newcomers(current, model_id, &eligible, &stages) {
-            return Ok(None);
-        }
-    }
-
     let newest_ready = eligible
         .iter()
         .filter_map(|member| member.ready_epoch)
         .max();
+    if let Some(current) = current {
+        // A member ready on a newer epoch than the plan in force follows a plan of its own
+        // (the other half of a healed partition): it will not prepare for this one, so
+        // waiting for it would wait for ever. It is replaced at once instead.
+        let behind = newest_ready.is_some_and(|ready| ready > current.epoch);
+        if !behind && waits_for_newcomers(current, model_id, &eligible, &stages) {
+            return Ok(None);
+        }
+    }
+
     if let Some(current) = current {
         let unchanged = current.coordinator == me
             && current.model_id == *model_id
@@ -286,6 +290,22 @@ mod tests {
 
     fn round(epoch: u64) -> u64 {
         epoch >> EPOCH_TAG_BITS
+    }
+
+    #[test]
+    fn when_the_halves_of_a_partition_meet_the_coordinator_replans_at_once() {
+        let whole = [member("a", GIB), member("b", GIB), member("c", GIB)];
+        let first = next_plan("a", &whole, &profile(), None).unwrap().unwrap();
+        // a and b plan without c, and c alone; c's tag happens to be the larger.
+        let ours = next_plan("a", &whole[..2], &profile(), Some(&first)).unwrap().unwrap();
+        let theirs = ours.epoch + 1;
+        // They meet again: c, unprepared, is ready on its own newer plan. a does not wait
+        // for it to prepare (it never will): it plans the next round over all three.
+        let mut met = whole.clone();
+        met[2].ready_epoch = Some(theirs);
+        let merged = next_plan("a", &met, &profile(), Some(&ours)).unwrap().unwrap();
+        assert_eq!(merged.stages.len(), 3);
+        assert!(merged.epoch > theirs, "the merged plan must supersede both halves'");
     }
 
     #[test]
