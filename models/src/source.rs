@@ -317,13 +317,7 @@ impl ModelSource {
         let Weights::Gguf { .. } = &self.weights else {
             return Err(Error::Unsupported("only GGUF models can be shared between nodes tensor by tensor".into()));
         };
-        let n = self.config.num_layers;
-        if layers.start >= layers.end || layers.end > n {
-            return Err(Error::InvalidInput(format!(
-                "layer range {}..{} is not within the model's {n} layers",
-                layers.start, layers.end
-            )));
-        }
+        self.check_layers(&layers)?;
         let mut names = vec![TensorName::RopeFrequencies];
         if layers.start == 0 {
             names.push(TensorName::TokenEmbedding);
@@ -331,7 +325,7 @@ impl ModelSource {
         for i in layers.clone() {
             names.extend(LayerTensor::ALL.iter().map(|&t| TensorName::Layer(i, t)));
         }
-        if layers.end == n {
+        if layers.end == self.config.num_layers {
             names.push(TensorName::OutputNorm);
             names.push(if self.config.tied_embeddings { TensorName::TokenEmbedding } else { TensorName::Output });
         }
@@ -368,13 +362,7 @@ impl ModelSource {
     /// Loads layers `layers` (plus the embedding if it starts at 0, and the head if it ends
     /// at the last layer) onto `device`.
     pub fn load_stage(&self, layers: Range<usize>, device: &Device) -> Result<Stage> {
-        let n = self.config.num_layers;
-        if layers.start >= layers.end || layers.end > n {
-            return Err(Error::InvalidInput(format!(
-                "layer range {}..{} is not within the model's {n} layers",
-                layers.start, layers.end
-            )));
-        }
+        self.check_layers(&layers)?;
         let mut loader = self.loader(device)?;
         Stage::load(&self.config, layers, &mut loader, None)
     }
@@ -385,6 +373,13 @@ impl ModelSource {
     /// whose range changes when a peer joins or leaves thus loads only what it lacks, or
     /// nothing when its range shrinks.
     pub fn reshape_stage(&self, stage: Stage, layers: Range<usize>) -> Result<Stage> {
+        self.check_layers(&layers)?;
+        let mut loader = self.loader(stage.device())?;
+        Stage::load(&self.config, layers, &mut loader, Some(stage))
+    }
+
+    /// Refuses a range of layers that is empty or runs past the model's.
+    fn check_layers(&self, layers: &Range<usize>) -> Result<()> {
         let n = self.config.num_layers;
         if layers.start >= layers.end || layers.end > n {
             return Err(Error::InvalidInput(format!(
@@ -392,8 +387,7 @@ impl ModelSource {
                 layers.start, layers.end
             )));
         }
-        let mut loader = self.loader(stage.device())?;
-        Stage::load(&self.config, layers, &mut loader, Some(stage))
+        Ok(())
     }
 
     fn loader(&self, device: &Device) -> Result<TensorLoader<'_>> {

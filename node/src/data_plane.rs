@@ -707,7 +707,13 @@ impl Worker {
             match stage.forward(stage_input, &mut sequence.cache)? {
                 StageOutput::Hidden(hidden) => {
                     cols = hidden.dims2()?.1;
-                    hidden_out.extend(hidden.flatten_all()?.to_vec1::<f32>()?);
+                    let values = hidden.flatten_all()?.to_vec1::<f32>()?;
+                    // One run (every step but a replay's): its values are the frame's, uncopied.
+                    if hidden_out.is_empty() {
+                        hidden_out = values;
+                    } else {
+                        hidden_out.extend(values);
+                    }
                 }
                 StageOutput::Logits(logits) => {
                     if self.sample(sequence_id, &logits).await? {
