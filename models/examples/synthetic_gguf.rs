@@ -7,7 +7,8 @@
 //!     --shape llama-3.2-1b --quant q4_k_m --seed 1 --out llama-3.2-1b-q4_k_m.gguf
 //! ```
 //!
-//! Shapes: tiny, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b. Quantizations: q4_k_m, q4_0.
+//! Shapes: tiny, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, tiny-mixtral, tiny-qwen3moe,
+//! qwen3-30b-a3b. Quantizations: q4_k_m, q4_0.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use std::time::Instant;
 
 use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 
-const USAGE: &str = "usage: synthetic_gguf --shape tiny|llama-3.2-1b|llama-3.2-3b|llama-3.1-8b \
+const USAGE: &str = "usage: synthetic_gguf --shape tiny|llama-3.2-1b|llama-3.2-3b|llama-3.1-8b|tiny-mixtral|tiny-qwen3moe|qwen3-30b-a3b \
                      --quant q4_k_m|q4_0 [--seed N] --out PATH";
 
 struct Options {

@@ -19,6 +19,9 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMS norms on queries and keys, per head.
     Qwen3,
+    /// Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention, every layer a
+    /// mixture of experts.
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -28,11 +31,35 @@ impl Architecture {
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "qwen3moe" | "qwen3_moe" => Ok(Self::Qwen3Moe),
             other => Err(Error::Unsupported(format!(
-                "architecture `{other}` (supported: llama, mistral, qwen2, qwen3)"
+                "architecture `{other}` (supported: {SUPPORTED_ARCHITECTURES})"
             ))),
         }
     }
+
+    /// RMS norms on queries and keys, per head.
+    fn has_qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Qwen3Moe)
+    }
+}
+
+/// What an unsupported file is told Hearth runs instead.
+const SUPPORTED_ARCHITECTURES: &str =
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe; deepseek2, gpt-oss and gemma3 are not yet supported";
+
+/// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
+/// feed-forwards for each token and mixes their outputs by its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub experts_used: usize,
+    /// The inner width of one expert.
+    pub expert_ffn: usize,
+    /// Whether the chosen experts' weights are rescaled to sum to 1 (Mixtral, Qwen3-MoE).
+    pub normalize_weights: bool,
+    /// A factor on the chosen experts' weights; 1 for none.
+    pub weights_scale: f32,
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -84,6 +111,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// The LM head reuses the token embedding.
     pub tied_embeddings: bool,
+    /// Experts in place of every layer's dense feed-forward (Mixtral, Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -115,13 +144,36 @@ impl ModelConfig {
         // llama.cpp labels Qwen rotary embeddings "neox" and leaves their weights unpermuted.
         let rope_layout = match architecture {
             Architecture::Llama | Architecture::Mistral => RopeLayout::Interleaved,
-            Architecture::Qwen2 | Architecture::Qwen3 => RopeLayout::Halves,
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => RopeLayout::Halves,
+        };
+        let intermediate_size = gguf_usize(metadata, &key("feed_forward_length"))?;
+        let optional_usize = |suffix: &str| -> Result<Option<usize>> {
+            metadata.get(&key(suffix)).map(|v| value_usize(v, suffix)).transpose()
+        };
+        let moe = match optional_usize("expert_count")?.filter(|&n| n > 0) {
+            None if architecture == Architecture::Qwen3Moe => {
+                return Err(invalid(format!("`{arch_name}.expert_count` is missing: a qwen3moe file needs experts")))
+            }
+            None => None,
+            Some(experts) => Some(MoeConfig {
+                experts,
+                experts_used: optional_usize("expert_used_count")?
+                    .ok_or_else(|| invalid(format!("GGUF metadata lacks `{arch_name}.expert_used_count`")))?,
+                // Mixtral's experts are `feed_forward_length` wide; Qwen3-MoE names their width.
+                expert_ffn: optional_usize("expert_feed_forward_length")?.unwrap_or(intermediate_size),
+                // llama.cpp normalizes the chosen weights of both families.
+                normalize_weights: true,
+                weights_scale: match metadata.get(&key("expert_weights_scale")) {
+                    Some(v) => v.to_f32().map_err(|e| invalid(format!("expert_weights_scale: {e}")))?,
+                    None => 1.0,
+                },
+            }),
         };
         let config = Self {
             architecture,
             num_layers: gguf_usize(metadata, &key("block_count"))?,
             hidden_size,
-            intermediate_size: gguf_usize(metadata, &key("feed_forward_length"))?,
+            intermediate_size,
             num_heads,
             num_kv_heads: match metadata.get(&key("attention.head_count_kv")) {
                 Some(v) => value_usize(v, "attention.head_count_kv")?,
@@ -138,8 +190,9 @@ impl ModelConfig {
             rope_layout,
             rope_scaling,
             qkv_bias: architecture == Architecture::Qwen2,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: architecture.has_qk_norm(),
             tied_embeddings: !has_output_tensor,
+            moe,
         };
         config.validate()?;
         Ok(config)
@@ -149,8 +202,35 @@ impl ModelConfig {
     pub fn from_hf_json(json: &str) -> Result<Self> {
         let raw: HfConfig =
             serde_json::from_str(json).map_err(|e| invalid(format!("config.json: {e}")))?;
-        let architecture = Architecture::from_name(&raw.model_type)?;
+        // Mixtral is Mistral's block with experts: one architecture here, as in GGUF.
+        let architecture = match raw.model_type.as_str() {
+            "mixtral" => Architecture::Mistral,
+            name => Architecture::from_name(name)?,
+        };
         let num_heads = raw.num_attention_heads;
+        let moe = match (raw.num_local_experts.or(raw.num_experts), raw.num_experts_per_tok) {
+            (Some(experts), Some(experts_used)) if experts > 0 => {
+                if raw.decoder_sparse_step.is_some_and(|step| step != 1)
+                    || raw.mlp_only_layers.as_ref().is_some_and(|layers| !layers.is_empty())
+                {
+                    return Err(Error::Unsupported(
+                        "a mixture of experts with dense layers between (decoder_sparse_step, mlp_only_layers)".into(),
+                    ));
+                }
+                Some(MoeConfig {
+                    experts,
+                    experts_used,
+                    expert_ffn: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
+                    // Mixtral always normalizes; Qwen3-MoE says so in its config.
+                    normalize_weights: raw.model_type == "mixtral" || raw.norm_topk_prob.unwrap_or(false),
+                    weights_scale: 1.0,
+                })
+            }
+            _ if architecture == Architecture::Qwen3Moe => {
+                return Err(invalid("config.json of a qwen3_moe model lacks num_experts".into()))
+            }
+            _ => None,
+        };
         let rope_scaling = match raw.rope_scaling {
             None => RopeScaling::None,
             Some(scaling) => match scaling.kind().as_deref() {
@@ -180,8 +260,9 @@ impl ModelConfig {
             rope_layout: RopeLayout::Halves,
             rope_scaling,
             qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: architecture.has_qk_norm(),
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            moe,
         };
         config.validate()?;
         Ok(config)
@@ -212,6 +293,14 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(invalid(format!("head dim {} is odd; RoPE needs pairs", self.head_dim)));
         }
+        if let Some(moe) = &self.moe {
+            if moe.experts_used == 0 || moe.experts_used > moe.experts || moe.expert_ffn == 0 {
+                return Err(invalid(format!(
+                    "{} experts used of {}, {} wide: a mixture of experts needs 1 to {} of them, each wider than 0",
+                    moe.experts_used, moe.experts, moe.expert_ffn, moe.experts
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -237,6 +326,14 @@ struct HfConfig {
     rope_scaling: Option<HfRopeScaling>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    /// Mixtral's expert count; Qwen3-MoE's is `num_experts`.
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 #[derive(Deserialize)]

@@ -1,4 +1,4 @@
-//! Llama-family decoders over candle, loadable as any contiguous range of layers.
+//! Llama-family decoders, dense and mixture-of-experts, over candle, loadable as any contiguous range of layers.
 //!
 //! A [`Stage`] holds the layers `start..end` of a model (plus the token embedding if it
 //! is the first stage, and the final norm and LM head if it is the last). The whole model
@@ -6,6 +6,7 @@
 
 mod error;
 mod kernels;
+mod moe;
 
 pub mod chat_template;
 pub mod config;
@@ -17,7 +18,7 @@ pub mod tokenizer;
 
 #[doc(hidden)]
 pub use kernels::BenchMatrix;
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use error::{Error, Result};
 pub use source::{FileLayout, ModelFootprint, ModelSource};
-pub use stage::{Stage, StageCache, StageInput, StageOutput};
+pub use stage::{ComputePath, Stage, StageCache, StageInput, StageOutput};

@@ -9,6 +9,7 @@ use std::io::{BufReader, Cursor};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -16,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat_template::ChatTemplate;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::kernels::Matrix;
-use crate::stage::Stage;
+use crate::stage::{ComputePath, Stage};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -29,6 +30,29 @@ pub(crate) enum TensorName {
     /// Per-frequency RoPE divisors (Llama 3.1 in GGUF).
     RopeFrequencies,
     Layer(usize, LayerTensor),
+    /// One expert's matrix, where a file stores experts one by one (Hugging Face folders);
+    /// GGUF files stack them in [`LayerTensor::GateExperts`] and its siblings.
+    Expert(usize, usize, ExpertTensor),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExpertTensor {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertTensor {
+    pub(crate) const ALL: [ExpertTensor; 3] = [Self::Gate, Self::Up, Self::Down];
+
+    /// The GGUF tensor that stacks every expert's matrix of this kind.
+    pub(crate) fn stacked(self) -> LayerTensor {
+        match self {
+            Self::Gate => LayerTensor::GateExperts,
+            Self::Up => LayerTensor::UpExperts,
+            Self::Down => LayerTensor::DownExperts,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +71,17 @@ pub(crate) enum LayerTensor {
     Gate,
     Up,
     Down,
+    /// The router of a mixture of experts: one row of logits per expert.
+    Router,
+    /// Every expert's gate, up and down matrices, stacked (GGUF's `ffn_*_exps`).
+    GateExperts,
+    UpExperts,
+    DownExperts,
 }
 
 impl LayerTensor {
     /// Every weight a block may hold, for sizing a layer.
-    const ALL: [LayerTensor; 14] = [
+    const ALL: [LayerTensor; 18] = [
         Self::AttentionNorm,
         Self::Query,
         Self::Key,
@@ -66,6 +96,10 @@ impl LayerTensor {
         Self::Gate,
         Self::Up,
         Self::Down,
+        Self::Router,
+        Self::GateExperts,
+        Self::UpExperts,
+        Self::DownExperts,
     ];
 
     fn gguf_suffix(self) -> &'static str {
@@ -84,6 +118,10 @@ impl LayerTensor {
             Self::Gate => "ffn_gate.weight",
             Self::Up => "ffn_up.weight",
             Self::Down => "ffn_down.weight",
+            Self::Router => "ffn_gate_inp.weight",
+            Self::GateExperts => "ffn_gate_exps.weight",
+            Self::UpExperts => "ffn_up_exps.weight",
+            Self::DownExperts => "ffn_down_exps.weight",
         }
     }
 
@@ -103,6 +141,10 @@ impl LayerTensor {
             Self::Gate => "mlp.gate_proj.weight",
             Self::Up => "mlp.up_proj.weight",
             Self::Down => "mlp.down_proj.weight",
+            // Qwen3-MoE's name; Mixtral's is in `hf_mixtral`.
+            Self::Router => "mlp.gate.weight",
+            // Hugging Face stores experts one by one (`TensorName::Expert`).
+            Self::GateExperts | Self::UpExperts | Self::DownExperts => "mlp.experts",
         }
     }
 }
@@ -115,6 +157,7 @@ impl TensorName {
             Self::Output => "output.weight".into(),
             Self::RopeFrequencies => "rope_freqs.weight".into(),
             Self::Layer(i, t) => format!("blk.{i}.{}", t.gguf_suffix()),
+            Self::Expert(i, _, t) => Self::Layer(i, t.stacked()).gguf(),
         }
     }
 
@@ -125,8 +168,37 @@ impl TensorName {
             Self::Output => "lm_head.weight".into(),
             Self::RopeFrequencies => "rope_freqs.weight".into(),
             Self::Layer(i, t) => format!("model.layers.{i}.{}", t.hf_suffix()),
+            Self::Expert(i, e, t) => {
+                let kind = match t {
+                    ExpertTensor::Gate => "gate_proj",
+                    ExpertTensor::Up => "up_proj",
+                    ExpertTensor::Down => "down_proj",
+                };
+                format!("model.layers.{i}.mlp.experts.{e}.{kind}.weight")
+            }
         }
     }
+
+    /// Mixtral's name for the tensors it names its own way in Hugging Face folders.
+    fn hf_mixtral(self) -> Option<String> {
+        match self {
+            Self::Layer(i, LayerTensor::Router) => Some(format!("model.layers.{i}.block_sparse_moe.gate.weight")),
+            Self::Expert(i, e, t) => {
+                let w = match t {
+                    ExpertTensor::Gate => "w1",
+                    ExpertTensor::Down => "w2",
+                    ExpertTensor::Up => "w3",
+                };
+                Some(format!("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The name a safetensors file holds `name` under, if it holds it.
+fn find_hf(tensors: &MmapedSafetensors, name: TensorName) -> Option<String> {
+    std::iter::once(name.hf()).chain(name.hf_mixtral()).find(|n| tensors.get(n).is_ok())
 }
 
 /// Memory a model's parts take once loaded: what placement needs to split it.
@@ -207,6 +279,8 @@ pub struct ModelSource {
     location: PathBuf,
     config: ModelConfig,
     weights: Weights,
+    /// The code that runs stages, if not the device's own (see [`ComputePath`]).
+    compute: Option<ComputePath>,
 }
 
 impl ModelSource {
@@ -229,6 +303,7 @@ impl ModelSource {
         };
         let has_output = content.tensor_infos.contains_key("output.weight");
         let mut config = ModelConfig::from_gguf(&content.metadata, has_output, embedding_rows)?;
+        check_gguf_feed_forward(&config, &content)?;
         if content.tensor_infos.contains_key(&TensorName::RopeFrequencies.gguf()) {
             let mut reader = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
             let factors = content
@@ -243,6 +318,7 @@ impl ModelSource {
             location: path.to_path_buf(),
             config,
             weights: Weights::Gguf { path: path.to_path_buf(), content },
+            compute: None,
         })
     }
 
@@ -259,6 +335,7 @@ impl ModelSource {
             location: dir.to_path_buf(),
             config,
             weights: Weights::Safetensors { tensors },
+            compute: None,
         };
         if !source.has(TensorName::Output) {
             source.config.tied_embeddings = true;
@@ -277,6 +354,17 @@ impl ModelSource {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Runs every stage loaded from now on with `compute` instead of the device's own
+    /// path: how tests run candle's operations (Metal's and CUDA's path) on the CPU.
+    #[doc(hidden)]
+    pub fn set_compute_path(&mut self, compute: ComputePath) {
+        self.compute = Some(compute);
+    }
+
+    fn compute_path(&self, device: &Device) -> ComputePath {
+        self.compute.unwrap_or_else(|| ComputePath::of_device(device))
     }
 
     /// Caps the context (and so the KV cache and RoPE tables) below the model's own.
@@ -342,8 +430,19 @@ impl ModelSource {
     pub fn footprint(&self, device: &Device) -> ModelFootprint {
         let dense_bytes = activation_dtype(device).size_in_bytes() as u64;
         let size = |name: TensorName| self.loaded_bytes(name, dense_bytes).unwrap_or(0);
+        // Experts one tensor each (Hugging Face folders); GGUF's stacked ones are in `ALL`.
+        let experts = match (&self.weights, &self.config.moe) {
+            (Weights::Safetensors { .. }, Some(moe)) => moe.experts,
+            _ => 0,
+        };
         let layer_bytes = (0..self.config.num_layers)
-            .map(|i| LayerTensor::ALL.iter().map(|&t| size(TensorName::Layer(i, t))).sum())
+            .map(|i| {
+                let layer: u64 = LayerTensor::ALL.iter().map(|&t| size(TensorName::Layer(i, t))).sum();
+                let experts: u64 = (0..experts)
+                    .flat_map(|e| ExpertTensor::ALL.map(|t| size(TensorName::Expert(i, e, t))))
+                    .sum();
+                layer + experts
+            })
             .collect();
         let embedding_bytes = size(TensorName::TokenEmbedding);
         let head = if self.config.tied_embeddings { embedding_bytes } else { size(TensorName::Output) };
@@ -353,9 +452,12 @@ impl ModelSource {
             head_bytes: head + size(TensorName::OutputNorm),
             // The CPU path keeps K and V in f16 (as llama.cpp does); other devices in the
             // activation dtype.
-            kv_bytes_per_token_per_layer: self
-                .config
-                .kv_bytes_per_token_per_layer(if device.is_cpu() { 2 } else { dense_bytes as usize }),
+            kv_bytes_per_token_per_layer: self.config.kv_bytes_per_token_per_layer(
+                match self.compute_path(device) {
+                    ComputePath::Native => 2,
+                    ComputePath::CandleOps => dense_bytes as usize,
+                },
+            ),
         }
     }
 
@@ -397,13 +499,20 @@ impl ModelSource {
             }
             Weights::Safetensors { .. } => None,
         };
-        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone() })
+        let compute = self.compute_path(device);
+        if compute == ComputePath::Native && !device.is_cpu() {
+            return Err(Error::Unsupported(format!(
+                "the native kernels run on the CPU only, not on {:?}",
+                device.location()
+            )));
+        }
+        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone(), compute })
     }
 
     fn has(&self, name: TensorName) -> bool {
         match &self.weights {
             Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&name.gguf()),
-            Weights::Safetensors { tensors } => tensors.get(&name.hf()).is_ok(),
+            Weights::Safetensors { tensors } => find_hf(tensors, name).is_some(),
         }
     }
 
@@ -419,7 +528,7 @@ impl ModelSource {
                 })
             }
             Weights::Safetensors { tensors } => {
-                let view = tensors.get(&name.hf()).ok()?;
+                let view = tensors.get(&find_hf(tensors, name)?).ok()?;
                 Some(view.shape().iter().product::<usize>() as u64 * dense_bytes)
             }
         }
@@ -431,6 +540,7 @@ pub(crate) struct TensorLoader<'a> {
     weights: &'a Weights,
     reader: Option<BufReader<File>>,
     device: Device,
+    compute: ComputePath,
 }
 
 impl TensorLoader<'_> {
@@ -438,19 +548,69 @@ impl TensorLoader<'_> {
         &self.device
     }
 
+    pub(crate) fn compute(&self) -> ComputePath {
+        self.compute
+    }
+
     pub(crate) fn contains(&self, name: TensorName) -> bool {
         match self.weights {
             Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&name.gguf()),
-            Weights::Safetensors { tensors } => tensors.get(&name.hf()).is_ok(),
+            Weights::Safetensors { tensors } => find_hf(tensors, name).is_some(),
         }
     }
 
     /// A weight matrix for products: kept quantized when the file is quantized.
     pub(crate) fn matrix(&mut self, name: TensorName) -> Result<Matrix> {
         match self.weights {
-            Weights::Gguf { .. } => Ok(Matrix::quantized(self.gguf_tensor(name)?)?),
+            Weights::Gguf { .. } => {
+                let qtensor = self.gguf_tensor(name)?;
+                Ok(self.quantized_matrix(qtensor)?)
+            }
             Weights::Safetensors { .. } => Ok(Matrix::dense(self.dense(name)?)),
         }
+    }
+
+    fn quantized_matrix(&self, qtensor: QTensor) -> candle_core::Result<Matrix> {
+        match self.compute {
+            ComputePath::Native => Matrix::quantized(qtensor),
+            ComputePath::CandleOps => Matrix::candle(qtensor),
+        }
+    }
+
+    /// One matrix of `kind` for each of the `experts` of `layer`, each `rows × cols`:
+    /// slices of GGUF's stacked tensor (its bytes as the file has them, never
+    /// dequantized), or a Hugging Face folder's tensors one by one.
+    pub(crate) fn experts(
+        &mut self,
+        layer: usize,
+        kind: ExpertTensor,
+        experts: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<Vec<Matrix>> {
+        if let Weights::Safetensors { .. } = self.weights {
+            return (0..experts)
+                .map(|e| {
+                    let matrix = self.dense(TensorName::Expert(layer, e, kind))?;
+                    check_dims(TensorName::Expert(layer, e, kind), matrix.dims(), &[rows, cols])?;
+                    Ok(Matrix::dense(matrix))
+                })
+                .collect();
+        }
+        let name = TensorName::Layer(layer, kind.stacked());
+        // Read on the CPU, sliced there, and each expert moved to the device on its own.
+        let stacked = self.gguf_tensor_on(name, &Device::Cpu)?;
+        check_dims(name, stacked.shape().dims(), &[experts, rows, cols])?;
+        let dtype = stacked.dtype();
+        let data = stacked.data()?;
+        let per_expert = data.len() / experts;
+        let matrices = data
+            .chunks_exact(per_expert)
+            .map(|bytes| {
+                let expert = qtensor_from_ggml(dtype, bytes, vec![rows, cols], &self.device)?;
+                self.quantized_matrix(expert)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(matrices)
     }
 
     /// A vector or matrix in the activation dtype (norms, biases).
@@ -459,7 +619,7 @@ impl TensorLoader<'_> {
         match self.weights {
             Weights::Gguf { .. } => Ok(self.gguf_tensor(name)?.dequantize(&self.device)?.to_dtype(dtype)?),
             Weights::Safetensors { tensors } => {
-                let hf_name = name.hf();
+                let hf_name = find_hf(tensors, name).unwrap_or_else(|| name.hf());
                 let tensor = tensors
                     .load(&hf_name, &self.device)
                     .map_err(|e| Error::InvalidModel(format!("tensor `{hf_name}`: {e}")))?;
@@ -469,13 +629,44 @@ impl TensorLoader<'_> {
     }
 
     fn gguf_tensor(&mut self, name: TensorName) -> Result<QTensor> {
+        let device = self.device.clone();
+        self.gguf_tensor_on(name, &device)
+    }
+
+    fn gguf_tensor_on(&mut self, name: TensorName, device: &Device) -> Result<QTensor> {
         let (Weights::Gguf { content, .. }, Some(reader)) = (self.weights, self.reader.as_mut()) else {
             return Err(Error::InvalidModel("not a GGUF source".into()));
         };
         let gguf_name = name.gguf();
         content
-            .tensor(reader, &gguf_name, &self.device)
+            .tensor(reader, &gguf_name, device)
             .map_err(|e| Error::InvalidModel(format!("tensor `{gguf_name}`: {e}")))
+    }
+}
+
+fn check_dims(name: TensorName, dims: &[usize], expected: &[usize]) -> Result<()> {
+    if dims != expected {
+        return Err(Error::InvalidModel(format!("tensor {name:?} has shape {dims:?}, not {expected:?}")));
+    }
+    Ok(())
+}
+
+/// Refuses, with the reason and the fix, a GGUF file whose feed-forward tensors do not
+/// match what its metadata says, instead of failing later on a missing tensor.
+fn check_gguf_feed_forward(config: &ModelConfig, content: &gguf_file::Content) -> Result<()> {
+    let has = |t: LayerTensor| content.tensor_infos.contains_key(&TensorName::Layer(0, t).gguf());
+    match &config.moe {
+        Some(_) if !has(LayerTensor::GateExperts) && content.tensor_infos.contains_key("blk.0.ffn_gate.0.weight") => {
+            Err(Error::Unsupported(
+                "experts stored one tensor each (`blk.N.ffn_gate.E.weight`, as old Mixtral conversions did); \
+                 convert the model again with a current llama.cpp, which stacks them in `blk.N.ffn_gate_exps.weight`"
+                    .into(),
+            ))
+        }
+        None if !has(LayerTensor::Gate) && has(LayerTensor::Router) => Err(Error::InvalidModel(
+            "the file holds a mixture of experts (`ffn_gate_inp`) but its metadata names no `expert_count`".into(),
+        )),
+        _ => Ok(()),
     }
 }
 

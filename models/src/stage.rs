@@ -4,7 +4,10 @@
 //! On the CPU a stage runs its own fused operations (`kernels::ops`, `kernels::attention`)
 //! over buffers it reuses, with an f16 KV cache appended in place: they compute what
 //! llama.cpp's CPU backend computes, bit for bit, so that greedy decoding follows its
-//! reference outputs. Other devices run candle's operations.
+//! reference outputs. Other devices run candle's operations ([`ComputePath`]), which the
+//! CPU can run too, so that tests cover the path Metal and CUDA take.
+//!
+//! Every layer's feed-forward is dense, or a mixture of experts (`crate::moe`).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -16,12 +19,34 @@ use crate::config::{ModelConfig, RopeLayout, RopeScaling};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::ops::{self, RopePairs};
 use crate::kernels::Matrix;
+use crate::moe::{self, Experts};
 use crate::source::{activation_dtype, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
 
 /// KV caches grow in steps of this many positions, so short requests stay small and long
 /// ones copy their cache only every so often.
 const KV_CACHE_STEP: usize = 256;
+
+/// Which code runs a stage's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputePath {
+    /// This crate's CPU kernels, which compute what llama.cpp's CPU backend computes.
+    Native,
+    /// candle's operations: the path of Metal and CUDA, and of the CPU when asked for
+    /// (`ModelSource::set_compute_path`), so that tests run it.
+    CandleOps,
+}
+
+impl ComputePath {
+    /// The path a device takes unless told otherwise.
+    pub fn of_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::Native
+        } else {
+            Self::CandleOps
+        }
+    }
+}
 
 /// What flows into a stage.
 pub enum StageInput<'a> {
@@ -91,10 +116,13 @@ impl Stage {
         previous: Option<Stage>,
     ) -> Result<Self> {
         let device = loader.device().clone();
+        let compute = loader.compute();
         let is_first = layers.start == 0;
         let is_last = layers.end == config.num_layers;
         let (mut kept, kept_embedding, kept_head) = match previous {
-            Some(previous) if previous.device.same_device(&device) && previous.config == *config => {
+            Some(previous)
+                if previous.device.same_device(&device) && previous.config == *config && previous.compute() == compute =>
+            {
                 let kept: std::collections::HashMap<usize, Block> =
                     previous.layers.zip(previous.blocks).filter(|(i, _)| layers.contains(i)).collect();
                 (kept, previous.embedding.filter(|_| is_first), previous.head.filter(|_| is_last))
@@ -125,10 +153,9 @@ impl Stage {
         } else {
             None
         };
-        let rope = if device.is_cpu() {
-            StageRope::Native(native_rope(config)?)
-        } else {
-            StageRope::Candle(Rope::new(config, &device)?)
+        let rope = match compute {
+            ComputePath::Native => StageRope::Native(native_rope(config)?),
+            ComputePath::CandleOps => StageRope::Candle(Rope::new(config, &device)?),
         };
         Ok(Self {
             rope,
@@ -152,6 +179,13 @@ impl Stage {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn compute(&self) -> ComputePath {
+        match self.rope {
+            StageRope::Native(_) => ComputePath::Native,
+            StageRope::Candle(_) => ComputePath::CandleOps,
+        }
     }
 
     /// The dtype of hidden states this stage takes and gives.
@@ -378,6 +412,7 @@ struct Scratch {
     /// RoPE's cos and sin for each position.
     angles: Vec<f32>,
     attention: attention::Scratch,
+    experts: moe::Scratch,
 }
 
 impl Scratch {
@@ -399,6 +434,7 @@ impl Scratch {
                 *buffer = Vec::new();
             }
         }
+        self.experts.release_if_large(KEEP_VALUES);
     }
 }
 
@@ -505,6 +541,12 @@ impl Linear {
     }
 }
 
+/// A block's feed-forward: SwiGLU, or a mixture of SwiGLU experts.
+enum FeedForward {
+    Dense { gate: Linear, up: Linear, down: Linear },
+    Experts(Experts),
+}
+
 struct Block {
     attention_norm: RmsNorm,
     query: Linear,
@@ -514,9 +556,7 @@ struct Block {
     key_norm: Option<RmsNorm>,
     attention_output: Linear,
     feed_forward_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    feed_forward: FeedForward,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -547,9 +587,14 @@ impl Block {
             key_norm,
             attention_output: Linear::load(loader, name(LayerTensor::AttentionOutput), None)?,
             feed_forward_norm,
-            gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
-            up: Linear::load(loader, name(LayerTensor::Up), None)?,
-            down: Linear::load(loader, name(LayerTensor::Down), None)?,
+            feed_forward: match &config.moe {
+                Some(moe) => FeedForward::Experts(Experts::load(moe, config.hidden_size, layer, loader)?),
+                None => FeedForward::Dense {
+                    gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
+                    up: Linear::load(loader, name(LayerTensor::Up), None)?,
+                    down: Linear::load(loader, name(LayerTensor::Down), None)?,
+                },
+            },
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
@@ -603,11 +648,16 @@ impl Block {
 
         s.normed.resize(s.hidden.len(), 0.0);
         ops::rms_norm(&s.hidden, &self.feed_forward_norm.values, self.feed_forward_norm.eps, &mut s.normed);
-        self.gate.forward_native(&s.normed, kept, &mut s.gate)?;
-        self.up.forward_native(&s.normed, kept, &mut s.up)?;
-        let ffn = s.gate.len() / kept;
-        ops::silu_mul(&mut s.gate, &s.up, ffn);
-        self.down.forward_native(&s.gate, kept, &mut s.projected)?;
+        match &self.feed_forward {
+            FeedForward::Dense { gate, up, down } => {
+                gate.forward_native(&s.normed, kept, &mut s.gate)?;
+                up.forward_native(&s.normed, kept, &mut s.up)?;
+                let ffn = s.gate.len() / kept;
+                ops::silu_mul(&mut s.gate, &s.up, ffn);
+                down.forward_native(&s.gate, kept, &mut s.projected)?;
+            }
+            FeedForward::Experts(experts) => experts.forward_native(&s.normed, kept, &mut s.projected, &mut s.experts)?,
+        }
         ops::add_assign(&mut s.hidden, &s.projected);
         Ok(kept)
     }
@@ -617,8 +667,13 @@ impl Block {
         let attended = self.attention(&self.attention_norm.forward(x)?, start, mask, rope, kv)?;
         let x = (x + attended)?;
         let h = self.feed_forward_norm.forward(&x)?;
-        let gated = (candle_nn::ops::silu(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?;
-        Ok((x + self.down.forward(&gated)?)?)
+        let mixed = match &self.feed_forward {
+            FeedForward::Dense { gate, up, down } => {
+                down.forward(&(candle_nn::ops::silu(&gate.forward(&h)?)? * up.forward(&h)?)?)?
+            }
+            FeedForward::Experts(experts) => experts.forward(&h)?,
+        };
+        Ok((x + mixed)?)
     }
 
     fn attention(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {

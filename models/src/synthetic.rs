@@ -1,6 +1,6 @@
-//! Synthetic GGUF models for benchmarks: the tensors, names, shapes, metadata and
-//! quantization mix of llama.cpp's conversions of real Llama 3 models, filled with random
-//! weights drawn from a seed.
+//! Synthetic GGUF models for benchmarks and tests: the tensors, names, shapes, metadata and
+//! quantization mix of llama.cpp's conversions of real Llama 3 models, and of
+//! mixtures of experts (Mixtral, Qwen3-MoE), filled with random weights drawn from a seed.
 //!
 //! On a CPU, decoding is bound by the bytes of weights read per token, not by their
 //! values, so a synthetic file runs as fast (or as slowly) as the real model would,
@@ -32,6 +32,14 @@ pub enum Shape {
     Llama32_1B,
     Llama32_3B,
     Llama31_8B,
+    /// Mixtral's layout (GGUF's `llama` with stacked experts) at test size: 4 layers of 4
+    /// experts, 2 used, untied head.
+    TinyMixtral,
+    /// Qwen3-MoE's layout at test size: 4 layers of 8 experts, 2 used, q/k norms.
+    TinyQwen3Moe,
+    /// Qwen3-30B-A3B: every dimension of the real model (128 experts, 8 used, 768 wide),
+    /// 4 of its 48 layers.
+    Qwen3_30bA3b,
 }
 
 /// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
@@ -44,7 +52,15 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 4] = [Shape::Tiny, Shape::Llama32_1B, Shape::Llama32_3B, Shape::Llama31_8B];
+    pub const ALL: [Shape; 7] = [
+        Shape::Tiny,
+        Shape::Llama32_1B,
+        Shape::Llama32_3B,
+        Shape::Llama31_8B,
+        Shape::TinyMixtral,
+        Shape::TinyQwen3Moe,
+        Shape::Qwen3_30bA3b,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,6 +68,9 @@ impl Shape {
             Shape::Llama32_1B => "llama-3.2-1b",
             Shape::Llama32_3B => "llama-3.2-3b",
             Shape::Llama31_8B => "llama-3.1-8b",
+            Shape::TinyMixtral => "tiny-mixtral",
+            Shape::TinyQwen3Moe => "tiny-qwen3moe",
+            Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
         }
     }
 
@@ -70,6 +89,25 @@ impl Shape {
             rope_scaling_factor: 32.0,
             rms_eps: 1e-5,
             tied_embeddings: true,
+            family: Family::Llama3,
+            experts: None,
+        };
+        let tiny_moe = Dimensions {
+            layers: 4,
+            hidden: 256,
+            ffn: 256,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 1024,
+            context: 2048,
+            rope_theta: 1_000_000.0,
+            tied_embeddings: false,
+            ..llama3
+        };
+        let qwen3moe = Dimensions {
+            family: Family::Qwen3Moe,
+            rms_eps: 1e-6,
+            ..tiny_moe
         };
         match self {
             Shape::Tiny => Dimensions {
@@ -93,6 +131,24 @@ impl Shape {
                 rope_scaling_factor: 8.0,
                 tied_embeddings: false,
                 ..llama3
+            },
+            Shape::TinyMixtral => Dimensions {
+                family: Family::Mixtral,
+                experts: Some(ExpertDims { experts: 4, used: 2 }),
+                ..tiny_moe
+            },
+            Shape::TinyQwen3Moe => Dimensions { experts: Some(ExpertDims { experts: 8, used: 2 }), ..qwen3moe },
+            // Qwen/Qwen3-30B-A3B's config.json, with 4 of its 48 layers.
+            Shape::Qwen3_30bA3b => Dimensions {
+                hidden: 2048,
+                ffn: 768,
+                heads: 32,
+                kv_heads: 4,
+                head_dim: 128,
+                vocab: 151_936,
+                context: 40_960,
+                experts: Some(ExpertDims { experts: 128, used: 8 }),
+                ..qwen3moe
             },
         }
     }
@@ -189,6 +245,35 @@ struct Dimensions {
     rope_scaling_factor: f32,
     rms_eps: f32,
     tied_embeddings: bool,
+    family: Family,
+    /// Experts in every layer, each `ffn` wide, in place of a dense feed-forward.
+    experts: Option<ExpertDims>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ExpertDims {
+    experts: usize,
+    used: usize,
+}
+
+/// Which conversion's names and metadata the file copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// Llama 3, with its frequency-scaled RoPE (`rope_freqs.weight`).
+    Llama3,
+    /// GGUF's `llama` architecture with experts, plain RoPE.
+    Mixtral,
+    /// `qwen3moe`: q/k norms, experts named by their own width.
+    Qwen3Moe,
+}
+
+impl Family {
+    fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama3 | Family::Mixtral => "llama",
+            Family::Qwen3Moe => "qwen3moe",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -232,15 +317,16 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
     };
     let (q_width, kv_width) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
 
-    let mut tensors = vec![
-        TensorSpec {
+    let mut tensors = Vec::new();
+    if dims.family == Family::Llama3 {
+        tensors.push(TensorSpec {
             name: "rope_freqs.weight".into(),
             dims: vec![dims.head_dim / 2],
             dtype: GgmlDType::F32,
             contents: Contents::Values(llama3_rope_factors(dims)),
-        },
-        matrix("token_embd.weight".into(), dims.vocab, dims.hidden, MatrixRole::Embedding),
-    ];
+        });
+    }
+    tensors.push(matrix("token_embd.weight".into(), dims.vocab, dims.hidden, MatrixRole::Embedding));
     for layer in 0..dims.layers {
         let name = |suffix: &str| format!("blk.{layer}.{suffix}");
         tensors.extend([
@@ -249,11 +335,35 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
             matrix(name("attn_k.weight"), kv_width, dims.hidden, MatrixRole::Other),
             matrix(name("attn_v.weight"), kv_width, dims.hidden, MatrixRole::AttentionValue(layer)),
             matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::Other),
-            vector(name("ffn_norm.weight"), dims.hidden),
-            matrix(name("ffn_gate.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
-            matrix(name("ffn_up.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
-            matrix(name("ffn_down.weight"), dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
         ]);
+        if dims.family == Family::Qwen3Moe {
+            tensors.push(vector(name("attn_q_norm.weight"), dims.head_dim));
+            tensors.push(vector(name("attn_k_norm.weight"), dims.head_dim));
+        }
+        tensors.push(vector(name("ffn_norm.weight"), dims.hidden));
+        match dims.experts {
+            None => tensors.extend([
+                matrix(name("ffn_gate.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+                matrix(name("ffn_up.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+                matrix(name("ffn_down.weight"), dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
+            ]),
+            Some(ExpertDims { experts, .. }) => {
+                let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| TensorSpec {
+                    dims: vec![experts, rows, cols],
+                    ..matrix(name(suffix), rows, cols, role)
+                };
+                tensors.extend([
+                    // llama.cpp's converter and quantizer keep the router in f32.
+                    TensorSpec {
+                        dtype: GgmlDType::F32,
+                        ..matrix(name("ffn_gate_inp.weight"), experts, dims.hidden, MatrixRole::Other)
+                    },
+                    stacked("ffn_gate_exps.weight", dims.ffn, dims.hidden, MatrixRole::Other),
+                    stacked("ffn_up_exps.weight", dims.ffn, dims.hidden, MatrixRole::Other),
+                    stacked("ffn_down_exps.weight", dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
+                ]);
+            }
+        }
     }
     tensors.push(vector("output_norm.weight".into(), dims.hidden));
     if !dims.tied_embeddings {
@@ -329,28 +439,37 @@ fn llama3_rope_factors(dims: &Dimensions) -> Vec<f32> {
 fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u64) -> Vec<(String, Value)> {
     let u32_value = |n: usize| Value::U32(u32::try_from(n).expect("model dimensions fit in u32"));
     let vocab = Vocabulary::synthetic(dims.vocab);
+    let arch = dims.family.architecture();
+    let key = |suffix: &str| format!("{arch}.{suffix}");
     let mut entries = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String(format!("synthetic {} {} seed {seed}", shape.name(), quantization.name()))),
-        ("general.file_type", Value::U32(quantization.file_type())),
-        ("general.quantization_version", Value::U32(2)),
-        ("llama.block_count", u32_value(dims.layers)),
-        ("llama.context_length", u32_value(dims.context)),
-        ("llama.embedding_length", u32_value(dims.hidden)),
-        ("llama.feed_forward_length", u32_value(dims.ffn)),
-        ("llama.attention.head_count", u32_value(dims.heads)),
-        ("llama.attention.head_count_kv", u32_value(dims.kv_heads)),
-        ("llama.attention.key_length", u32_value(dims.head_dim)),
-        ("llama.attention.value_length", u32_value(dims.head_dim)),
-        ("llama.rope.freq_base", Value::F32(dims.rope_theta)),
-        ("llama.rope.dimension_count", u32_value(dims.head_dim)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(dims.rms_eps)),
-        ("llama.vocab_size", u32_value(dims.vocab)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::String("llama-bpe".into())),
+        ("general.architecture".to_owned(), Value::String(arch.into())),
+        ("general.name".to_owned(), Value::String(format!("synthetic {} {} seed {seed}", shape.name(), quantization.name()))),
+        ("general.file_type".to_owned(), Value::U32(quantization.file_type())),
+        ("general.quantization_version".to_owned(), Value::U32(2)),
+        (key("block_count"), u32_value(dims.layers)),
+        (key("context_length"), u32_value(dims.context)),
+        (key("embedding_length"), u32_value(dims.hidden)),
+        (key("feed_forward_length"), u32_value(dims.ffn)),
+        (key("attention.head_count"), u32_value(dims.heads)),
+        (key("attention.head_count_kv"), u32_value(dims.kv_heads)),
+        (key("attention.key_length"), u32_value(dims.head_dim)),
+        (key("attention.value_length"), u32_value(dims.head_dim)),
+        (key("rope.freq_base"), Value::F32(dims.rope_theta)),
+        (key("rope.dimension_count"), u32_value(dims.head_dim)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(dims.rms_eps)),
+        (key("vocab_size"), u32_value(dims.vocab)),
+        ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_owned(), Value::String("llama-bpe".into())),
     ];
-    entries.extend(vocab.into_metadata());
-    entries.into_iter().map(|(key, value)| (key.to_owned(), value)).collect()
+    if let Some(experts) = dims.experts {
+        entries.push((key("expert_count"), u32_value(experts.experts)));
+        entries.push((key("expert_used_count"), u32_value(experts.used)));
+        if dims.family == Family::Qwen3Moe {
+            entries.push((key("expert_feed_forward_length"), u32_value(dims.ffn)));
+        }
+    }
+    entries.extend(vocab.into_metadata().into_iter().map(|(key, value)| (key.to_owned(), value)));
+    entries
 }
 
 /// A byte-level BPE vocabulary laid out like Llama 3's: the 256 byte tokens, merged
@@ -588,6 +707,7 @@ fn ggml_type_code(dtype: GgmlDType) -> u32 {
     match dtype {
         GgmlDType::F32 => 0,
         GgmlDType::Q4_0 => 2,
+        GgmlDType::Q8_0 => 8,
         GgmlDType::Q4K => 12,
         GgmlDType::Q6K => 14,
         other => unreachable!("synthetic models do not use {other:?}"),

@@ -93,6 +93,12 @@ impl Matrix {
         }
     }
 
+    /// A tensor read from GGUF, multiplied by candle whatever its format: the path Metal
+    /// and CUDA take, and the CPU's when tests ask for it.
+    pub(crate) fn candle(qtensor: QTensor) -> candle_core::Result<Self> {
+        Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?))
+    }
+
     /// A dense matrix (safetensors weights), multiplied by candle.
     pub(crate) fn dense(weight: Tensor) -> Self {
         Self::Candle(QMatMul::Tensor(weight))

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Reference outputs of llama.cpp for tiny synthetic models, for the tests to compare with.
+
+Writes each model with the project's own writer (`synthetic_gguf`, which gives the same
+bytes for the same seed), runs it through llama.cpp (llama-cpp-python 0.3.36, which pip
+builds from source) and records, for a fixed prompt of token ids: the logits at every
+position of the prompt and of a greedy continuation, the greedy tokens, and the file's
+SHA-256 (the test checks that its own copy of the file is the same).
+
+    pip install llama-cpp-python==0.3.36
+    cargo build --release -p hearth-models --examples
+    python3 scripts/llama_cpp_reference.py [--out models/tests/fixtures/moe_llama_cpp.json]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (shape, quantization, seed) of each model; the tests write the same ones.
+MODELS = [
+    ("tiny-mixtral", "q4_0", 1),
+    ("tiny-mixtral", "q4_k_m", 1),
+    ("tiny-qwen3moe", "q4_0", 1),
+    ("tiny-qwen3moe", "q4_k_m", 1),
+]
+PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
+STEPS = 12
+
+
+def writer() -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    if not target.is_absolute():
+        target = REPO / target
+    binary = target / "release" / "examples" / "synthetic_gguf"
+    if not binary.exists():
+        sys.exit(f"{binary} is missing: run `cargo build --release -p hearth-models --examples` first")
+    return binary
+
+
+def reference(path: Path) -> dict:
+    import llama_cpp  # imported here so that --help works without it
+    import numpy as np
+
+    model = llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False, seed=0
+    )
+    model.eval(PROMPT)
+    # Logits of every prompt position: what a prefill computes, row by row.
+    prompt_logits = np.array(model.eval_logits, dtype=np.float32)
+    tokens, step_logits = [], []
+    logits = prompt_logits[-1]
+    for _ in range(STEPS):
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        model.eval([token])
+        logits = np.array(model.eval_logits[-1], dtype=np.float32)
+        step_logits.append(logits)
+    return {
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "prompt_logits": [[float(f"{x:.7g}") for x in row] for row in prompt_logits],
+        "generated_ids": tokens,
+        "step_logits": [[float(f"{x:.7g}") for x in row] for row in step_logits],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "models/tests/fixtures/moe_llama_cpp.json"))
+    args = parser.parse_args()
+    import llama_cpp
+
+    binary = writer()
+    results = {
+        "llama_cpp_python": llama_cpp.__version__,
+        "prompt_ids": PROMPT,
+        "steps": STEPS,
+        "models": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, quant, seed in MODELS:
+            path = Path(tmp) / f"{shape}-{quant}-{seed}.gguf"
+            subprocess.run(
+                [str(binary), "--shape", shape, "--quant", quant, "--seed", str(seed), "--out", str(path)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            entry = {"shape": shape, "quantization": quant, "seed": seed, **reference(path)}
+            print(f"{shape} {quant}: greedy {entry['generated_ids']}")
+            results["models"].append(entry)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, separators=(",", ":")) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
