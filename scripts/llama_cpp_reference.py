@@ -28,6 +28,8 @@ MODELS = [
     ("tiny-mixtral", "q4_k_m", 1),
     ("tiny-qwen3moe", "q4_0", 1),
     ("tiny-qwen3moe", "q4_k_m", 1),
+    ("tiny-deepseek2", "q4_0", 1),
+    ("tiny-deepseek2", "q4_k_m", 1),
 ]
 PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
 STEPS = 12

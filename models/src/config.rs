@@ -22,6 +22,11 @@ pub enum Architecture {
     /// Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention, every layer a
     /// mixture of experts.
     Qwen3Moe,
+    /// GGUF's `deepseek2`: DeepSeek-V2, V3, V3.1, R1 and Kimi K2. Multi-head latent
+    /// attention (`crate::latent_attention`), dense leading layers, then experts with
+    /// shared experts beside them.
+    #[serde(rename = "deepseek2")]
+    DeepSeek2,
 }
 
 impl Architecture {
@@ -32,6 +37,7 @@ impl Architecture {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "qwen3moe" | "qwen3_moe" => Ok(Self::Qwen3Moe),
+            "deepseek2" => Ok(Self::DeepSeek2),
             other => Err(Error::Unsupported(format!(
                 "architecture `{other}` (supported: {SUPPORTED_ARCHITECTURES})"
             ))),
@@ -45,8 +51,8 @@ impl Architecture {
 }
 
 /// What an unsupported file is told Hearth runs instead.
-const SUPPORTED_ARCHITECTURES: &str =
-    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe; deepseek2, gpt-oss and gemma3 are not yet supported";
+pub(crate) const SUPPORTED_ARCHITECTURES: &str =
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, deepseek2 (from GGUF); gpt-oss and gemma3 are not yet supported";
 
 /// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
 /// feed-forwards for each token and mixes their outputs by its weights.
@@ -60,6 +66,63 @@ pub struct MoeConfig {
     pub normalize_weights: bool,
     /// A factor on the chosen experts' weights; 1 for none.
     pub weights_scale: f32,
+    /// How router logits become weights.
+    #[serde(default)]
+    pub gating: Gating,
+    /// Experts come in groups, and each token picks among the best groups' experts only
+    /// (DeepSeek-V3's group-limited routing).
+    #[serde(default)]
+    pub groups: Option<ExpertGroups>,
+    /// Experts every token goes through besides the routed ones (DeepSeek), as one
+    /// feed-forward `shared_experts * expert_ffn` wide; 0 for none.
+    #[serde(default)]
+    pub shared_experts: usize,
+    /// The first layers are dense (DeepSeek's `leading_dense_block_count`).
+    #[serde(default)]
+    pub dense_layers: usize,
+}
+
+impl MoeConfig {
+    /// Whether layer `layer` holds experts (the leading dense layers do not).
+    pub fn has_experts(&self, layer: usize) -> bool {
+        layer >= self.dense_layers
+    }
+}
+
+/// How a router's logits become the experts' weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gating {
+    /// A softmax over all experts (Mixtral, Qwen3-MoE, DeepSeek-V2).
+    #[default]
+    Softmax,
+    /// Each logit's sigmoid (DeepSeek-V3); experts are chosen by that plus a learned
+    /// per-expert bias, when the layer has one, and weighted without it.
+    Sigmoid,
+}
+
+/// Group-limited routing: `count` equal groups of experts, of which each token uses `used`
+/// (ranked by the sum of each group's two best scores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpertGroups {
+    pub count: usize,
+    pub used: usize,
+}
+
+/// DeepSeek's multi-head latent attention: keys and values of every head come from one
+/// compressed latent per token plus one shared rotary key, and the cache holds just
+/// those (`latent_rank + rope_dim` values per token and layer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatentAttentionConfig {
+    /// Width of the queries' low-rank bottleneck; `None` projects queries directly.
+    pub query_rank: Option<usize>,
+    /// Width of the compressed latent (`kv_lora_rank`).
+    pub latent_rank: usize,
+    /// The rotated part of each head's query and key.
+    pub rope_dim: usize,
+    /// The unrotated part of each head's query and key.
+    pub nope_dim: usize,
+    /// Each head's value width.
+    pub value_dim: usize,
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -86,6 +149,16 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors, as GGUF stores Llama 3.1's scaling (`rope_freqs.weight`).
     FrequencyFactors(Vec<f32>),
+    /// YaRN (DeepSeek-V2/V3): frequencies between two correction dimensions blend
+    /// interpolation and extrapolation; attention scores are scaled to make up for it.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        /// DeepSeek's `mscale_all_dim` (GGUF stores a tenth of it), 0 when absent.
+        log_multiplier: f32,
+        beta_fast: f32,
+        beta_slow: f32,
+    },
 }
 
 /// Everything needed to build the blocks of a decoder.
@@ -111,8 +184,12 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// The LM head reuses the token embedding.
     pub tied_embeddings: bool,
-    /// Experts in place of every layer's dense feed-forward (Mixtral, Qwen3-MoE).
+    /// Experts in place of the dense feed-forward (Mixtral, Qwen3-MoE, DeepSeek).
     pub moe: Option<MoeConfig>,
+    /// Latent attention in place of grouped-query attention (DeepSeek). Then `head_dim`
+    /// is the width of the cached latent plus rotary key, and `num_kv_heads` is 1.
+    #[serde(default)]
+    pub latent_attention: Option<LatentAttentionConfig>,
 }
 
 impl ModelConfig {
@@ -136,6 +213,18 @@ impl ModelConfig {
             Some(Value::String(kind)) if kind == "linear" => RopeScaling::Linear {
                 factor: gguf_f32(metadata, &key("rope.scaling.factor"))?,
             },
+            Some(Value::String(kind)) if kind == "yarn" => RopeScaling::Yarn {
+                factor: gguf_f32(metadata, &key("rope.scaling.factor"))?,
+                original_context: gguf_usize(metadata, &key("rope.scaling.original_context_length"))?,
+                // llama.cpp's converter writes 0.1 * mscale_all_dim, and its loader divides back.
+                log_multiplier: match metadata.get(&key("rope.scaling.yarn_log_multiplier")) {
+                    Some(v) => v.to_f32().map_err(|e| invalid(format!("yarn_log_multiplier: {e}")))? / 0.1,
+                    None => 0.0,
+                },
+                // llama.cpp's defaults; it reads no other values from the file.
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+            },
             Some(Value::String(kind)) if kind != "none" => {
                 return Err(Error::Unsupported(format!("RoPE scaling `{kind}`")))
             }
@@ -143,31 +232,75 @@ impl ModelConfig {
         };
         // llama.cpp labels Qwen rotary embeddings "neox" and leaves their weights unpermuted.
         let rope_layout = match architecture {
-            Architecture::Llama | Architecture::Mistral => RopeLayout::Interleaved,
+            Architecture::Llama | Architecture::Mistral | Architecture::DeepSeek2 => RopeLayout::Interleaved,
             Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => RopeLayout::Halves,
         };
         let intermediate_size = gguf_usize(metadata, &key("feed_forward_length"))?;
         let optional_usize = |suffix: &str| -> Result<Option<usize>> {
             metadata.get(&key(suffix)).map(|v| value_usize(v, suffix)).transpose()
         };
+        let optional_f32 = |suffix: &str| -> Result<Option<f32>> {
+            metadata.get(&key(suffix)).map(|v| v.to_f32().map_err(|e| invalid(format!("{suffix}: {e}")))).transpose()
+        };
+        let deepseek = architecture == Architecture::DeepSeek2;
         let moe = match optional_usize("expert_count")?.filter(|&n| n > 0) {
-            None if architecture == Architecture::Qwen3Moe => {
-                return Err(invalid(format!("`{arch_name}.expert_count` is missing: a qwen3moe file needs experts")))
+            None if matches!(architecture, Architecture::Qwen3Moe | Architecture::DeepSeek2) => {
+                return Err(invalid(format!("`{arch_name}.expert_count` is missing: a {arch_name} file needs experts")))
             }
             None => None,
             Some(experts) => Some(MoeConfig {
                 experts,
                 experts_used: optional_usize("expert_used_count")?
                     .ok_or_else(|| invalid(format!("GGUF metadata lacks `{arch_name}.expert_used_count`")))?,
-                // Mixtral's experts are `feed_forward_length` wide; Qwen3-MoE names their width.
+                // Mixtral's experts are `feed_forward_length` wide; the others name their width.
                 expert_ffn: optional_usize("expert_feed_forward_length")?.unwrap_or(intermediate_size),
-                // llama.cpp normalizes the chosen weights of both families.
-                normalize_weights: true,
-                weights_scale: match metadata.get(&key("expert_weights_scale")) {
-                    Some(v) => v.to_f32().map_err(|e| invalid(format!("expert_weights_scale: {e}")))?,
-                    None => 1.0,
+                // llama.cpp always normalizes Mixtral's and Qwen3-MoE's chosen weights, and
+                // DeepSeek's when the file says so.
+                normalize_weights: match metadata.get(&key("expert_weights_norm")) {
+                    Some(Value::Bool(normalize)) => *normalize,
+                    Some(other) => {
+                        return Err(invalid(format!("expert_weights_norm should be a bool, found {:?}", other.value_type())))
+                    }
+                    None => !deepseek,
                 },
+                weights_scale: optional_f32("expert_weights_scale")?.unwrap_or(1.0),
+                gating: match optional_usize("expert_gating_func")? {
+                    // 0 is "unset": DeepSeek-V2's files predate the key and use a softmax.
+                    None | Some(0) | Some(1) => Gating::Softmax,
+                    Some(2) => Gating::Sigmoid,
+                    Some(other) => return Err(Error::Unsupported(format!("expert gating function {other}"))),
+                },
+                groups: match (optional_usize("expert_group_count")?, optional_usize("expert_group_used_count")?) {
+                    (Some(count), Some(used)) if count > 1 => Some(ExpertGroups { count, used }),
+                    _ => None,
+                },
+                shared_experts: optional_usize("expert_shared_count")?.unwrap_or(0),
+                dense_layers: optional_usize("leading_dense_block_count")?.unwrap_or(0),
             }),
+        };
+        let latent_attention = if deepseek {
+            let rope_dim = gguf_usize(metadata, &key("rope.dimension_count"))?;
+            let (Some(key_length), Some(value_dim)) =
+                (optional_usize("attention.key_length_mla")?, optional_usize("attention.value_length_mla")?)
+            else {
+                return Err(Error::Unsupported(
+                    "a deepseek2 file from before llama.cpp split `attn_kv_b` into `attn_k_b` and `attn_v_b` \
+                     (no `attention.key_length_mla`): convert the model again with a current llama.cpp"
+                        .into(),
+                ));
+            };
+            if key_length <= rope_dim {
+                return Err(invalid(format!("key_length_mla {key_length} leaves nothing beside {rope_dim} rotary dims")));
+            }
+            Some(LatentAttentionConfig {
+                query_rank: optional_usize("attention.q_lora_rank")?.filter(|&r| r > 0),
+                latent_rank: gguf_usize(metadata, &key("attention.kv_lora_rank"))?,
+                rope_dim,
+                nope_dim: key_length - rope_dim,
+                value_dim,
+            })
+        } else {
+            None
         };
         let config = Self {
             architecture,
@@ -193,6 +326,7 @@ impl ModelConfig {
             qk_norm: architecture.has_qk_norm(),
             tied_embeddings: !has_output_tensor,
             moe,
+            latent_attention,
         };
         config.validate()?;
         Ok(config)
@@ -224,6 +358,10 @@ impl ModelConfig {
                     // Mixtral always normalizes; Qwen3-MoE says so in its config.
                     normalize_weights: raw.model_type == "mixtral" || raw.norm_topk_prob.unwrap_or(false),
                     weights_scale: 1.0,
+                    gating: Gating::Softmax,
+                    groups: None,
+                    shared_experts: 0,
+                    dense_layers: 0,
                 })
             }
             _ if architecture == Architecture::Qwen3Moe => {
@@ -263,6 +401,7 @@ impl ModelConfig {
             qk_norm: architecture.has_qk_norm(),
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe,
+            latent_attention: None,
         };
         config.validate()?;
         Ok(config)
@@ -300,13 +439,44 @@ impl ModelConfig {
                     moe.experts_used, moe.experts, moe.expert_ffn, moe.experts
                 )));
             }
+            if let Some(groups) = moe.groups {
+                if groups.used == 0 || groups.used > groups.count || !moe.experts.is_multiple_of(groups.count) {
+                    return Err(invalid(format!(
+                        "{} expert groups used of {} over {} experts: groups must divide the experts, and 1 to {} be used",
+                        groups.used, groups.count, moe.experts, groups.count
+                    )));
+                }
+                if moe.experts_used > groups.used * (moe.experts / groups.count) {
+                    return Err(invalid(format!(
+                        "{} experts used, more than the {} groups used hold",
+                        moe.experts_used, groups.used
+                    )));
+                }
+            }
+        }
+        if let Some(mla) = &self.latent_attention {
+            if self.num_kv_heads != 1 || self.head_dim != mla.latent_rank + mla.rope_dim {
+                return Err(invalid(format!(
+                    "latent attention caches one row of {} latent and {} rotary values, but the file says \
+                     {} kv heads of {}",
+                    mla.latent_rank, mla.rope_dim, self.num_kv_heads, self.head_dim
+                )));
+            }
+            if mla.latent_rank == 0 || mla.value_dim == 0 || !mla.rope_dim.is_multiple_of(2) {
+                return Err(invalid(format!(
+                    "latent attention of rank {}, values {} wide and {} rotary dims",
+                    mla.latent_rank, mla.value_dim, mla.rope_dim
+                )));
+            }
         }
         Ok(())
     }
 
     /// Bytes of K and V cache one token takes in one layer, at `dtype_bytes` per element.
+    /// Latent attention caches one row that serves as keys and (its first part) values.
     pub fn kv_bytes_per_token_per_layer(&self, dtype_bytes: usize) -> u64 {
-        (2 * self.num_kv_heads * self.head_dim * dtype_bytes) as u64
+        let rows = if self.latent_attention.is_some() { 1 } else { 2 };
+        (rows * self.num_kv_heads * self.head_dim * dtype_bytes) as u64
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod error;
 mod kernels;
+mod latent_attention;
 mod moe;
 
 pub mod chat_template;

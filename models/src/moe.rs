@@ -1,20 +1,23 @@
-//! A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router scores every expert
-//! for each token, the best `experts_used` run on it, and their outputs are mixed by the
-//! router's weights.
+//! A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE, DeepSeek): a router scores every
+//! expert for each token, the best `experts_used` run on it, and their outputs are mixed by
+//! the router's weights. DeepSeek adds shared experts that every token goes through, and
+//! (V3) sigmoid scores, a per-expert bias that steers the choice but not the weights, and
+//! choosing among the best groups of experts only.
 //!
 //! Only the chosen experts' weights are read: a decode step touches the router and its
 //! token's experts, and a prompt's tokens are grouped by expert so each expert's matrices
 //! pass over all of its tokens at once (what llama.cpp's `mul_mat_id` does). The experts
 //! keep the file's bytes, one matrix each.
 //!
-//! The CPU path follows llama.cpp's `build_moe_ffn` step for step (softmax, top-k, the
-//! weights' sum in f64, each expert's output scaled, then added in the order the experts
-//! were chosen), so with the exact kernels it computes what llama.cpp computes. The
-//! routing itself is the same code on every path.
+//! The CPU path follows llama.cpp's `build_moe_ffn` step for step (softmax or sigmoid,
+//! group masking, top-k, the weights' sum in f64, each expert's output scaled, then added
+//! in the order the experts were chosen, the shared experts last), so with the exact
+//! kernels it computes what llama.cpp computes. The routing itself is the same code on
+//! every path.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::MoeConfig;
+use crate::config::{ExpertGroups, Gating, MoeConfig};
 use crate::kernels::{ops, Matrix};
 use crate::source::{ExpertTensor, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
@@ -29,6 +32,8 @@ pub(crate) struct Routing {
     used: usize,
     normalize: bool,
     scale: f32,
+    gating: Gating,
+    groups: Option<ExpertGroups>,
 }
 
 /// One expert chosen for one token, with the weight of its output.
@@ -40,26 +45,45 @@ pub(crate) struct Choice {
 
 impl Routing {
     pub(crate) fn new(moe: &MoeConfig) -> Self {
-        Self { experts: moe.experts, used: moe.experts_used, normalize: moe.normalize_weights, scale: moe.weights_scale }
+        Self {
+            experts: moe.experts,
+            used: moe.experts_used,
+            normalize: moe.normalize_weights,
+            scale: moe.weights_scale,
+            gating: moe.gating,
+            groups: moe.groups,
+        }
     }
 
     /// Each token's experts, best first, `used` per token, from `logits` (one row of
-    /// `experts` per token, turned into probabilities in place).
-    pub(crate) fn route(&self, logits: &mut [f32], choices: &mut Vec<Choice>) {
+    /// `experts` per token, turned into scores in place). `bias`, one value per expert, is
+    /// added to the scores for choosing only; `selection` is a buffer.
+    pub(crate) fn route(&self, logits: &mut [f32], bias: Option<&[f32]>, selection: &mut Vec<f32>, choices: &mut Vec<Choice>) {
         choices.clear();
-        for probs in logits.chunks_exact_mut(self.experts) {
-            ops::softmax_portable(probs, 1.0, false);
+        for scores in logits.chunks_exact_mut(self.experts) {
+            match self.gating {
+                Gating::Softmax => ops::softmax_portable(scores, 1.0, false),
+                Gating::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
+            }
+            selection.clear();
+            match bias {
+                Some(bias) => selection.extend(scores.iter().zip(bias).map(|(s, b)| s + b)),
+                None => selection.extend_from_slice(scores),
+            }
+            if let Some(groups) = self.groups {
+                mask_all_but_best_groups(selection, groups);
+            }
             let first = choices.len();
             for _ in 0..self.used {
                 // The best expert not yet chosen; ties go to the lower index.
                 let best = (0..self.experts)
                     .filter(|e| !choices[first..].iter().any(|c| c.expert == *e))
                     .fold(None, |best: Option<usize>, e| match best {
-                        Some(b) if probs[b] >= probs[e] => Some(b),
+                        Some(b) if selection[b] >= selection[e] => Some(b),
                         _ => Some(e),
                     })
                     .expect("fewer experts used than there are");
-                choices.push(Choice { expert: best, weight: probs[best] });
+                choices.push(Choice { expert: best, weight: scores[best] });
             }
             let chosen = &mut choices[first..];
             if self.normalize {
@@ -74,21 +98,63 @@ impl Routing {
     }
 }
 
+/// Sets the scores of every group but the `groups.used` best to minus infinity; a group
+/// ranks by the sum of its two best scores (DeepSeek-V3, as llama.cpp computes it).
+fn mask_all_but_best_groups(selection: &mut [f32], groups: ExpertGroups) {
+    let per_group = selection.len() / groups.count;
+    let group_score = |group: &[f32]| {
+        let best = group.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let at = group.iter().position(|&s| s == best).unwrap_or(0);
+        let second = group.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, &s)| s).fold(f32::NEG_INFINITY, f32::max);
+        best + second
+    };
+    // Few groups (8 in DeepSeek-V3): rank them with a bit mask, no allocation.
+    let mut kept = 0u64;
+    for _ in 0..groups.used {
+        let best = (0..groups.count)
+            .filter(|g| kept & (1 << g) == 0)
+            .map(|g| (g, group_score(&selection[g * per_group..(g + 1) * per_group])))
+            .fold(None, |best: Option<(usize, f32)>, (g, score)| match best {
+                Some((_, b)) if b >= score => best,
+                _ => Some((g, score)),
+            });
+        if let Some((g, _)) = best {
+            kept |= 1 << g;
+        }
+    }
+    for (g, group) in selection.chunks_exact_mut(per_group).enumerate() {
+        if kept & (1 << g) == 0 {
+            group.fill(f32::NEG_INFINITY);
+        }
+    }
+}
+
 /// A layer's experts and their router.
 pub(crate) struct Experts {
     router: Matrix,
+    /// Added to the router's scores to choose experts (DeepSeek-V3's `exp_probs_b`).
+    selection_bias: Option<Vec<f32>>,
     gate: Vec<Matrix>,
     up: Vec<Matrix>,
     down: Vec<Matrix>,
+    shared: Option<SharedExperts>,
     routing: Routing,
     hidden: usize,
     expert_ffn: usize,
+}
+
+/// The experts every token goes through, as one SwiGLU feed-forward.
+struct SharedExperts {
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
 }
 
 /// The CPU path's buffers for one layer's experts, reused from layer to layer.
 #[derive(Default)]
 pub(crate) struct Scratch {
     logits: Vec<f32>,
+    selection: Vec<f32>,
     choices: Vec<Choice>,
     /// The (token, slot) pairs routed to the expert at hand.
     members: Vec<usize>,
@@ -118,12 +184,35 @@ impl Experts {
             return Err(Error::InvalidModel(format!("layer {layer} has experts but no router (`ffn_gate_inp`)")));
         }
         let router = loader.matrix(router_name)?;
+        let bias_name = TensorName::Layer(layer, LayerTensor::SelectionBias);
+        let selection_bias = if loader.contains(bias_name) {
+            let bias = loader.dense(bias_name)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let bias = bias.flatten_all()?.to_vec1::<f32>()?;
+            if bias.len() != moe.experts {
+                return Err(Error::InvalidModel(format!("layer {layer}: {} biases for {} experts", bias.len(), moe.experts)));
+            }
+            Some(bias)
+        } else {
+            None
+        };
+        let shared = if moe.shared_experts > 0 {
+            let name = |t| TensorName::Layer(layer, t);
+            Some(SharedExperts {
+                gate: loader.matrix(name(LayerTensor::SharedGate))?,
+                up: loader.matrix(name(LayerTensor::SharedUp))?,
+                down: loader.matrix(name(LayerTensor::SharedDown))?,
+            })
+        } else {
+            None
+        };
         let (n, ffn) = (moe.experts, moe.expert_ffn);
         Ok(Self {
             router,
+            selection_bias,
             gate: loader.experts(layer, ExpertTensor::Gate, n, (ffn, hidden))?,
             up: loader.experts(layer, ExpertTensor::Up, n, (ffn, hidden))?,
             down: loader.experts(layer, ExpertTensor::Down, n, (hidden, ffn))?,
+            shared,
             routing: Routing::new(moe),
             hidden,
             expert_ffn: ffn,
@@ -134,7 +223,7 @@ impl Experts {
     pub(crate) fn forward_native(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, s: &mut Scratch) -> Result<()> {
         let (hidden, used) = (self.hidden, self.routing.used);
         self.router.forward_into(x, rows, &mut s.logits)?;
-        self.routing.route(&mut s.logits, &mut s.choices);
+        self.routing.route(&mut s.logits, self.selection_bias.as_deref(), &mut s.selection, &mut s.choices);
         s.slots.resize(rows * used * hidden, 0.0);
         for expert in 0..self.routing.experts {
             s.members.clear();
@@ -167,6 +256,14 @@ impl Experts {
                 ops::add_assign(&mut out[start..], slot);
             }
         }
+        if let Some(shared) = &self.shared {
+            shared.gate.forward_into(x, rows, &mut s.gate)?;
+            shared.up.forward_into(x, rows, &mut s.up)?;
+            let width = s.gate.len() / rows;
+            ops::silu_mul(&mut s.gate, &s.up, width);
+            shared.down.forward_into(&s.gate, rows, &mut s.output)?;
+            ops::add_assign(out, &s.output);
+        }
         Ok(())
     }
 
@@ -176,8 +273,8 @@ impl Experts {
         let (batch, positions, hidden) = x.dims3()?;
         let x = x.reshape((batch * positions, hidden))?;
         let mut logits = self.router.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut choices = Vec::new();
-        self.routing.route(&mut logits, &mut choices);
+        let (mut selection, mut choices) = (Vec::new(), Vec::new());
+        self.routing.route(&mut logits, self.selection_bias.as_deref(), &mut selection, &mut choices);
         let used = self.routing.used;
         let mut out = x.zeros_like()?;
         for expert in 0..self.routing.experts {
@@ -198,6 +295,10 @@ impl Experts {
             let output = self.down[expert].forward(&gated)?.broadcast_mul(&weights)?;
             out = out.index_add(&rows, &output, 0)?;
         }
+        if let Some(shared) = &self.shared {
+            let gated = (candle_nn::ops::silu(&shared.gate.forward(&x)?)? * shared.up.forward(&x)?)?;
+            out = (out + shared.down.forward(&gated)?)?;
+        }
         Ok(out.reshape((batch, positions, hidden))?)
     }
 }
@@ -206,15 +307,34 @@ impl Experts {
 mod tests {
     use super::*;
 
+    fn moe(experts: usize, used: usize, normalize: bool, scale: f32) -> MoeConfig {
+        MoeConfig {
+            experts,
+            experts_used: used,
+            expert_ffn: 1,
+            normalize_weights: normalize,
+            weights_scale: scale,
+            gating: Gating::Softmax,
+            groups: None,
+            shared_experts: 0,
+            dense_layers: 0,
+        }
+    }
+
     fn routing(experts: usize, used: usize, normalize: bool, scale: f32) -> Routing {
-        Routing::new(&MoeConfig { experts, experts_used: used, expert_ffn: 1, normalize_weights: normalize, weights_scale: scale })
+        Routing::new(&moe(experts, used, normalize, scale))
+    }
+
+    fn route(routing: &Routing, logits: &mut [f32], bias: Option<&[f32]>) -> Vec<Choice> {
+        let mut choices = Vec::new();
+        routing.route(logits, bias, &mut Vec::new(), &mut choices);
+        choices
     }
 
     #[test]
     fn each_token_takes_its_best_experts_best_first() {
         let mut logits = vec![0.0, 2.0, 1.0, -1.0, /* second token */ 3.0, 0.0, 0.0, 3.5];
-        let mut choices = Vec::new();
-        routing(4, 2, false, 1.0).route(&mut logits, &mut choices);
+        let choices = route(&routing(4, 2, false, 1.0), &mut logits, None);
         let experts: Vec<usize> = choices.iter().map(|c| c.expert).collect();
         assert_eq!(experts, [1, 2, 3, 0]);
         // Unnormalized weights are the softmax over all four experts.
@@ -226,8 +346,7 @@ mod tests {
     #[test]
     fn normalized_weights_sum_to_one_and_keep_their_ratio() {
         let mut logits = vec![0.5, 1.5, -0.5, 1.0, 0.0, 0.25];
-        let mut choices = Vec::new();
-        routing(6, 3, true, 1.0).route(&mut logits, &mut choices);
+        let choices = route(&routing(6, 3, true, 1.0), &mut logits, None);
         let sum: f32 = choices.iter().map(|c| c.weight).sum();
         assert!((sum - 1.0).abs() < 1e-6, "{choices:?}");
         assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [1, 3, 0]);
@@ -237,8 +356,35 @@ mod tests {
     #[test]
     fn a_scale_multiplies_the_weights_and_ties_go_to_the_lower_expert() {
         let mut logits = vec![1.0, 1.0, 1.0];
-        let mut choices = Vec::new();
-        routing(3, 2, true, 2.5).route(&mut logits, &mut choices);
+        let choices = route(&routing(3, 2, true, 2.5), &mut logits, None);
         assert_eq!(choices, [Choice { expert: 0, weight: 1.25 }, Choice { expert: 1, weight: 1.25 }]);
+    }
+
+    /// DeepSeek-V3: sigmoid scores, a bias that chooses but does not weigh, and only the
+    /// best groups' experts in the running.
+    #[test]
+    fn the_bias_and_the_groups_choose_and_the_sigmoid_weighs() {
+        let config = MoeConfig {
+            gating: Gating::Sigmoid,
+            groups: Some(ExpertGroups { count: 3, used: 1 }),
+            ..moe(6, 2, false, 1.0)
+        };
+        let routing = Routing::new(&config);
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        // Groups {0,1} {2,3} {4,5}, scored by their two best sigmoids: 0.77, 1.17, 0.93.
+        // Expert 4 scores best, but its group does not win, so it is not chosen.
+        let logits = [0.0f32, -1.0, 0.5, 0.2, 2.0, -3.0];
+        let choices = route(&routing, &mut logits.clone(), None);
+        assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(choices[0].weight, sigmoid(0.5));
+        // The bias lifts group {0,1} and its experts are chosen, weighted unbiased.
+        let bias = [1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0];
+        let choices = route(&routing, &mut logits.clone(), Some(&bias));
+        assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!((choices[0].weight, choices[1].weight), (sigmoid(0.0), sigmoid(-1.0)));
+        // With two groups in the running, expert 4 is.
+        let two_groups = Routing::new(&MoeConfig { groups: Some(ExpertGroups { count: 3, used: 2 }), ..config });
+        let choices = route(&two_groups, &mut logits.clone(), None);
+        assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [4, 2]);
     }
 }

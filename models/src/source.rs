@@ -77,11 +77,28 @@ pub(crate) enum LayerTensor {
     GateExperts,
     UpExperts,
     DownExperts,
+    /// DeepSeek's per-expert bias on the router's scores, for choosing experts only.
+    SelectionBias,
+    /// The experts every token goes through (DeepSeek), as one feed-forward.
+    SharedGate,
+    SharedUp,
+    SharedDown,
+    /// Latent attention (DeepSeek): the queries' bottleneck and its norm, then its expansion.
+    QueryA,
+    QueryANorm,
+    QueryB,
+    /// The compressed latent and the shared rotary key, in one projection, and the latent's norm.
+    LatentKv,
+    LatentNorm,
+    /// Per head: the latent's key projection (applied to queries instead, "absorbed") and
+    /// its value projection.
+    KeyFromLatent,
+    ValueFromLatent,
 }
 
 impl LayerTensor {
     /// Every weight a block may hold, for sizing a layer.
-    const ALL: [LayerTensor; 18] = [
+    const ALL: [LayerTensor; 29] = [
         Self::AttentionNorm,
         Self::Query,
         Self::Key,
@@ -100,6 +117,17 @@ impl LayerTensor {
         Self::GateExperts,
         Self::UpExperts,
         Self::DownExperts,
+        Self::SelectionBias,
+        Self::SharedGate,
+        Self::SharedUp,
+        Self::SharedDown,
+        Self::QueryA,
+        Self::QueryANorm,
+        Self::QueryB,
+        Self::LatentKv,
+        Self::LatentNorm,
+        Self::KeyFromLatent,
+        Self::ValueFromLatent,
     ];
 
     fn gguf_suffix(self) -> &'static str {
@@ -122,6 +150,17 @@ impl LayerTensor {
             Self::GateExperts => "ffn_gate_exps.weight",
             Self::UpExperts => "ffn_up_exps.weight",
             Self::DownExperts => "ffn_down_exps.weight",
+            Self::SelectionBias => "exp_probs_b.bias",
+            Self::SharedGate => "ffn_gate_shexp.weight",
+            Self::SharedUp => "ffn_up_shexp.weight",
+            Self::SharedDown => "ffn_down_shexp.weight",
+            Self::QueryA => "attn_q_a.weight",
+            Self::QueryANorm => "attn_q_a_norm.weight",
+            Self::QueryB => "attn_q_b.weight",
+            Self::LatentKv => "attn_kv_a_mqa.weight",
+            Self::LatentNorm => "attn_kv_a_norm.weight",
+            Self::KeyFromLatent => "attn_k_b.weight",
+            Self::ValueFromLatent => "attn_v_b.weight",
         }
     }
 
@@ -145,6 +184,17 @@ impl LayerTensor {
             Self::Router => "mlp.gate.weight",
             // Hugging Face stores experts one by one (`TensorName::Expert`).
             Self::GateExperts | Self::UpExperts | Self::DownExperts => "mlp.experts",
+            Self::SelectionBias => "mlp.gate.e_score_correction_bias",
+            Self::SharedGate => "mlp.shared_experts.gate_proj.weight",
+            Self::SharedUp => "mlp.shared_experts.up_proj.weight",
+            Self::SharedDown => "mlp.shared_experts.down_proj.weight",
+            Self::QueryA => "self_attn.q_a_proj.weight",
+            Self::QueryANorm => "self_attn.q_a_layernorm.weight",
+            Self::QueryB => "self_attn.q_b_proj.weight",
+            Self::LatentKv => "self_attn.kv_a_proj_with_mqa.weight",
+            Self::LatentNorm => "self_attn.kv_a_layernorm.weight",
+            // Hugging Face keeps both in `kv_b_proj`; GGUF splits them.
+            Self::KeyFromLatent | Self::ValueFromLatent => "self_attn.kv_b_proj.weight",
         }
     }
 }
@@ -596,18 +646,26 @@ impl TensorLoader<'_> {
                 })
                 .collect();
         }
-        let name = TensorName::Layer(layer, kind.stacked());
-        // Read on the CPU, sliced there, and each expert moved to the device on its own.
+        self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))
+    }
+
+    /// A GGUF tensor of `count` stacked `rows x cols` matrices (experts, heads), as one
+    /// matrix each: the file's bytes, sliced, not dequantized.
+    pub(crate) fn stacked(&mut self, name: TensorName, count: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
+        if let Weights::Safetensors { .. } = self.weights {
+            return Err(Error::Unsupported(format!("`{}` from a safetensors folder", name.hf())));
+        }
+        // Read on the CPU, sliced there, and each matrix moved to the device on its own.
         let stacked = self.gguf_tensor_on(name, &Device::Cpu)?;
-        check_dims(name, stacked.shape().dims(), &[experts, rows, cols])?;
+        check_dims(name, stacked.shape().dims(), &[count, rows, cols])?;
         let dtype = stacked.dtype();
         let data = stacked.data()?;
-        let per_expert = data.len() / experts;
+        let per_matrix = data.len() / count;
         let matrices = data
-            .chunks_exact(per_expert)
+            .chunks_exact(per_matrix)
             .map(|bytes| {
-                let expert = qtensor_from_ggml(dtype, bytes, vec![rows, cols], &self.device)?;
-                self.quantized_matrix(expert)
+                let matrix = qtensor_from_ggml(dtype, bytes, vec![rows, cols], &self.device)?;
+                self.quantized_matrix(matrix)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(matrices)

@@ -7,7 +7,9 @@
 //! reference outputs. Other devices run candle's operations ([`ComputePath`]), which the
 //! CPU can run too, so that tests cover the path Metal and CUDA take.
 //!
-//! Every layer's feed-forward is dense, or a mixture of experts (`crate::moe`).
+//! Every layer's attention is grouped-query attention, or DeepSeek's latent attention
+//! (`crate::latent_attention`); every layer's feed-forward is dense, or a mixture of
+//! experts (`crate::moe`).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -19,6 +21,7 @@ use crate::config::{ModelConfig, RopeLayout, RopeScaling};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::ops::{self, RopePairs};
 use crate::kernels::Matrix;
+use crate::latent_attention::{self, LatentAttention};
 use crate::moe::{self, Experts};
 use crate::source::{activation_dtype, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
@@ -72,11 +75,13 @@ pub struct StageCache {
     positions: usize,
 }
 
-/// One layer's keys and values: f16 rows on the CPU, candle tensors elsewhere.
+/// One layer's keys and values: f16 rows on the CPU, candle tensors elsewhere (for latent
+/// attention, one row per position that serves as both).
 #[derive(Debug, Clone)]
 enum LayerCache {
     Native(attention::KvCache),
     Candle(KvCache),
+    CandleLatent(candle_nn::kv_cache::Cache),
 }
 
 impl StageCache {
@@ -153,9 +158,11 @@ impl Stage {
         } else {
             None
         };
-        let rope = match compute {
-            ComputePath::Native => StageRope::Native(native_rope(config)?),
-            ComputePath::CandleOps => StageRope::Candle(Rope::new(config, &device)?),
+        let rope = match (compute, config.latent_attention.is_some()) {
+            (ComputePath::Native, false) => StageRope::Native(native_rope(config)?),
+            (ComputePath::Native, true) => StageRope::Native(latent_attention::native_rope(config)?),
+            (ComputePath::CandleOps, false) => StageRope::Candle(Rope::new(config, &device)?),
+            (ComputePath::CandleOps, true) => StageRope::Candle(Rope::latent(config, &device)?),
         };
         Ok(Self {
             rope,
@@ -203,12 +210,19 @@ impl Stage {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> StageCache {
-        let layer = || match &self.rope {
-            StageRope::Native(_) => {
+        let latent = self.config.latent_attention.is_some();
+        let layer = || match (&self.rope, latent) {
+            (StageRope::Native(_), false) => {
                 let width = self.config.num_kv_heads * self.config.head_dim;
                 LayerCache::Native(attention::KvCache::new(width, KV_CACHE_STEP))
             }
-            StageRope::Candle(_) => LayerCache::Candle(KvCache::new(2, KV_CACHE_STEP)),
+            (StageRope::Native(_), true) => {
+                LayerCache::Native(attention::KvCache::latent(self.config.head_dim, KV_CACHE_STEP))
+            }
+            (StageRope::Candle(_), false) => LayerCache::Candle(KvCache::new(2, KV_CACHE_STEP)),
+            (StageRope::Candle(_), true) => {
+                LayerCache::CandleLatent(candle_nn::kv_cache::Cache::new(2, KV_CACHE_STEP))
+            }
         };
         StageCache { layers: self.blocks.iter().map(|_| layer()).collect(), positions: 0 }
     }
@@ -229,9 +243,6 @@ impl Stage {
         let StageRope::Candle(rope) = &self.rope else { unreachable!("the native path returned above") };
         let mut hidden = hidden;
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let LayerCache::Candle(kv) = kv else {
-                return Err(Error::InvalidInput("the cache belongs to a stage on another device".into()));
-            };
             hidden = block.forward(&hidden, start, mask.as_ref(), rope, kv)?;
         }
         cache.positions += seq_len;
@@ -338,7 +349,7 @@ impl Stage {
             for (t, angles) in scratch.angles.chunks_exact_mut(rope.angles_len()).enumerate() {
                 rope.angles(start + t, angles);
             }
-            let heads = Heads { heads: self.config.num_heads, kv_heads: self.config.num_kv_heads, head_dim: d };
+            let heads = Heads::new(self.config.num_heads, self.config.num_kv_heads, d);
             let last_block = self.blocks.len() - 1;
             let mut rows = seq_len;
             for (i, (block, layer)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
@@ -412,6 +423,7 @@ struct Scratch {
     /// RoPE's cos and sin for each position.
     angles: Vec<f32>,
     attention: attention::Scratch,
+    latent: latent_attention::Scratch,
     experts: moe::Scratch,
 }
 
@@ -435,6 +447,7 @@ impl Scratch {
             }
         }
         self.experts.release_if_large(KEEP_VALUES);
+        self.latent.release_if_large(KEEP_VALUES);
     }
 }
 
@@ -459,6 +472,9 @@ fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
             (1.0, Some(factors.clone()))
         }
         // As llama.cpp's converter turns Llama 3's scaling into `rope_freqs`.
+        RopeScaling::Yarn { .. } => {
+            return Err(Error::Unsupported("YaRN RoPE scaling outside latent attention".into()))
+        }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
             let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
             let original = *original_context as f64;
@@ -487,20 +503,20 @@ struct Head {
     output: Matrix,
 }
 
-struct RmsNorm {
+pub(crate) struct RmsNorm {
     weight: Tensor,
     /// The weight's values, for the CPU path (empty on other devices).
-    values: Vec<f32>,
-    eps: f32,
+    pub(crate) values: Vec<f32>,
+    pub(crate) eps: f32,
 }
 
 impl RmsNorm {
-    fn new(weight: Tensor, eps: f64) -> Result<Self> {
+    pub(crate) fn new(weight: Tensor, eps: f64) -> Result<Self> {
         let values = cpu_values(&weight)?;
         Ok(Self { weight, values, eps: eps as f32 })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
 }
@@ -547,58 +563,53 @@ enum FeedForward {
     Experts(Experts),
 }
 
-struct Block {
-    attention_norm: RmsNorm,
+/// A block's attention: grouped-query heads, or DeepSeek's latent attention.
+enum Attention {
+    Grouped(GroupedAttention),
+    Latent(LatentAttention),
+}
+
+/// Grouped-query attention (multi-head when there are as many KV heads as heads).
+struct GroupedAttention {
     query: Linear,
     key: Linear,
     value: Linear,
     query_norm: Option<RmsNorm>,
     key_norm: Option<RmsNorm>,
-    attention_output: Linear,
-    feed_forward_norm: RmsNorm,
-    feed_forward: FeedForward,
+    output: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+}
+
+struct Block {
+    attention_norm: RmsNorm,
+    attention: Attention,
+    feed_forward_norm: RmsNorm,
+    feed_forward: FeedForward,
 }
 
 impl Block {
     fn load(config: &ModelConfig, layer: usize, loader: &mut TensorLoader<'_>) -> Result<Self> {
         let name = |t| TensorName::Layer(layer, t);
         let eps = config.rms_norm_eps;
-        let bias = |t: LayerTensor| config.qkv_bias.then(|| name(t));
-        let mut norm = |t: LayerTensor| -> Result<RmsNorm> { RmsNorm::new(loader.dense(name(t))?, eps) };
-        let attention_norm = norm(LayerTensor::AttentionNorm)?;
-        let feed_forward_norm = norm(LayerTensor::FeedForwardNorm)?;
-        let (query_norm, key_norm) = if config.qk_norm {
-            (Some(norm(LayerTensor::QueryNorm)?), Some(norm(LayerTensor::KeyNorm)?))
-        } else {
-            (None, None)
+        let attention_norm = RmsNorm::new(loader.dense(name(LayerTensor::AttentionNorm))?, eps)?;
+        let feed_forward_norm = RmsNorm::new(loader.dense(name(LayerTensor::FeedForwardNorm))?, eps)?;
+        let attention = match config.latent_attention {
+            Some(_) => Attention::Latent(LatentAttention::load(config, layer, loader)?),
+            None => Attention::Grouped(GroupedAttention::load(config, layer, loader)?),
         };
-        if config.qkv_bias && !loader.contains(name(LayerTensor::QueryBias)) {
-            return Err(Error::InvalidModel(format!("layer {layer} lacks the q/k/v biases its architecture needs")));
-        }
-        Ok(Self {
-            attention_norm,
-            query: Linear::load(loader, name(LayerTensor::Query), bias(LayerTensor::QueryBias))?,
-            key: Linear::load(loader, name(LayerTensor::Key), bias(LayerTensor::KeyBias))?,
-            value: Linear::load(loader, name(LayerTensor::Value), bias(LayerTensor::ValueBias))?,
-            query_norm,
-            key_norm,
-            attention_output: Linear::load(loader, name(LayerTensor::AttentionOutput), None)?,
-            feed_forward_norm,
-            feed_forward: match &config.moe {
-                Some(moe) => FeedForward::Experts(Experts::load(moe, config.hidden_size, layer, loader)?),
-                None => FeedForward::Dense {
-                    gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
-                    up: Linear::load(loader, name(LayerTensor::Up), None)?,
-                    down: Linear::load(loader, name(LayerTensor::Down), None)?,
-                },
+        let feed_forward = match &config.moe {
+            Some(moe) if moe.has_experts(layer) => {
+                FeedForward::Experts(Experts::load(moe, config.hidden_size, layer, loader)?)
+            }
+            _ => FeedForward::Dense {
+                gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
+                up: Linear::load(loader, name(LayerTensor::Up), None)?,
+                down: Linear::load(loader, name(LayerTensor::Down), None)?,
             },
-            num_heads: config.num_heads,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-        })
+        };
+        Ok(Self { attention_norm, attention, feed_forward_norm, feed_forward })
     }
 
     /// The CPU path, on `scratch.hidden` (`positions` rows starting at position `start`,
@@ -618,28 +629,22 @@ impl Block {
         let width = s.hidden.len() / positions;
         s.normed.resize(s.hidden.len(), 0.0);
         ops::rms_norm(&s.hidden, &self.attention_norm.values, self.attention_norm.eps, &mut s.normed);
-        self.query.forward_native(&s.normed, positions, &mut s.q)?;
-        self.key.forward_native(&s.normed, positions, &mut s.k)?;
-        self.value.forward_native(&s.normed, positions, &mut s.v)?;
-        if let (Some(qn), Some(kn)) = (&self.query_norm, &self.key_norm) {
-            ops::rms_norm_in_place(&mut s.q, &qn.values, qn.eps);
-            ops::rms_norm_in_place(&mut s.k, &kn.values, kn.eps);
-        }
-        let angles_len = rope.angles_len();
-        for (t, angles) in s.angles.chunks_exact(angles_len).enumerate() {
-            rope.rotate(&mut s.q[t * heads.q_width()..(t + 1) * heads.q_width()], angles);
-            rope.rotate(&mut s.k[t * heads.kv_width()..(t + 1) * heads.kv_width()], angles);
-        }
-        kv.append(&s.k, &s.v);
-        debug_assert_eq!(kv.len(), start + positions);
-
         let rows = if last_only { positions - 1..positions } else { 0..positions };
         let kept = rows.len();
-        s.attended.resize(kept * heads.q_width(), 0.0);
-        let scale = 1.0 / (heads.head_dim as f32).sqrt();
-        let q = &s.q[rows.start * heads.q_width()..];
-        attention::attend(heads, q, kv, positions, rows.clone(), scale, &mut s.attended, &mut s.attention);
-        self.attention_output.forward_native(&s.attended, kept, &mut s.projected)?;
+        match &self.attention {
+            Attention::Grouped(attention) => attention.forward_native(heads, rope, start, positions, rows.clone(), kv, s)?,
+            Attention::Latent(attention) => attention.forward_native(
+                &s.normed,
+                positions,
+                rows.clone(),
+                rope,
+                &s.angles,
+                kv,
+                &mut s.projected,
+                &mut s.latent,
+            )?,
+        }
+        debug_assert_eq!(kv.len(), start + positions);
         if last_only {
             s.hidden.copy_within(rows.start * width.., 0);
             s.hidden.truncate(kept * width);
@@ -663,8 +668,18 @@ impl Block {
     }
 
     /// `x` is `(1, positions, hidden)`; `start` is the absolute position of its first row.
-    fn forward(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {
-        let attended = self.attention(&self.attention_norm.forward(x)?, start, mask, rope, kv)?;
+    fn forward(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut LayerCache) -> Result<Tensor> {
+        let normed = self.attention_norm.forward(x)?;
+        let attended = match (&self.attention, kv) {
+            (Attention::Grouped(attention), LayerCache::Candle(kv)) => attention.forward(&normed, start, mask, rope, kv)?,
+            (Attention::Latent(attention), LayerCache::CandleLatent(cache)) => {
+                let seq_len = x.dim(1)?;
+                let cos = rope.cos.narrow(0, start, seq_len)?;
+                let sin = rope.sin.narrow(0, start, seq_len)?;
+                attention.forward(&normed, mask, &cos, &sin, cache)?
+            }
+            _ => return Err(Error::InvalidInput("the cache belongs to a stage on another device".into())),
+        };
         let x = (x + attended)?;
         let h = self.feed_forward_norm.forward(&x)?;
         let mixed = match &self.feed_forward {
@@ -675,8 +690,74 @@ impl Block {
         };
         Ok((x + mixed)?)
     }
+}
 
-    fn attention(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {
+impl GroupedAttention {
+    fn load(config: &ModelConfig, layer: usize, loader: &mut TensorLoader<'_>) -> Result<Self> {
+        let name = |t| TensorName::Layer(layer, t);
+        let eps = config.rms_norm_eps;
+        let bias = |t: LayerTensor| config.qkv_bias.then(|| name(t));
+        let (query_norm, key_norm) = if config.qk_norm {
+            (
+                Some(RmsNorm::new(loader.dense(name(LayerTensor::QueryNorm))?, eps)?),
+                Some(RmsNorm::new(loader.dense(name(LayerTensor::KeyNorm))?, eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        if config.qkv_bias && !loader.contains(name(LayerTensor::QueryBias)) {
+            return Err(Error::InvalidModel(format!("layer {layer} lacks the q/k/v biases its architecture needs")));
+        }
+        Ok(Self {
+            query: Linear::load(loader, name(LayerTensor::Query), bias(LayerTensor::QueryBias))?,
+            key: Linear::load(loader, name(LayerTensor::Key), bias(LayerTensor::KeyBias))?,
+            value: Linear::load(loader, name(LayerTensor::Value), bias(LayerTensor::ValueBias))?,
+            query_norm,
+            key_norm,
+            output: Linear::load(loader, name(LayerTensor::AttentionOutput), None)?,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        })
+    }
+
+    /// The CPU path: attention over `s.normed` (`positions` rows from `start`, appended to
+    /// `kv`), the output of batch rows `rows` into `s.projected`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_native(
+        &self,
+        heads: &Heads,
+        rope: &ops::Rope,
+        start: usize,
+        positions: usize,
+        rows: Range<usize>,
+        kv: &mut attention::KvCache,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        self.query.forward_native(&s.normed, positions, &mut s.q)?;
+        self.key.forward_native(&s.normed, positions, &mut s.k)?;
+        self.value.forward_native(&s.normed, positions, &mut s.v)?;
+        if let (Some(qn), Some(kn)) = (&self.query_norm, &self.key_norm) {
+            ops::rms_norm_in_place(&mut s.q, &qn.values, qn.eps);
+            ops::rms_norm_in_place(&mut s.k, &kn.values, kn.eps);
+        }
+        let angles_len = rope.angles_len();
+        for (t, angles) in s.angles.chunks_exact(angles_len).enumerate() {
+            rope.rotate(&mut s.q[t * heads.q_width()..(t + 1) * heads.q_width()], angles);
+            rope.rotate(&mut s.k[t * heads.kv_width()..(t + 1) * heads.kv_width()], angles);
+        }
+        kv.append(&s.k, &s.v);
+        debug_assert_eq!(kv.len(), start + positions);
+
+        let kept = rows.len();
+        s.attended.resize(kept * heads.q_width(), 0.0);
+        let scale = 1.0 / (heads.head_dim as f32).sqrt();
+        let q = &s.q[rows.start * heads.q_width()..];
+        attention::attend(heads, q, kv, positions, rows, scale, &mut s.attended, &mut s.attention);
+        self.output.forward_native(&s.attended, kept, &mut s.projected)
+    }
+
+    fn forward(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {
         let (batch, seq_len, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -712,7 +793,7 @@ impl Block {
             .reshape((batch, heads, seq_len, head_dim))?
             .transpose(1, 2)?
             .reshape((batch, seq_len, heads * head_dim))?;
-        self.attention_output.forward(&y)
+        self.output.forward(&y)
     }
 }
 
@@ -741,6 +822,9 @@ impl Rope {
                 }
                 inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
             }
+            RopeScaling::Yarn { .. } => {
+                return Err(Error::Unsupported("YaRN RoPE scaling outside latent attention".into()))
+            }
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
                 let original = *original_context as f32;
                 let low_wavelen = original / low_freq_factor;
@@ -767,6 +851,12 @@ impl Rope {
             sin: angles.sin()?.to_dtype(dtype)?,
             layout: config.rope_layout,
         })
+    }
+
+    /// Latent attention's tables: its rotary part only, with YaRN where the file asks.
+    fn latent(config: &ModelConfig, device: &Device) -> Result<Self> {
+        let (cos, sin) = latent_attention::rope_tables(config, device, activation_dtype(device))?;
+        Ok(Self { cos, sin, layout: RopeLayout::Interleaved })
     }
 
     /// Rotates `x` of shape `(batch, heads, positions, head_dim)` starting at `start`.

@@ -1,6 +1,7 @@
 //! Synthetic GGUF models for benchmarks and tests: the tensors, names, shapes, metadata and
 //! quantization mix of llama.cpp's conversions of real Llama 3 models, and of
-//! mixtures of experts (Mixtral, Qwen3-MoE), filled with random weights drawn from a seed.
+//! mixtures of experts (Mixtral, Qwen3-MoE, DeepSeek-V3), filled with random weights drawn
+//! from a seed.
 //!
 //! On a CPU, decoding is bound by the bytes of weights read per token, not by their
 //! values, so a synthetic file runs as fast (or as slowly) as the real model would,
@@ -40,6 +41,10 @@ pub enum Shape {
     /// Qwen3-30B-A3B: every dimension of the real model (128 experts, 8 used, 768 wide),
     /// 4 of its 48 layers.
     Qwen3_30bA3b,
+    /// DeepSeek-V3's layout (GGUF's `deepseek2`) at test size: latent attention with a
+    /// query bottleneck and YaRN, a dense first layer, then 8 experts in 4 groups (2
+    /// groups, 2 experts used), sigmoid routing with a bias, one shared expert.
+    TinyDeepSeek2,
 }
 
 /// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
@@ -52,7 +57,7 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 7] = [
+    pub const ALL: [Shape; 8] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -60,6 +65,7 @@ impl Shape {
         Shape::TinyMixtral,
         Shape::TinyQwen3Moe,
         Shape::Qwen3_30bA3b,
+        Shape::TinyDeepSeek2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +77,7 @@ impl Shape {
             Shape::TinyMixtral => "tiny-mixtral",
             Shape::TinyQwen3Moe => "tiny-qwen3moe",
             Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
+            Shape::TinyDeepSeek2 => "tiny-deepseek2",
         }
     }
 
@@ -91,6 +98,7 @@ impl Shape {
             tied_embeddings: true,
             family: Family::Llama3,
             experts: None,
+            latent: None,
         };
         let tiny_moe = Dimensions {
             layers: 4,
@@ -149,6 +157,27 @@ impl Shape {
                 context: 40_960,
                 experts: Some(ExpertDims { experts: 128, used: 8 }),
                 ..qwen3moe
+            },
+            Shape::TinyDeepSeek2 => Dimensions {
+                family: Family::DeepSeek2,
+                ffn: 512,
+                heads: 4,
+                kv_heads: 1,
+                rope_theta: 10_000.0,
+                rms_eps: 1e-6,
+                experts: Some(ExpertDims { experts: 8, used: 2 }),
+                latent: Some(LatentDims {
+                    query_rank: 256,
+                    latent_rank: 64,
+                    rope_dim: 16,
+                    nope_dim: 32,
+                    value_dim: 32,
+                    expert_ffn: 256,
+                    groups: 4,
+                    groups_used: 2,
+                    dense_layers: 1,
+                }),
+                ..tiny_moe
             },
         }
     }
@@ -248,7 +277,29 @@ struct Dimensions {
     family: Family,
     /// Experts in every layer, each `ffn` wide, in place of a dense feed-forward.
     experts: Option<ExpertDims>,
+    /// DeepSeek's latent attention and the rest of its layout (then experts are
+    /// `expert_ffn` wide, and `ffn` is the dense layers' width).
+    latent: Option<LatentDims>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct LatentDims {
+    query_rank: usize,
+    latent_rank: usize,
+    rope_dim: usize,
+    nope_dim: usize,
+    value_dim: usize,
+    expert_ffn: usize,
+    groups: usize,
+    groups_used: usize,
+    dense_layers: usize,
+}
+
+/// DeepSeek-V3's RoPE scaling (its `config.json`).
+const DEEPSEEK_YARN_FACTOR: f32 = 40.0;
+const DEEPSEEK_YARN_ORIGINAL_CONTEXT: usize = 4096;
+/// DeepSeek-V3's routed experts' weights are scaled by this.
+const DEEPSEEK_ROUTED_SCALE: f32 = 2.5;
 
 #[derive(Debug, Clone, Copy)]
 struct ExpertDims {
@@ -265,6 +316,8 @@ enum Family {
     Mixtral,
     /// `qwen3moe`: q/k norms, experts named by their own width.
     Qwen3Moe,
+    /// `deepseek2`: latent attention, shared experts, YaRN.
+    DeepSeek2,
 }
 
 impl Family {
@@ -272,6 +325,7 @@ impl Family {
         match self {
             Family::Llama3 | Family::Mixtral => "llama",
             Family::Qwen3Moe => "qwen3moe",
+            Family::DeepSeek2 => "deepseek2",
         }
     }
 }
@@ -327,7 +381,10 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
         });
     }
     tensors.push(matrix("token_embd.weight".into(), dims.vocab, dims.hidden, MatrixRole::Embedding));
-    for layer in 0..dims.layers {
+    if let Some(latent) = dims.latent {
+        deepseek2_layers(dims, &latent, quantization, &mut tensors);
+    }
+    for layer in (0..dims.layers).filter(|_| dims.latent.is_none()) {
         let name = |suffix: &str| format!("blk.{layer}.{suffix}");
         tensors.extend([
             vector(name("attn_norm.weight"), dims.hidden),
@@ -370,6 +427,86 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
         tensors.push(matrix("output.weight".into(), dims.vocab, dims.hidden, MatrixRole::Output));
     }
     tensors
+}
+
+/// DeepSeek's layers, as llama.cpp's converter names and shapes them (its MLA layout,
+/// with `attn_k_b` and `attn_v_b` per head).
+fn deepseek2_layers(dims: &Dimensions, latent: &LatentDims, quantization: Quantization, tensors: &mut Vec<TensorSpec>) {
+    let experts = dims.experts.map_or(0, |e| e.experts);
+    let spec = |name: String, shape: Vec<usize>, dtype: GgmlDType, mean: f32, std: f32| TensorSpec {
+        name,
+        dims: shape,
+        dtype,
+        contents: Contents::Random { mean, std },
+    };
+    // Rows too short for the mix's blocks get Q8_0, as llama-quantize falls back to
+    // another type for them.
+    let dtype = |cols: usize, role: MatrixRole| {
+        let chosen = matrix_dtype(quantization, role, dims);
+        if cols.is_multiple_of(chosen.block_size()) {
+            chosen
+        } else {
+            GgmlDType::Q8_0
+        }
+    };
+    let matrix = |name: String, rows: usize, cols: usize, role: MatrixRole| {
+        spec(name, vec![rows, cols], dtype(cols, role), 0.0, WEIGHT_STD)
+    };
+    let vector = |name: String, len: usize| spec(name, vec![len], GgmlDType::F32, 1.0, WEIGHT_STD);
+    let q_head = latent.nope_dim + latent.rope_dim;
+    for layer in 0..dims.layers {
+        let name = |suffix: &str| format!("blk.{layer}.{suffix}");
+        tensors.extend([
+            vector(name("attn_norm.weight"), dims.hidden),
+            matrix(name("attn_q_a.weight"), latent.query_rank, dims.hidden, MatrixRole::Other),
+            vector(name("attn_q_a_norm.weight"), latent.query_rank),
+            matrix(name("attn_q_b.weight"), dims.heads * q_head, latent.query_rank, MatrixRole::Other),
+            matrix(name("attn_kv_a_mqa.weight"), latent.latent_rank + latent.rope_dim, dims.hidden, MatrixRole::Other),
+            vector(name("attn_kv_a_norm.weight"), latent.latent_rank),
+            // Per head: ggml's {nope, latent, heads} and {latent, value, heads}.
+            spec(
+                name("attn_k_b.weight"),
+                vec![dims.heads, latent.latent_rank, latent.nope_dim],
+                dtype(latent.nope_dim, MatrixRole::Other),
+                0.0,
+                // The latent is normed to about 1 per value: keep the scores moderate.
+                0.2,
+            ),
+            spec(
+                name("attn_v_b.weight"),
+                vec![dims.heads, latent.value_dim, latent.latent_rank],
+                dtype(latent.latent_rank, MatrixRole::AttentionValue(layer)),
+                0.0,
+                0.2,
+            ),
+            matrix(name("attn_output.weight"), dims.hidden, dims.heads * latent.value_dim, MatrixRole::Other),
+            vector(name("ffn_norm.weight"), dims.hidden),
+        ]);
+        let down = MatrixRole::FeedForwardDown(layer);
+        if layer < latent.dense_layers {
+            tensors.extend([
+                matrix(name("ffn_gate.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+                matrix(name("ffn_up.weight"), dims.ffn, dims.hidden, MatrixRole::Other),
+                matrix(name("ffn_down.weight"), dims.hidden, dims.ffn, down),
+            ]);
+            continue;
+        }
+        let width = latent.expert_ffn;
+        let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| {
+            spec(name(suffix), vec![experts, rows, cols], dtype(cols, role), 0.0, WEIGHT_STD)
+        };
+        tensors.extend([
+            spec(name("ffn_gate_inp.weight"), vec![experts, dims.hidden], GgmlDType::F32, 0.0, WEIGHT_STD),
+            // Large enough to change which experts win.
+            spec(name("exp_probs_b.bias"), vec![experts], GgmlDType::F32, 0.0, 0.05),
+            stacked("ffn_gate_exps.weight", width, dims.hidden, MatrixRole::Other),
+            stacked("ffn_up_exps.weight", width, dims.hidden, MatrixRole::Other),
+            stacked("ffn_down_exps.weight", dims.hidden, width, down),
+            matrix(name("ffn_gate_shexp.weight"), width, dims.hidden, MatrixRole::Other),
+            matrix(name("ffn_up_shexp.weight"), width, dims.hidden, MatrixRole::Other),
+            matrix(name("ffn_down_shexp.weight"), dims.hidden, width, down),
+        ]);
+    }
 }
 
 /// What a matrix is, as far as llama.cpp's choice of quantization cares.
@@ -467,6 +604,37 @@ fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u
         if dims.family == Family::Qwen3Moe {
             entries.push((key("expert_feed_forward_length"), u32_value(dims.ffn)));
         }
+    }
+    if let Some(latent) = dims.latent {
+        // What llama.cpp's converter writes for DeepSeek-V3 in its MLA layout: the cache's
+        // row (latent and rotary key) as the one KV head's key, the latent as its value.
+        let replace = |entries: &mut Vec<(String, Value)>, suffix: &str, value: Value| {
+            if let Some(entry) = entries.iter_mut().find(|(k, _)| *k == key(suffix)) {
+                entry.1 = value;
+            }
+        };
+        replace(&mut entries, "attention.key_length", u32_value(latent.latent_rank + latent.rope_dim));
+        replace(&mut entries, "attention.value_length", u32_value(latent.latent_rank));
+        replace(&mut entries, "rope.dimension_count", u32_value(latent.rope_dim));
+        entries.extend([
+            (key("attention.key_length_mla"), u32_value(latent.nope_dim + latent.rope_dim)),
+            (key("attention.value_length_mla"), u32_value(latent.value_dim)),
+            (key("attention.q_lora_rank"), u32_value(latent.query_rank)),
+            (key("attention.kv_lora_rank"), u32_value(latent.latent_rank)),
+            (key("leading_dense_block_count"), u32_value(latent.dense_layers)),
+            (key("expert_feed_forward_length"), u32_value(latent.expert_ffn)),
+            (key("expert_shared_count"), u32_value(1)),
+            (key("expert_weights_scale"), Value::F32(DEEPSEEK_ROUTED_SCALE)),
+            (key("expert_weights_norm"), Value::Bool(true)),
+            (key("expert_gating_func"), u32_value(2)),
+            (key("expert_group_count"), u32_value(latent.groups)),
+            (key("expert_group_used_count"), u32_value(latent.groups_used)),
+            (key("rope.scaling.type"), Value::String("yarn".into())),
+            (key("rope.scaling.factor"), Value::F32(DEEPSEEK_YARN_FACTOR)),
+            (key("rope.scaling.original_context_length"), u32_value(DEEPSEEK_YARN_ORIGINAL_CONTEXT)),
+            // 0.1 * mscale_all_dim, as the converter writes it.
+            (key("rope.scaling.yarn_log_multiplier"), Value::F32(0.1)),
+        ]);
     }
     entries.extend(vocab.into_metadata().into_iter().map(|(key, value)| (key.to_owned(), value)));
     entries

@@ -162,24 +162,40 @@ fn split_experts_match_the_whole_model() {
     }
 }
 
-/// A stage's memory counts its experts: a layer of experts weighs what its tensors do.
+/// A stage's memory counts its experts: each layer weighs what its tensors in the file do
+/// (dense and expert layers differ by far in DeepSeek), and a stage fetches all of them.
 #[test]
 fn the_footprint_counts_every_expert() {
     for reference in references() {
         let source = ModelSource::open(&reference.path).expect("opens");
         let layout = source.file_layout().expect("layout");
         let footprint = source.footprint(&candle_core::Device::Cpu);
-        let stacked: u64 = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
-            .iter()
-            .map(|t| {
-                let range = &layout.tensors[&format!("blk.0.{t}.weight")];
-                range.end - range.start
-            })
-            .sum();
-        assert!(footprint.layer_bytes[0] > stacked, "{}: {} <= {stacked}", reference.name, footprint.layer_bytes[0]);
-        let names = source.stage_tensor_names(1..2).expect("names");
-        for t in ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
-            assert!(names.contains(&format!("blk.1.{t}.weight")), "{}: a stage fetches {t}", reference.name);
+        for (layer, &bytes) in footprint.layer_bytes.iter().enumerate() {
+            let prefix = format!("blk.{layer}.");
+            let in_file: u64 =
+                layout.tensors.iter().filter(|(name, _)| name.starts_with(&prefix)).map(|(_, r)| r.end - r.start).sum();
+            assert_eq!(bytes, in_file, "{}: layer {layer}", reference.name);
+            let mut expected: Vec<String> = layout.tensors.keys().filter(|name| name.starts_with(&prefix)).cloned().collect();
+            let mut names = source.stage_tensor_names(layer..layer + 1).expect("names");
+            names.retain(|name| name.starts_with(&prefix));
+            expected.sort();
+            names.sort();
+            assert_eq!(names, expected, "{}: a stage of layer {layer} fetches its tensors", reference.name);
+        }
+        let moe = source.config().moe.clone().expect("experts");
+        if moe.dense_layers > 0 {
+            let (dense, experts) = (footprint.layer_bytes[0], footprint.layer_bytes[moe.dense_layers]);
+            assert!(experts > 2 * dense, "{}: an expert layer ({experts} B) outweighs a dense one ({dense} B)", reference.name);
         }
     }
+}
+
+/// Latent attention caches one row of latent and rotary key per token and layer.
+#[test]
+fn latent_attention_caches_the_latent_alone() {
+    let reference = references().into_iter().find(|r| r.name.starts_with("tiny-deepseek2")).expect("a deepseek2 fixture");
+    let source = ModelSource::open(&reference.path).expect("opens");
+    let mla = source.config().latent_attention.clone().expect("latent attention");
+    let footprint = source.footprint(&candle_core::Device::Cpu);
+    assert_eq!(footprint.kv_bytes_per_token_per_layer, 2 * (mla.latent_rank + mla.rope_dim) as u64);
 }

@@ -45,16 +45,29 @@ const KV_PAD: usize = 32;
 pub(crate) struct Heads {
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
+    /// The width of a query and key head.
     pub(crate) head_dim: usize,
+    /// The width of a value head: `head_dim`, but for latent attention, where values are
+    /// the first `value_dim` values of each key.
+    pub(crate) value_dim: usize,
 }
 
 impl Heads {
+    pub(crate) fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        Self { heads, kv_heads, head_dim, value_dim: head_dim }
+    }
+
     pub(crate) fn q_width(&self) -> usize {
         self.heads * self.head_dim
     }
 
     pub(crate) fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// The width of one position's attention output.
+    pub(crate) fn out_width(&self) -> usize {
+        self.heads * self.value_dim
     }
 
     /// The KV head query head `h` reads (ggml broadcasts K and V over consecutive heads).
@@ -86,7 +99,7 @@ impl Sum {
     fn values(heads: &Heads, batch: usize, n_kv: usize) -> Self {
         // tinyBLAS takes it when the rows of the output (the head's dimensions) come in
         // multiples of 4; `n_kv` is always a multiple of 16.
-        if batch >= 2 && heads.head_dim.is_multiple_of(4) {
+        if batch >= 2 && heads.value_dim.is_multiple_of(4) {
             Self::Lanes16
         } else {
             Self::VecDot { n: n_kv }
@@ -99,14 +112,22 @@ impl Sum {
 #[derive(Debug, Clone)]
 pub(crate) struct KvCache {
     keys: Vec<f16>,
+    /// Empty when the values are the keys' first columns (latent attention).
     values: Vec<f16>,
     width: usize,
+    values_in_keys: bool,
     step: usize,
 }
 
 impl KvCache {
     pub(crate) fn new(width: usize, step: usize) -> Self {
-        Self { keys: Vec::new(), values: Vec::new(), width, step: step.max(1) }
+        Self { keys: Vec::new(), values: Vec::new(), width, values_in_keys: false, step: step.max(1) }
+    }
+
+    /// A cache of keys alone, whose first columns serve as the values: latent attention's
+    /// compressed latent followed by its rotary key, as llama.cpp caches them.
+    pub(crate) fn latent(width: usize, step: usize) -> Self {
+        Self { values_in_keys: true, ..Self::new(width, step) }
     }
 
     /// Positions held.
@@ -120,15 +141,19 @@ impl KvCache {
         (self.keys.capacity() + self.values.capacity()) * 2
     }
 
-    /// Appends rows of keys and values (as many rows as `keys` holds), rounded to f16.
+    /// Appends rows of keys and values (as many rows as `keys` holds), rounded to f16. A
+    /// latent cache takes no values (they are in the keys).
     pub(crate) fn append(&mut self, keys: &[f32], values: &[f32]) {
-        assert!(keys.len() == values.len() && keys.len().is_multiple_of(self.width));
+        let expected_values = if self.values_in_keys { 0 } else { keys.len() };
+        assert!(values.len() == expected_values && keys.len().is_multiple_of(self.width));
         let needed = self.keys.len() + keys.len();
         if needed > self.keys.capacity() {
             let positions = (needed / self.width).div_ceil(self.step) * self.step;
             let extra = positions * self.width - self.keys.len();
             self.keys.reserve_exact(extra);
-            self.values.reserve_exact(extra);
+            if !self.values_in_keys {
+                self.values.reserve_exact(extra);
+            }
         }
         self.keys.extend(keys.iter().map(|&k| f16::from_f32(k)));
         self.values.extend(values.iter().map(|&v| f16::from_f32(v)));
@@ -194,6 +219,7 @@ struct Plan {
     scale: f32,
     score_sum: Sum,
     value_sum: Sum,
+    values_in_keys: bool,
 }
 
 impl Plan {
@@ -201,6 +227,7 @@ impl Plan {
         let context = cache.len();
         assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
         assert!(heads.heads.is_multiple_of(heads.kv_heads));
+        assert!(heads.value_dim == heads.head_dim || (cache.values_in_keys && heads.value_dim < heads.head_dim));
         let n_kv = context.next_multiple_of(KV_PAD);
         Self {
             heads: *heads,
@@ -208,6 +235,7 @@ impl Plan {
             scale,
             score_sum: Sum::scores(heads, batch),
             value_sum: Sum::values(heads, batch, n_kv),
+            values_in_keys: cache.values_in_keys,
         }
     }
 
@@ -224,7 +252,7 @@ impl Plan {
         out: &mut [f32],
         scratch: &mut Scratch,
     ) {
-        let d = self.heads.head_dim;
+        let (d, dv) = (self.heads.head_dim, self.heads.value_dim);
         let width = self.heads.kv_width();
         let seen = self.start + t + 1;
         let g = self.heads.kv_head(h);
@@ -232,20 +260,23 @@ impl Plan {
         scratch.query.extend(q.iter().map(|&v| round_f16(v)));
         scratch.scores.resize(seen, 0.0);
         let keys = &cache_keys[g * d..];
-        let values = &cache_values[g * d..];
+        // A latent cache's values are its keys' first columns (and its one KV head's).
+        let (values, value_stride) =
+            if self.values_in_keys { (keys, width) } else { (&cache_values[g * dv..], self.heads.kv_heads * dv) };
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(avx2) => {
                 super::ops_x86::scores(avx2, self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
                 super::ops_x86::softmax(avx2, &mut scratch.scores, self.scale, true);
                 let lanes = &mut scratch.lanes;
-                super::ops_x86::weighted_values(avx2, self.value_sum, &scratch.scores, values, width, out, lanes);
+                let sum = self.value_sum;
+                super::ops_x86::weighted_values(avx2, sum, &scratch.scores, values, value_stride, out, lanes);
             }
             // Portable, or NEON (whose kernels so far are only the K-quant products).
             _ => {
                 scores_portable(self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
                 super::ops::softmax_portable(&mut scratch.scores, self.scale, true);
-                weighted_values_portable(self.value_sum, &scratch.scores, values, width, out);
+                weighted_values_portable(self.value_sum, &scratch.scores, values, value_stride, out);
             }
         }
     }
@@ -265,10 +296,10 @@ pub(crate) fn attend_with(
     scratch: &mut Scratch,
 ) {
     let plan = Plan::new(heads, cache, batch, &rows, scale);
-    let (w, d) = (heads.q_width(), heads.head_dim);
-    assert!(q.len() == rows.len() * w && out.len() == q.len());
-    for (t, (q, out)) in rows.zip(q.chunks_exact(w).zip(out.chunks_exact_mut(w))) {
-        for (h, (q, out)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+    let (w, d, wv, dv) = (heads.q_width(), heads.head_dim, heads.out_width(), heads.value_dim);
+    assert!(q.len() == rows.len() * w && out.len() == rows.len() * wv);
+    for (t, (q, out)) in rows.zip(q.chunks_exact(w).zip(out.chunks_exact_mut(wv))) {
+        for (h, (q, out)) in q.chunks_exact(d).zip(out.chunks_exact_mut(dv)).enumerate() {
             plan.one(isa, &cache.keys, &cache.values, t, h, q, out, scratch);
         }
     }
@@ -290,7 +321,7 @@ pub(crate) fn attend_parallel(
     threads: usize,
 ) {
     let plan = Plan::new(heads, cache, batch, &rows, scale);
-    assert!(q.len() == rows.len() * heads.q_width() && out.len() == q.len());
+    assert!(q.len() == rows.len() * heads.q_width() && out.len() == rows.len() * heads.out_width());
     let items = rows.len() * heads.heads;
     let chunks = (threads * CHUNKS_PER_THREAD).min(items);
     // Workers get jobs only while they are offered, so a kept job no worker holds any
@@ -374,17 +405,17 @@ impl Job for AttentionJob {
 
     fn run_chunk(&self, chunk: usize) {
         let heads = &self.plan.heads;
-        let d = heads.head_dim;
+        let (d, dv) = (heads.head_dim, heads.value_dim);
         let items = self.q.len() / d;
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let values = self.values.read().unwrap_or_else(PoisonError::into_inner);
         JOB_SCRATCH.with_borrow_mut(|(scratch, head_out)| {
-            head_out.resize(d, 0.0);
+            head_out.resize(dv, 0.0);
             for item in (chunk..items).step_by(self.chunk_count) {
                 let (t, h) = (self.first_row + item / heads.heads, item % heads.heads);
                 let q = &self.q[item * d..(item + 1) * d];
                 self.plan.one(self.isa, &keys, &values, t, h, q, head_out, scratch);
-                for (out, v) in self.out[item * d..(item + 1) * d].iter().zip(head_out.iter()) {
+                for (out, v) in self.out[item * dv..(item + 1) * dv].iter().zip(head_out.iter()) {
                     out.store(v.to_bits(), Ordering::Relaxed);
                 }
             }

@@ -230,7 +230,7 @@ pub(crate) enum RopePairs {
     Halves,
 }
 
-/// Rotary position embeddings as ggml's `rope_ext` with neither YaRN nor attention factor.
+/// Rotary position embeddings as ggml's `rope_ext` computes them.
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     head_dim: usize,
@@ -241,6 +241,30 @@ pub(crate) struct Rope {
     freq_scale: f32,
     /// Per-pair divisors of the angle (GGUF's `rope_freqs`, Llama 3 scaling).
     factors: Option<Vec<f32>>,
+    yarn: Option<Yarn>,
+}
+
+/// YaRN's part of ggml's `rope_ext`: between two correction dimensions, each pair's angle
+/// blends the interpolated and the extrapolated one, and cos and sin are scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Yarn {
+    /// How much of the extrapolated angle to blend in (1 for YaRN).
+    pub(crate) ext_factor: f32,
+    /// `attn_factor`: what cos and sin are multiplied by, before YaRN's own magnitude term.
+    pub(crate) attn_factor: f32,
+    /// The pairs below `corr_dims[0]` keep their extrapolated angle, those above
+    /// `corr_dims[1]` the interpolated one.
+    pub(crate) corr_dims: [f32; 2],
+}
+
+impl Yarn {
+    /// ggml's `ggml_rope_yarn_corr_dims` for `n_dims` rotated dimensions.
+    pub(crate) fn corr_dims(n_dims: usize, original_context: usize, base: f32, beta_fast: f32, beta_slow: f32) -> [f32; 2] {
+        let dim = |rotations: f32| {
+            n_dims as f32 * (original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        [dim(beta_fast).floor().max(0.0), dim(beta_slow).ceil().min(n_dims as f32 - 1.0)]
+    }
 }
 
 impl Rope {
@@ -252,7 +276,11 @@ impl Rope {
         factors: Option<Vec<f32>>,
     ) -> Self {
         assert!(head_dim.is_multiple_of(2) && factors.as_ref().is_none_or(|f| f.len() == head_dim / 2));
-        Self { head_dim, pairs, theta_scale: base.powf(-2.0 / head_dim as f32), freq_scale, factors }
+        Self { head_dim, pairs, theta_scale: base.powf(-2.0 / head_dim as f32), freq_scale, factors, yarn: None }
+    }
+
+    pub(crate) fn with_yarn(self, yarn: Yarn) -> Self {
+        Self { yarn: Some(yarn), ..self }
     }
 
     /// Values [`Rope::angles`] writes per position.
@@ -268,9 +296,23 @@ impl Rope {
                 Some(factors) => theta / factors[i],
                 None => theta,
             };
-            let angle = self.freq_scale * extrapolated;
-            out[0] = angle.cos();
-            out[1] = angle.sin();
+            let interpolated = self.freq_scale * extrapolated;
+            match &self.yarn {
+                None => {
+                    out[0] = interpolated.cos();
+                    out[1] = interpolated.sin();
+                }
+                Some(yarn) => {
+                    // ggml's `rope_yarn`, in its order of operations.
+                    let [low, high] = yarn.corr_dims;
+                    let ramp = 1.0 - ((i as f32 - low) / (high - low).max(0.001)).clamp(0.0, 1.0);
+                    let mix = ramp * yarn.ext_factor;
+                    let angle = interpolated * (1.0 - mix) + extrapolated * mix;
+                    let mscale = yarn.attn_factor * (1.0 + 0.1 * (1.0 / self.freq_scale).ln());
+                    out[0] = angle.cos() * mscale;
+                    out[1] = angle.sin() * mscale;
+                }
+            }
             theta *= self.theta_scale;
         }
     }

@@ -155,7 +155,7 @@ fn attention_matches_llama_cpp() {
     let d = fixture["head_dim"].as_u64().unwrap() as usize;
     let group = fixture["query_heads_per_kv_head"].as_u64().unwrap() as usize;
     let scale = fixture["scale"].as_f64().unwrap() as f32;
-    let heads = Heads { heads: group, kv_heads: 1, head_dim: d };
+    let heads = Heads::new(group, 1, d);
     let mut scratch = Scratch::default();
     for case in fixture["attentions"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -279,7 +279,7 @@ fn vector_exponential_equals_the_scalar_one() {
 fn every_isa_attends_like_the_portable_code() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     for (heads, kv_heads, d) in [(9, 3, 64), (4, 2, 8), (2, 1, 128), (4, 4, 24), (2, 2, 80), (2, 1, 6)] {
-        let shape = Heads { heads, kv_heads, head_dim: d };
+        let shape = Heads::new(heads, kv_heads, d);
         // Decoding on each side of the f64 part's boundaries (n_kv 32, 64, 96, 128), and batches.
         let decoding = [(3, 1), (31, 1), (32, 1), (40, 1), (63, 1), (64, 1), (80, 1), (127, 1)];
         let batches = decoding.into_iter().chain([(0, 1), (0, 5), (0, 70), (20, 30)]);
@@ -326,7 +326,7 @@ fn every_isa_attends_like_the_portable_code() {
 #[test]
 fn threads_attend_like_one() {
     let mut rng = ChaCha8Rng::seed_from_u64(10);
-    let shape = Heads { heads: 9, kv_heads: 3, head_dim: 64 };
+    let shape = Heads::new(9, 3, 64);
     for (start, batch, rows) in [(0, 40, 0..40), (10, 30, 29..30), (100, 1, 0..1)] {
         let context = start + batch;
         let mut cache = KvCache::new(shape.kv_width(), 64);
