@@ -26,6 +26,8 @@ impl MatrixFormat {
             GgmlDType::Q4K => Some(Self::K(KQuant::Q4_K)),
             GgmlDType::Q5K => Some(Self::K(KQuant::Q5_K)),
             GgmlDType::Q6K => Some(Self::K(KQuant::Q6_K)),
+            GgmlDType::Q2K => Some(Self::K(KQuant::Q2_K)),
+            GgmlDType::Q3K => Some(Self::K(KQuant::Q3_K)),
             dtype => WeightFormat::from_ggml(dtype).map(Self::Block32),
         }
     }
@@ -62,6 +64,11 @@ pub(crate) enum WeightFormat {
     Q4_0,
     /// `d: f16, m: f16, qs: [u8; 16]`: value = d * nibble + m.
     Q4_1,
+    /// `d: f16, qh: [u8; 4], qs: [u8; 16]`: value = d * (q - 16), where q is a nibble of
+    /// `qs` topped with a fifth bit from `qh` (bit `j` of its 32 for value `j`).
+    Q5_0,
+    /// `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`: value = d * q + m, q as in Q5_0.
+    Q5_1,
     /// `d: f16, qs: [i8; 32]`: value = d * q.
     Q8_0,
 }
@@ -71,7 +78,8 @@ pub(crate) enum WeightFormat {
 pub(crate) enum ActivationFormat {
     /// Scale and 32 signed bytes.
     Q8_0,
-    /// Q8_0 plus `s = d * sum(qs)`, which folds Q4_1's offset `m` into one product per block.
+    /// Q8_0 plus `s = d * sum(qs)`, which folds Q4_1's and Q5_1's offset `m` into one
+    /// product per block.
     Q8_1,
 }
 
@@ -80,6 +88,8 @@ impl WeightFormat {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -90,15 +100,22 @@ impl WeightFormat {
         match self {
             Self::Q4_0 => 2 + 16,
             Self::Q4_1 => 2 + 2 + 16,
+            Self::Q5_0 => 2 + 4 + 16,
+            Self::Q5_1 => 2 + 2 + 4 + 16,
             Self::Q8_0 => 2 + 32,
         }
     }
 
     pub(crate) const fn activation(self) -> ActivationFormat {
         match self {
-            Self::Q4_1 => ActivationFormat::Q8_1,
-            Self::Q4_0 | Self::Q8_0 => ActivationFormat::Q8_0,
+            Self::Q4_1 | Self::Q5_1 => ActivationFormat::Q8_1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActivationFormat::Q8_0,
         }
+    }
+
+    /// Whether blocks carry an f16 offset `m` (after the scale), added as `m * s` of Q8_1.
+    pub(crate) const fn has_offset(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 
     /// Writes the 32 values of `block` to `out`, as ggml's `dequantize_row_*` does.
@@ -118,6 +135,17 @@ impl WeightFormat {
                     out[j + 16] = (byte >> 4) as f32 * d + m;
                 }
             }
+            Self::Q5_0 => {
+                for (j, &q) in five_bit_quants(&block[2..6], &block[6..22]).iter().enumerate() {
+                    out[j] = (q as i32 - 16) as f32 * d;
+                }
+            }
+            Self::Q5_1 => {
+                let m = f16_at(block, 2);
+                for (j, &q) in five_bit_quants(&block[4..8], &block[8..24]).iter().enumerate() {
+                    out[j] = q as f32 * d + m;
+                }
+            }
             Self::Q8_0 => {
                 for (j, &q) in block[2..34].iter().enumerate() {
                     out[j] = q as i8 as f32 * d;
@@ -125,6 +153,22 @@ impl WeightFormat {
             }
         }
     }
+}
+
+/// The 32 unsigned 5-bit quants of a Q5_0 or Q5_1 block, in value order: value `j` is
+/// nibble `j % 16` of `qs` (low nibbles first) plus 16 times bit `j` of the little-endian
+/// `qh`.
+pub(crate) fn five_bit_quants(qh: &[u8], qs: &[u8]) -> [u8; BLOCK] {
+    let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; BLOCK];
+    for (j, &byte) in qs[..BLOCK / 2].iter().enumerate() {
+        q[j] = byte & 0x0F;
+        q[j + BLOCK / 2] = byte >> 4;
+    }
+    for (j, q) in q.iter_mut().enumerate() {
+        *q |= (((high >> j) & 1) << 4) as u8;
+    }
+    q
 }
 
 /// The little-endian f16 at `offset` of `bytes`, widened (exactly) to f32.

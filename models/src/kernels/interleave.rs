@@ -19,9 +19,14 @@ pub(crate) const GROUP_ROWS: usize = 4;
 /// Bytes the kernels load at once: the same 16 quants of each row of a group.
 const CHUNK: usize = 16;
 
-/// Whether matrices of `format` can be interleaved.
+/// Whether matrices of `format` can be interleaved. (Q5_0, Q5_1 and the other K-quants are
+/// not, so far: they run their row kernels in every layout.)
 pub(crate) fn interleaves(format: MatrixFormat) -> bool {
-    matches!(format, MatrixFormat::Block32(_) | MatrixFormat::K(KQuant::Q4_K))
+    matches!(
+        format,
+        MatrixFormat::Block32(WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0)
+            | MatrixFormat::K(KQuant::Q4_K)
+    )
 }
 
 /// Rearranges `data`, `rows` rows of `blocks` blocks of `format`, into groups of four rows.

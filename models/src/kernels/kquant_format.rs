@@ -1,8 +1,8 @@
 //! GGML's K-quant weight formats, byte for byte as GGUF stores them.
 //!
 //! A K-quant block ("super-block" in ggml) holds 256 consecutive values of a row, split
-//! into sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q6_K) values that each have a small integer
-//! scale; one or two f16 factors scale the whole block. As with the 32-value formats,
+//! into sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q2_K, Q3_K, Q6_K) values that each have a
+//! small integer scale; one or two f16 factors scale the whole block. As with the 32-value formats,
 //! blocks are read in place from the file's bytes.
 
 use super::format::f16_at;
@@ -22,6 +22,14 @@ pub(crate) enum KQuant {
     /// `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: sixteen sub-blocks of 16,
     /// each with a signed 8-bit scale `sc`: value = d * sc * (q - 32), q of 6 bits.
     Q6_K,
+    /// `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`: sixteen sub-blocks of 16, each
+    /// with a 4-bit scale `sc` (low nibble) and min `m` (high nibble): value = d * sc * q -
+    /// dmin * m, q of 2 bits.
+    Q2_K,
+    /// `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`: sixteen sub-blocks of 16,
+    /// each with a 6-bit scale `sc`: value = d * (sc - 32) * q, q = the 2 bits of `qs`
+    /// minus 4 where `hmask` has the value's bit clear.
+    Q3_K,
 }
 
 /// Byte offsets within a block.
@@ -31,6 +39,11 @@ pub(crate) const Q5_K_QS: usize = 48;
 pub(crate) const Q6_K_QH: usize = 128;
 pub(crate) const Q6_K_SCALES: usize = 192;
 pub(crate) const Q6_K_D: usize = 208;
+pub(crate) const Q2_K_QS: usize = 16;
+pub(crate) const Q2_K_D: usize = 80;
+pub(crate) const Q3_K_QS: usize = 32;
+pub(crate) const Q3_K_SCALES: usize = 96;
+pub(crate) const Q3_K_D: usize = 108;
 
 impl KQuant {
     /// Bytes of one block of 256 values.
@@ -39,6 +52,8 @@ impl KQuant {
             Self::Q4_K => 2 + 2 + 12 + 128,
             Self::Q5_K => 2 + 2 + 12 + 32 + 128,
             Self::Q6_K => 128 + 64 + 16 + 2,
+            Self::Q2_K => 16 + 64 + 2 + 2,
+            Self::Q3_K => 32 + 64 + 12 + 2,
         }
     }
 
@@ -69,8 +84,78 @@ impl KQuant {
                     }
                 }
             }
+            Self::Q2_K => {
+                let d = f16_at(block, Q2_K_D);
+                let min = f16_at(block, Q2_K_D + 2);
+                let q = quants_2(block);
+                for (s, out) in out.chunks_exact_mut(16).enumerate() {
+                    let scale = d * (block[s] & 0x0F) as f32;
+                    let offset = min * (block[s] >> 4) as f32;
+                    for (out, &q) in out.iter_mut().zip(&q[16 * s..16 * (s + 1)]) {
+                        *out = scale * q as f32 - offset;
+                    }
+                }
+            }
+            Self::Q3_K => {
+                let d = f16_at(block, Q3_K_D);
+                let scales = scales_3(&block[Q3_K_SCALES..Q3_K_SCALES + 12]);
+                let q = quants_3(block);
+                for (s, out) in out.chunks_exact_mut(16).enumerate() {
+                    let scale = d * scales[s] as f32;
+                    for (out, &q) in out.iter_mut().zip(&q[16 * s..16 * (s + 1)]) {
+                        *out = scale * q as f32;
+                    }
+                }
+            }
         }
     }
+}
+
+/// The 256 unsigned quants of a Q2_K block, in value order: each 32 bytes of `qs` hold
+/// 128 values, four pairs of bits per byte, the lowest pair first (values `32k..32k + 32` of
+/// the 128 are the `k`th pairs of the 32 bytes).
+pub(crate) fn quants_2(block: &[u8]) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for (half, bytes) in block[Q2_K_QS..Q2_K_QS + 64].chunks_exact(32).enumerate() {
+        for k in 0..4 {
+            for (l, &byte) in bytes.iter().enumerate() {
+                q[128 * half + 32 * k + l] = (byte >> (2 * k)) & 3;
+            }
+        }
+    }
+    q
+}
+
+/// The 256 signed quants of a Q3_K block, in value order: the low two bits as Q2_K packs
+/// them, minus 4 where bit `4 * half + k` of `hmask[l]` is clear, for value `l` of the
+/// `k`th 32 of each half of 128.
+pub(crate) fn quants_3(block: &[u8]) -> [i8; QK_K] {
+    let mut q = [0i8; QK_K];
+    let hmask = &block[..32];
+    for (half, bytes) in block[Q3_K_QS..Q3_K_QS + 64].chunks_exact(32).enumerate() {
+        for k in 0..4 {
+            let bit = 4 * half + k;
+            for (l, (&byte, &h)) in bytes.iter().zip(hmask).enumerate() {
+                let low = ((byte >> (2 * k)) & 3) as i8;
+                q[128 * half + 32 * k + l] = if (h >> bit) & 1 == 1 { low } else { low - 4 };
+            }
+        }
+    }
+    q
+}
+
+/// Q3_K's sixteen 6-bit scales, unpacked from its 12 bytes and less 32, as ggml does: the
+/// low nibbles of bytes 0-7 for scales 0-7 and their high nibbles for 8-15, topped up
+/// with two bits each from bytes 8-11 (scale `s` from bits `2 * (s / 4)` of byte `8 + s %
+/// 4`).
+pub(crate) fn scales_3(packed: &[u8]) -> [i8; 16] {
+    let mut scales = [0i8; 16];
+    for (s, scale) in scales.iter_mut().enumerate() {
+        let low = if s < 8 { packed[s] & 0x0F } else { packed[s - 8] >> 4 };
+        let high = (packed[8 + s % 4] >> (2 * (s / 4))) & 3;
+        *scale = (low | (high << 4)) as i8 - 32;
+    }
+    scales
 }
 
 /// The eight 6-bit scales and eight 6-bit mins packed in Q4_K's and Q5_K's 12 bytes, as
@@ -136,6 +221,22 @@ pub(crate) fn quants_6(block: &[u8]) -> [i8; QK_K] {
         }
     }
     q
+}
+
+/// Q3_K's 12 bytes of scales unpacked four at a time, as ggml's SIMD code does: the same
+/// values as [`scales_3`], but before 32 is taken off.
+#[inline(always)]
+pub(crate) fn scales_3_words(packed: &[u8]) -> [u32; 4] {
+    const LOW_4: u32 = 0x0f0f_0f0f;
+    const LOW_2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
+    let (a, b, c) = (word(0), word(1), word(2));
+    [
+        (a & LOW_4) | ((c & LOW_2) << 4),
+        (b & LOW_4) | (((c >> 2) & LOW_2) << 4),
+        ((a >> 4) & LOW_4) | (((c >> 4) & LOW_2) << 4),
+        ((b >> 4) & LOW_4) | (((c >> 6) & LOW_2) << 4),
+    ]
 }
 
 /// Q4_K's and Q5_K's 12 bytes of scales and mins rearranged as ggml's SIMD code does: the

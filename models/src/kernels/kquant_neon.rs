@@ -1,8 +1,8 @@
-//! NEON K-quant kernels for aarch64: the integer sums of `kquant_portable.rs` (eight i32
-//! lanes per block, as two vectors of four), with `sdot` where the CPU has the dot-product
-//! extension and widening multiplies with pairwise adds elsewhere, then the same float
-//! steps (`vfmaq_f32` is the same fused multiply-add), so results equal the portable
-//! kernels' bit for bit.
+//! NEON K-quant kernels for aarch64 (Q4_K, Q5_K and Q6_K; Q2_K and Q3_K run the portable
+//! ones so far): the integer sums of `kquant_portable.rs` (eight i32 lanes per block, as two
+//! vectors of four), with `sdot` where the CPU has the dot-product extension and widening
+//! multiplies with pairwise adds elsewhere, then the same float steps (`vfmaq_f32` is the
+//! same fused multiply-add), so results equal the portable kernels' bit for bit.
 //!
 //! Unlike x86, NEON takes the weights as signed bytes, so Q6_K's `q - 32` is formed
 //! directly. One weight row and one activation row per pass: prefill does not yet reuse
@@ -13,7 +13,7 @@ use std::arch::asm;
 
 use super::kquant_activation::Q8KBlock;
 use super::kquant_format::{scales_then_mins, KQuant, Q4_K_QS, Q5_K_QH, Q5_K_QS, Q6_K_D, Q6_K_QH, Q6_K_SCALES};
-use super::kquant_portable::sum_min_lanes;
+use super::kquant_portable::{self, sum_min_lanes};
 use super::portable::sum_lanes;
 
 const Q4_K: u8 = 0;
@@ -55,6 +55,8 @@ impl Neon {
                         (KQuant::Q4_K, false) => dot::<Q4_K, false>(row, x),
                         (KQuant::Q5_K, false) => dot::<Q5_K, false>(row, x),
                         (KQuant::Q6_K, false) => dot::<Q6_K, false>(row, x),
+                        // No NEON kernels for these yet: the portable ones are as exact.
+                        (KQuant::Q2_K | KQuant::Q3_K, _) => kquant_portable::dot(kind, row, x),
                     }
                 };
             }

@@ -2,7 +2,8 @@
 //! for bit, and what runs where no SIMD version exists.
 //!
 //! The order of the floating-point operations is that of ggml's AVX2 `ggml_vec_dot_q4_K_q8_K`,
-//! `_q5_K_` and `_q6_K_`, which llama.cpp runs on x86 (AVX-512 builds included). Within a
+//! `_q5_K_`, `_q6_K_`, `_q2_K_` and `_q3_K_`, which llama.cpp runs on x86 (AVX-512 builds
+//! included). Within a
 //! block everything is integer: each product of a weight quant and an activation quant
 //! lands in one of eight i32 lanes (value `i` in lane `i / 4 % 8`: what `maddubs` and
 //! `madd`, or `dpbusd`, yield on 32 values), multiplied by its sub-block's scale. Per
@@ -16,7 +17,9 @@
 //! lane) with fused multiply-adds, summed pairwise and added last; for Q5_K, as one
 //! integer per block, scaled into a scalar accumulator with a multiply-add (ggml writes
 //! `summs += dmin * sum`, which GCC and Clang contract into one FMA when the target has
-//! it, as llama.cpp's x86 builds do).
+//! it, as llama.cpp's x86 builds do). Q2_K's mins (one per 16 values) go into the eight
+//! lanes of the main accumulators themselves, two sub-blocks per lane, with a fused
+//! multiply-add by `-d_x * dmin_w` before the block's scaled sums are added.
 //!
 //! ggml's scalar `_generic` versions compute the same integer sums but accumulate the
 //! floats in another order, so results agree with them to f32 rounding only. So do
@@ -29,7 +32,10 @@
 
 use super::format::f16_at;
 use super::kquant_activation::Q8KBlock;
-use super::kquant_format::{quants_4_5, quants_6, scales_and_mins, KQuant, Q6_K_D, Q6_K_SCALES, QK_K};
+use super::kquant_format::{
+    quants_2, quants_3, quants_4_5, quants_6, scales_3, scales_and_mins, KQuant, Q2_K_D, Q3_K_D, Q3_K_SCALES, Q6_K_D,
+    Q6_K_SCALES, QK_K,
+};
 use super::portable::sum_lanes;
 
 /// Lanes of the integer and float accumulators, and values per lane per 32 values.
@@ -97,6 +103,29 @@ pub(crate) fn dot(kind: KQuant, row: &[u8], x: &[Q8KBlock]) -> f32 {
                 }
                 f16_at(block, Q6_K_D)
             }
+            KQuant::Q2_K => {
+                for (v, &q) in values.iter_mut().zip(&quants_2(block)) {
+                    *v = q as i32;
+                }
+                for (s, scale) in scales.iter_mut().enumerate() {
+                    *scale = (block[s] & 0x0F) as i32;
+                }
+                let dmin = -a.d * f16_at(block, Q2_K_D + 2);
+                for (k, lane) in lanes.iter_mut().enumerate() {
+                    let min = |s: usize| (block[s] >> 4) as i32 * a.bsums[s] as i32;
+                    *lane = dmin.mul_add((min(2 * k) + min(2 * k + 1)) as f32, *lane);
+                }
+                f16_at(block, Q2_K_D)
+            }
+            KQuant::Q3_K => {
+                for (v, &q) in values.iter_mut().zip(&quants_3(block)) {
+                    *v = q as i32;
+                }
+                for (scale, &s) in scales.iter_mut().zip(&scales_3(&block[Q3_K_SCALES..Q3_K_SCALES + 12])) {
+                    *scale = s as i32;
+                }
+                f16_at(block, Q3_K_D)
+            }
         };
         let mut sums = [0i32; LANES];
         for (g, (w, q)) in values.chunks_exact(GROUP).zip(a.qs.chunks_exact(GROUP)).enumerate() {
@@ -111,7 +140,7 @@ pub(crate) fn dot(kind: KQuant, row: &[u8], x: &[Q8KBlock]) -> f32 {
     match kind {
         KQuant::Q4_K => sum_lanes(lanes) + sum_min_lanes(min_lanes),
         KQuant::Q5_K => sum_lanes(lanes) + mins_sum,
-        KQuant::Q6_K => sum_lanes(lanes),
+        KQuant::Q6_K | KQuant::Q2_K | KQuant::Q3_K => sum_lanes(lanes),
     }
 }
 

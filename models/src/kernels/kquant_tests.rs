@@ -10,11 +10,18 @@ use rand_chacha::ChaCha8Rng;
 
 use super::format::MatrixFormat;
 use super::kquant_activation::{quantize_row_k, Q8KBlock};
-use super::kquant_format::{scales_and_mins, scales_then_mins, KQuant, QK_K};
+use super::kquant_format::{
+    quants_3, scales_3, scales_3_words, scales_and_mins, scales_then_mins, KQuant, Q2_K_D, Q3_K_D, Q6_K_D, QK_K,
+};
 use super::{product, Isa, Matrix, QuantMatrix};
 
-const KINDS: [(GgmlDType, KQuant); 3] =
-    [(GgmlDType::Q4K, KQuant::Q4_K), (GgmlDType::Q5K, KQuant::Q5_K), (GgmlDType::Q6K, KQuant::Q6_K)];
+const KINDS: [(GgmlDType, KQuant); 5] = [
+    (GgmlDType::Q4K, KQuant::Q4_K),
+    (GgmlDType::Q5K, KQuant::Q5_K),
+    (GgmlDType::Q6K, KQuant::Q6_K),
+    (GgmlDType::Q2K, KQuant::Q2_K),
+    (GgmlDType::Q3K, KQuant::Q3_K),
+];
 
 /// Activation-like values: mostly small, some large outliers, some all-zero blocks.
 fn activations(rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
@@ -46,7 +53,12 @@ fn random_matrix(rng: &mut ChaCha8Rng, kind: KQuant, rows: usize, cols: usize) -
                 block[0..2].copy_from_slice(&f16_bits(rng));
                 block[2..4].copy_from_slice(&f16_bits(rng));
             }
-            KQuant::Q6_K => block[208..210].copy_from_slice(&f16_bits(rng)),
+            KQuant::Q6_K => block[Q6_K_D..Q6_K_D + 2].copy_from_slice(&f16_bits(rng)),
+            KQuant::Q2_K => {
+                block[Q2_K_D..Q2_K_D + 2].copy_from_slice(&f16_bits(rng));
+                block[Q2_K_D + 2..Q2_K_D + 4].copy_from_slice(&f16_bits(rng));
+            }
+            KQuant::Q3_K => block[Q3_K_D..Q3_K_D + 2].copy_from_slice(&f16_bits(rng)),
         }
     }
     QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into() }
@@ -87,6 +99,38 @@ fn packed_scales_unpack_as_ggml() {
         assert_eq!(bytes[..8], scales);
         assert_eq!(bytes[8..], mins);
     }
+}
+
+#[test]
+fn q3_k_scales_unpack_as_ggml() {
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    for _ in 0..1000 {
+        let mut packed = [0u8; 12];
+        rng.fill_bytes(&mut packed);
+        let scales = scales_3(&packed);
+        let words = scales_3_words(&packed);
+        let bytes: Vec<i8> = words.iter().flat_map(|w| w.to_le_bytes()).map(|b| b as i8 - 32).collect();
+        assert_eq!(bytes, scales);
+    }
+    // Scale 13: the high nibble of byte 5, topped with bits 6-7 of byte 9.
+    let mut packed = [0u8; 12];
+    packed[5] = 0xA0;
+    packed[9] = 0b1100_0000;
+    assert_eq!(scales_3(&packed)[13], (0x3A - 32) as i8);
+}
+
+#[test]
+fn q3_k_high_bits_run_across_both_halves() {
+    // Value 128 + 32 * 2 + 5 (half 1, chunk 2, byte 5): bit 6 of hmask[5]; its low bits
+    // are bits 4-5 of qs[32 + 5].
+    let mut block = [0u8; 110];
+    block[..32].fill(0xFF);
+    block[5] = !(1 << 6);
+    block[32 + 32 + 5] = 0b0011_0000;
+    let q = quants_3(&block);
+    assert_eq!(q[128 + 64 + 5], 3 - 4, "high bit clear: minus 4");
+    assert_eq!(q[64 + 5], 0, "the same byte's bit for half 0, chunk 2 is set");
+    assert!(q.iter().enumerate().all(|(i, &q)| i == 128 + 64 + 5 || q >= 0));
 }
 
 #[test]
@@ -262,19 +306,25 @@ fn k_products_match_dequantized_arithmetic() {
                         for (b, a) in acts.iter().enumerate() {
                             // Q4_K's and Q5_K's weights are differences `d*sc*q - dmin*m`:
                             // the rounding error scales with the terms, not with the difference.
-                            let mins_term = match kind {
-                                KQuant::Q6_K => [0.0; 8],
-                                _ => {
-                                    let block = &row[b * kind.block_bytes()..];
+                            // Q2_K's likewise, per 16 values.
+                            let block = &row[b * kind.block_bytes()..];
+                            let mins_term: [f64; 16] = match kind {
+                                KQuant::Q6_K | KQuant::Q3_K => [0.0; 16],
+                                KQuant::Q2_K => {
+                                    let dmin = super::format::f16_at(block, Q2_K_D + 2).abs() as f64;
+                                    std::array::from_fn(|s| dmin * (block[s] >> 4) as f64)
+                                }
+                                KQuant::Q4_K | KQuant::Q5_K => {
                                     let dmin = super::format::f16_at(block, 2).abs() as f64;
-                                    scales_and_mins(&block[4..16]).1.map(|m| dmin * m as f64)
+                                    let mins = scales_and_mins(&block[4..16]).1;
+                                    std::array::from_fn(|s| dmin * mins[s / 2] as f64)
                                 }
                             };
                             for (j, &q) in a.qs.iter().enumerate() {
                                 let x = q as f64 * a.d as f64;
                                 sum += w[b * QK_K + j] as f64 * x;
                                 magnitude +=
-                                    (w[b * QK_K + j] as f64).abs() * x.abs() + 2.0 * mins_term[j / 32] * x.abs();
+                                    (w[b * QK_K + j] as f64).abs() * x.abs() + 2.0 * mins_term[j / 16] * x.abs();
                             }
                         }
                         let ours = got[i * rows + r] as f64;

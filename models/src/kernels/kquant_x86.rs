@@ -1,4 +1,4 @@
-//! x86 K-quant kernels: ggml's AVX2 code for Q4_K, Q5_K and Q6_K, with its float
+//! x86 K-quant kernels: ggml's AVX2 code for Q4_K, Q5_K, Q6_K, Q2_K and Q3_K, with its float
 //! operations in its order (see `kquant_portable.rs`), and an AVX-512 (VNNI) version that
 //! reaches the same integer sums 64 values at a time, then takes the same float steps.
 //! Several activation rows share each unpacked weight chunk when prefilling.
@@ -6,20 +6,26 @@
 //! The integer work per 32 values is ggml's: `maddubs` of the unsigned weight quants with
 //! the activation quants, then `madd` with the sub-block's scale, which leaves the eight
 //! i32 lanes the float steps expect. (Q6_K's `q - 32` is reached by subtracting `maddubs`
-//! of 32 with the activations, as ggml does, since `maddubs` needs unsigned weights.)
+//! of 32 with the activations, as ggml does, since `maddubs` needs unsigned weights; Q3_K's
+//! `q - 4` likewise, by subtracting `maddubs` of 4 where the high bit is clear.)
 
 use std::arch::x86_64::*;
 
 use super::kquant_activation::Q8KBlock;
-use super::kquant_format::{scales_then_mins, KQuant, Q4_K_QS, Q5_K_QH, Q5_K_QS, Q6_K_D, Q6_K_QH, Q6_K_SCALES};
+use super::kquant_format::{
+    scales_3_words, scales_then_mins, KQuant, Q2_K_D, Q2_K_QS, Q3_K_D, Q3_K_QS, Q3_K_SCALES, Q4_K_QS, Q5_K_QH, Q5_K_QS,
+    Q6_K_D, Q6_K_QH, Q6_K_SCALES,
+};
 use super::kquant_portable::sum_min_lanes;
 use super::portable::sum_lanes;
 use super::x86::Avx2;
 
-/// Formats as const-generic parameters, so one kernel body serves all three.
+/// Formats as const-generic parameters, so one kernel body serves them all.
 const Q4_K: u8 = 0;
 const Q5_K: u8 = 1;
 const Q6_K: u8 = 2;
+const Q2_K: u8 = 3;
+const Q3_K: u8 = 4;
 
 /// Activation rows handled per pass over a weight row when prefilling.
 const ACT_ROWS: usize = 4;
@@ -66,6 +72,8 @@ impl Avx2 {
                 KQuant::Q4_K => rows::<Q4_K, false>(weights, blocks, acts, m, out),
                 KQuant::Q5_K => rows::<Q5_K, false>(weights, blocks, acts, m, out),
                 KQuant::Q6_K => rows::<Q6_K, false>(weights, blocks, acts, m, out),
+                KQuant::Q2_K => rows::<Q2_K, false>(weights, blocks, acts, m, out),
+                KQuant::Q3_K => rows::<Q3_K, false>(weights, blocks, acts, m, out),
             }
         }
     }
@@ -75,7 +83,9 @@ const fn block_bytes<const KIND: u8>() -> usize {
     match KIND {
         Q4_K => KQuant::Q4_K.block_bytes(),
         Q5_K => KQuant::Q5_K.block_bytes(),
-        _ => KQuant::Q6_K.block_bytes(),
+        Q6_K => KQuant::Q6_K.block_bytes(),
+        Q2_K => KQuant::Q2_K.block_bytes(),
+        _ => KQuant::Q3_K.block_bytes(),
     }
 }
 
@@ -152,15 +162,29 @@ unsafe fn dots<const KIND: u8, const R: usize, const N: usize>(
         let mut d_w = [0.0f32; R];
         let mut dmin_w = [0.0f32; R];
         // Q4_K and Q5_K: the eight scales as i16, in both halves; the eight mins as i16.
-        // Q6_K: the sixteen i8 scales.
+        // Q6_K, Q2_K and Q3_K: the sixteen scales as i8; Q2_K's sixteen mins as i16.
         let mut scales = [_mm256_setzero_si256(); R];
         let mut mins = [_mm_setzero_si128(); R];
+        let mut mins_16 = [_mm256_setzero_si256(); R];
         for r in 0..R {
             let p = w[r];
             // The prefetch is a hint that never faults, wherever it points.
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
             unsafe {
-                if KIND == Q6_K {
+                if KIND == Q2_K {
+                    let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.add(Q2_K_D).cast::<i32>().read_unaligned()));
+                    d_w[r] = _mm_cvtss_f32(header);
+                    dmin_w[r] = _mm_cvtss_f32(_mm_movehdup_ps(header));
+                    let packed = _mm_loadu_si128(p.cast());
+                    scales[r] = _mm256_castsi128_si256(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
+                    mins_16[r] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), _mm_set1_epi8(0x0F)));
+                } else if KIND == Q3_K {
+                    let d = p.add(Q3_K_D).cast::<u16>().read_unaligned();
+                    d_w[r] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+                    let u = scales_3_words(std::slice::from_raw_parts(p.add(Q3_K_SCALES), 12));
+                    let packed = _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32);
+                    scales[r] = _mm256_castsi128_si256(_mm_sub_epi8(packed, _mm_set1_epi8(32)));
+                } else if KIND == Q6_K {
                     let d = p.add(Q6_K_D).cast::<u16>().read_unaligned();
                     d_w[r] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
                     scales[r] = _mm256_castsi128_si256(_mm_loadu_si128(p.add(Q6_K_SCALES).cast()));
@@ -176,7 +200,53 @@ unsafe fn dots<const KIND: u8, const R: usize, const N: usize>(
                 }
             }
         }
-        if KIND == Q6_K {
+        if KIND == Q2_K || KIND == Q3_K {
+            let low2 = _mm256_set1_epi8(3);
+            let m4 = _mm256_set1_epi8(4);
+            // Q3_K's high bits: bit `4 * half + k` of byte `l` for value `l` of chunk `k`.
+            let mut hmask = [_mm256_setzero_si256(); R];
+            if KIND == Q3_K {
+                for r in 0..R {
+                    hmask[r] = unsafe { _mm256_loadu_si256(w[r].cast()) };
+                }
+            }
+            let qs = if KIND == Q2_K { Q2_K_QS } else { Q3_K_QS };
+            for half in 0..2 {
+                for r in 0..R {
+                    let bits = unsafe { _mm256_loadu_si256(w[r].add(qs + 32 * half).cast()) };
+                    let low = [
+                        _mm256_and_si256(bits, low2),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(bits), low2),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(bits), low2),
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(bits), low2),
+                    ];
+                    let sc128 = _mm256_castsi256_si128(scales[r]);
+                    for (k, low) in low.into_iter().enumerate() {
+                        // 4 where Q3_K's high bit is clear, so that `low - high` is its quant.
+                        let high = if KIND == Q3_K {
+                            let bit = _mm256_set1_epi8((1u8 << (4 * half + k)) as i8);
+                            let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hmask[r], bit), _mm256_setzero_si256());
+                            _mm256_and_si256(clear, m4)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        // Chunk `c` of 32 values: scale 2c for its first 16, 2c + 1 for the rest.
+                        let c = (4 * half + k) as i64;
+                        let pick = _mm_set_epi64x((2 * c + 1) * 0x0101_0101_0101_0101, 2 * c * 0x0101_0101_0101_0101);
+                        let scale = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc128, pick));
+                        for n in 0..N {
+                            // SAFETY: `qs` holds 256 bytes.
+                            let q8 = unsafe { _mm256_loadu_si256(a[n].qs.as_ptr().add(128 * half + 32 * k).cast()) };
+                            let mut p16 = _mm256_maddubs_epi16(low, q8);
+                            if KIND == Q3_K {
+                                p16 = _mm256_sub_epi16(p16, _mm256_maddubs_epi16(high, q8));
+                            }
+                            sumi[r][n] = _mm256_add_epi32(sumi[r][n], _mm256_madd_epi16(scale, p16));
+                        }
+                    }
+                }
+            }
+        } else if KIND == Q6_K {
             let low2 = _mm256_set1_epi8(3);
             let m32 = _mm256_set1_epi8(32);
             for half in 0..2 {
@@ -266,17 +336,19 @@ unsafe fn dots<const KIND: u8, const R: usize, const N: usize>(
         // The float steps, in ggml's order.
         for n in 0..N {
             // bsums in pairs: the sums of each sub-block of 32 activations.
-            let q8s = if KIND == Q6_K {
-                _mm_setzero_si128()
-            } else {
-                // SAFETY: `bsums` holds 16 i16s.
-                let sums = unsafe { _mm256_loadu_si256(a[n].bsums.as_ptr().cast()) };
-                _mm_hadd_epi16(_mm256_castsi256_si128(sums), _mm256_extracti128_si256::<1>(sums))
-            };
+            // SAFETY: `bsums` holds 16 i16s.
+            let bsums = unsafe { _mm256_loadu_si256(a[n].bsums.as_ptr().cast()) };
+            let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
             for r in 0..R {
+                if KIND == Q2_K {
+                    // Q2_K's mins first, into the same lanes.
+                    let dmin = _mm256_set1_ps(-a[n].d * dmin_w[r]);
+                    let products = _mm256_madd_epi16(mins_16[r], bsums);
+                    acc[r][n] = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(products), acc[r][n]);
+                }
                 let d = _mm256_set1_ps(a[n].d * d_w[r]);
                 acc[r][n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][n]), acc[r][n]);
-                if KIND != Q6_K {
+                if KIND == Q4_K || KIND == Q5_K {
                     let dmin = -a[n].d * dmin_w[r];
                     let products = _mm_madd_epi16(mins[r], q8s);
                     if KIND == Q4_K {
@@ -349,6 +421,8 @@ impl Avx512Vnni {
                 KQuant::Q4_K => rows::<Q4_K, true>(weights, blocks, acts, m, out),
                 KQuant::Q5_K => rows::<Q5_K, true>(weights, blocks, acts, m, out),
                 KQuant::Q6_K => rows::<Q6_K, true>(weights, blocks, acts, m, out),
+                KQuant::Q2_K => rows::<Q2_K, true>(weights, blocks, acts, m, out),
+                KQuant::Q3_K => rows::<Q3_K, true>(weights, blocks, acts, m, out),
             }
         }
     }
@@ -368,6 +442,12 @@ unsafe fn dots_wide<const KIND: u8, const N: usize>(row: &[u8], xs: [&[Q8KBlock]
     let upper_by = |n: i16| _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(n));
     // Per 16-bit lane: `i` for the lower half, `i + 1` for the upper one.
     let halves = |i: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(i), _mm256_set1_epi16(i + 1));
+    // For 16 values to a scale: lanes 0-7 of a 64-value chunk's 16-bit pairs take scale 4q,
+    // lanes 8-15 4q + 1, ...
+    let quarters = _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(1))),
+        _mm256_inserti128_si256::<1>(_mm256_set1_epi16(2), _mm_set1_epi16(3)),
+    );
     let mut acc = [_mm256_setzero_ps(); N];
     let mut acc_m = [_mm_setzero_ps(); N];
     let mut summs = [0.0f32; N];
@@ -379,8 +459,68 @@ unsafe fn dots_wide<const KIND: u8, const N: usize>(row: &[u8], xs: [&[Q8KBlock]
         // The prefetch is a hint that never faults, wherever it points.
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
         let mut sumi = [_mm512_setzero_si512(); N];
-        let (mut dmin_w, mut mins) = (0.0f32, _mm_setzero_si128());
-        let d_w = if KIND == Q6_K {
+        let (mut dmin_w, mut mins, mut mins_16) = (0.0f32, _mm_setzero_si128(), _mm256_setzero_si256());
+        let d_w = if KIND == Q2_K || KIND == Q3_K {
+            let (d_w, scales) = unsafe {
+                if KIND == Q2_K {
+                    let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.add(Q2_K_D).cast::<i32>().read_unaligned()));
+                    dmin_w = _mm_cvtss_f32(_mm_movehdup_ps(header));
+                    let packed = _mm_loadu_si128(p.cast());
+                    mins_16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), _mm_set1_epi8(0x0F)));
+                    (_mm_cvtss_f32(header), _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F))))
+                } else {
+                    let d = p.add(Q3_K_D).cast::<u16>().read_unaligned();
+                    let u = scales_3_words(std::slice::from_raw_parts(p.add(Q3_K_SCALES), 12));
+                    let packed = _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32);
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)));
+                    (d, _mm256_cvtepi8_epi16(_mm_sub_epi8(packed, _mm_set1_epi8(32))))
+                }
+            };
+            let scales = _mm512_castsi256_si512(scales);
+            let low2 = _mm512_set1_epi8(3);
+            // Q3_K's high bits, in both halves.
+            let hmask = if KIND == Q3_K {
+                unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast())) }
+            } else {
+                _mm512_setzero_si512()
+            };
+            let qs = if KIND == Q2_K { Q2_K_QS } else { Q3_K_QS };
+            for half in 0..2 {
+                let bits = unsafe { _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(qs + 32 * half).cast())) };
+                for pair in 0..2 {
+                    // 32-value chunks 2 * pair (in the lower half) and 2 * pair + 1 of this
+                    // half's 128 values: bit pairs 2 * pair and 2 * pair + 1 of the bytes.
+                    let shift = _mm512_add_epi16(upper_by(2), _mm512_set1_epi16(4 * pair as i16));
+                    let low = _mm512_and_si512(_mm512_srlv_epi16(bits, shift), low2);
+                    let chunk = 2 * half + pair;
+                    let scale = _mm512_permutexvar_epi16(
+                        _mm512_add_epi16(quarters, _mm512_set1_epi16(4 * chunk as i16)),
+                        scales,
+                    );
+                    // 4 where Q3_K's high bit is clear, so that `low - high` is its quant.
+                    let high = if KIND == Q3_K {
+                        let bit = 4 * half + 2 * pair;
+                        let bits = _mm512_inserti64x4::<1>(
+                            _mm512_set1_epi8((1u8 << bit) as i8),
+                            _mm256_set1_epi8((1u8 << (bit + 1)) as i8),
+                        );
+                        _mm512_maskz_mov_epi8(_mm512_testn_epi8_mask(hmask, bits), _mm512_set1_epi8(4))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    for n in 0..N {
+                        // SAFETY: `qs` holds 256 bytes.
+                        let q8 = unsafe { _mm512_loadu_si512(a[n].qs.as_ptr().add(64 * chunk).cast()) };
+                        let mut p16 = _mm512_maddubs_epi16(low, q8);
+                        if KIND == Q3_K {
+                            p16 = _mm512_sub_epi16(p16, _mm512_maddubs_epi16(high, q8));
+                        }
+                        sumi[n] = _mm512_dpwssd_epi32(sumi[n], p16, scale);
+                    }
+                }
+            }
+            d_w
+        } else if KIND == Q6_K {
             let (d, scales) = unsafe {
                 let d = p.add(Q6_K_D).cast::<u16>().read_unaligned();
                 (d, _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(Q6_K_SCALES).cast())))
@@ -388,11 +528,6 @@ unsafe fn dots_wide<const KIND: u8, const N: usize>(row: &[u8], xs: [&[Q8KBlock]
             let scales = _mm512_castsi256_si512(scales);
             let low2 = _mm512_set1_epi8(3);
             let m32 = _mm512_set1_epi8(32);
-            // Lanes 0-7 of a 64-value chunk's 16-bit pairs take scale 4q, lanes 8-15 4q + 1, ...
-            let quarters = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_inserti128_si256::<1>(_mm256_setzero_si256(), _mm_set1_epi16(1))),
-                _mm256_inserti128_si256::<1>(_mm256_set1_epi16(2), _mm_set1_epi16(3)),
-            );
             for half in 0..2 {
                 let (low, high) = unsafe {
                     (
@@ -466,11 +601,15 @@ unsafe fn dots_wide<const KIND: u8, const N: usize>(row: &[u8], xs: [&[Q8KBlock]
         // The float steps, as in `dots`.
         for n in 0..N {
             let folded = _mm256_add_epi32(_mm512_castsi512_si256(sumi[n]), _mm512_extracti64x4_epi64::<1>(sumi[n]));
+            // SAFETY: `bsums` holds 16 i16s.
+            let sums = unsafe { _mm256_loadu_si256(a[n].bsums.as_ptr().cast()) };
+            if KIND == Q2_K {
+                let dmin = _mm256_set1_ps(-a[n].d * dmin_w);
+                acc[n] = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(_mm256_madd_epi16(mins_16, sums)), acc[n]);
+            }
             let d = _mm256_set1_ps(a[n].d * d_w);
             acc[n] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(folded), acc[n]);
-            if KIND != Q6_K {
-                // SAFETY: `bsums` holds 16 i16s.
-                let sums = unsafe { _mm256_loadu_si256(a[n].bsums.as_ptr().cast()) };
+            if KIND == Q4_K || KIND == Q5_K {
                 let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(sums), _mm256_extracti128_si256::<1>(sums));
                 let dmin = -a[n].d * dmin_w;
                 let products = _mm_madd_epi16(mins, q8s);

@@ -6,11 +6,12 @@
 //! integer products are summed in eight groups of four consecutive values (what `maddubs`
 //! and `madd`, or VNNI's `dpbusd`, yield), each group is scaled by `d_w * d_x` into its own
 //! f32 accumulator with a fused multiply-add, and the eight accumulators are summed pairwise
-//! at the end. Q4_1's offsets (`m_w * s_x` per block) go into one more scalar accumulator,
-//! added last.
+//! at the end. Q4_1's and Q5_1's offsets (`m_w * s_x` per block) go into one more scalar
+//! accumulator, added last. (Q5_0 and Q5_1 are Q4_0 and Q4_1 with a fifth bit per value:
+//! ggml's `ggml_vec_dot_q5_0_q8_0` and `_q5_1_q8_1` take the same steps.)
 
 use super::activation::Q8Block;
-use super::format::{f16_at, WeightFormat, BLOCK};
+use super::format::{f16_at, five_bit_quants, WeightFormat, BLOCK};
 
 /// Groups of consecutive products that SIMD code sums in integers before converting.
 const LANES: usize = 8;
@@ -45,7 +46,7 @@ pub(crate) fn dot(format: WeightFormat, row: &[u8], x: &[Q8Block]) -> f32 {
             let sum: i32 = w.iter().zip(q).map(|(&w, &q)| w * q as i32).sum();
             *lane = scale.mul_add(sum as f32, *lane);
         }
-        if format == WeightFormat::Q4_1 {
+        if format.has_offset() {
             offsets = add_offset(offsets, f16_at(block, 2), a.s);
         }
     }
@@ -67,6 +68,16 @@ fn decode_block(format: WeightFormat, block: &[u8]) -> ([i32; BLOCK], f32) {
                 values[j + BLOCK / 2] = (byte >> 4) as i32 - bias;
             }
         }
+        WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
+            // Q5_0 centres its quants on 16; Q5_1 adds its offset `m` separately.
+            let (qh, bias) = match format {
+                WeightFormat::Q5_0 => (2, 16),
+                _ => (4, 0),
+            };
+            for (v, &q) in values.iter_mut().zip(&five_bit_quants(&block[qh..qh + 4], &block[qh + 4..qh + 20])) {
+                *v = q as i32 - bias;
+            }
+        }
         WeightFormat::Q8_0 => {
             for (v, &q) in values.iter_mut().zip(&block[2..34]) {
                 *v = q as i8 as i32;
@@ -76,7 +87,7 @@ fn decode_block(format: WeightFormat, block: &[u8]) -> ([i32; BLOCK], f32) {
     (values, f16_at(block, 0))
 }
 
-/// Adds one block's `m_w * s_x` to Q4_1's offset accumulator, as ggml's `summs += m * s`.
+/// Adds one block's `m_w * s_x` to Q4_1's (or Q5_1's) offset accumulator, as ggml's `summs += m * s`.
 ///
 /// Whether a compiler fuses this into one multiply-add makes no difference: both factors
 /// are f16 values, whose product (22 significant bits at most) f32 holds exactly.

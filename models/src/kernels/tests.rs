@@ -7,12 +7,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::activation::{quantize_row, Q8Block};
-use super::format::{ActivationFormat, WeightFormat, BLOCK};
+use super::format::{five_bit_quants, ActivationFormat, MatrixFormat, WeightFormat, BLOCK};
 use super::{Isa, QuantMatrix};
 
-const FORMATS: [(GgmlDType, WeightFormat); 3] = [
+const FORMATS: [(GgmlDType, WeightFormat); 5] = [
     (GgmlDType::Q4_0, WeightFormat::Q4_0),
     (GgmlDType::Q4_1, WeightFormat::Q4_1),
+    (GgmlDType::Q5_0, WeightFormat::Q5_0),
+    (GgmlDType::Q5_1, WeightFormat::Q5_1),
     (GgmlDType::Q8_0, WeightFormat::Q8_0),
 ];
 const ROWS: [usize; 12] = [1, 2, 3, 4, 5, 7, 8, 16, 31, 33, 64, 70];
@@ -82,6 +84,20 @@ fn q8_1_sum_is_rounded_once_from_f32() {
     assert_eq!(sum, 127 + 98 + 68);
     assert_eq!(block[0].s, half::f16::from_f32(d * sum as f32).to_f32());
     assert_eq!(block[0].d, half::f16::from_f32(d).to_f32());
+}
+
+#[test]
+fn fifth_bits_top_up_the_nibbles_in_value_order() {
+    // Bit j of the little-endian `qh` belongs to value j: bits 0, 15, 16 and 31 here.
+    let qh = [0x01, 0x80, 0x01, 0x80];
+    let qs: Vec<u8> = (0..16).map(|j| (j as u8) | (15 - j as u8) << 4).collect();
+    let q = five_bit_quants(&qh, &qs);
+    for j in 0..16 {
+        assert_eq!(q[j] & 0x0F, j as u8, "low nibble of byte {j} is value {j}");
+        assert_eq!(q[j + 16] & 0x0F, 15 - j as u8, "high nibble of byte {j} is value {}", j + 16);
+    }
+    let high: Vec<usize> = (0..BLOCK).filter(|&j| q[j] & 0x10 != 0).collect();
+    assert_eq!(high, [0, 15, 16, 31]);
 }
 
 #[test]
@@ -158,7 +174,9 @@ fn interleaved_rows_multiply_like_the_portable_code() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         // A row of 16384 values makes activation tiles of 24 rows: 30 rows cross one.
         let shapes = COLS.iter().flat_map(|&cols| ROWS.map(|rows| (rows, cols, 1..=9))).chain([(9, 16384, 29..=30)]);
-        for (dtype, format) in FORMATS {
+        let interleaved_formats =
+            FORMATS.into_iter().filter(|&(_, format)| super::interleave::interleaves(MatrixFormat::Block32(format)));
+        for (dtype, format) in interleaved_formats {
             for (rows, cols, ms) in shapes.clone() {
                 let (matrix, _) = matrix(&mut rng, dtype, rows, cols);
                 let interleaved = matrix.clone().with_layout(layout);
@@ -206,10 +224,11 @@ fn products_match_dequantized_arithmetic() {
                                 sum += product;
                                 magnitude += product.abs();
                             }
-                            if format == WeightFormat::Q4_1 {
+                            if format.has_offset() {
                                 // Q8_1's `s` is rounded to f16: its product with `m` is off
                                 // by up to half an f16 ulp of it.
-                                let m_w = super::format::f16_at(matrix.row_bytes(r..r + 1), b * 20 + 2);
+                                let block = b * format.block_bytes();
+                                let m_w = super::format::f16_at(matrix.row_bytes(r..r + 1), block + 2);
                                 offset_error += (m_w as f64 * a.s as f64).abs() / 1024.0;
                             }
                         }

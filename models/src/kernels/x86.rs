@@ -11,10 +11,12 @@ use super::activation::{round_to_f16, scales, Q8Block};
 use super::format::{WeightFormat, BLOCK};
 use super::portable::{add_offset, sum_lanes};
 
-/// Formats as const-generic parameters, so one kernel body serves all three.
+/// Formats as const-generic parameters, so one kernel body serves them all.
 pub(super) const Q4_0: u8 = 0;
 pub(super) const Q4_1: u8 = 1;
 pub(super) const Q8_0: u8 = 2;
+pub(super) const Q5_0: u8 = 3;
+pub(super) const Q5_1: u8 = 4;
 
 /// Activation rows handled per pass over a weight row when prefilling: each unpacked weight
 /// block is reused this many times, and the accumulators still fit in 16 vector registers.
@@ -60,6 +62,8 @@ impl Avx2 {
             match format {
                 WeightFormat::Q4_0 => rows::<Q4_0>(weights, blocks, acts, m, out),
                 WeightFormat::Q4_1 => rows::<Q4_1>(weights, blocks, acts, m, out),
+                WeightFormat::Q5_0 => rows::<Q5_0>(weights, blocks, acts, m, out),
+                WeightFormat::Q5_1 => rows::<Q5_1>(weights, blocks, acts, m, out),
                 WeightFormat::Q8_0 => rows::<Q8_0>(weights, blocks, acts, m, out),
             }
         }
@@ -158,6 +162,8 @@ pub(super) const fn block_bytes<const FORMAT: u8>() -> usize {
     match FORMAT {
         Q4_0 => WeightFormat::Q4_0.block_bytes(),
         Q4_1 => WeightFormat::Q4_1.block_bytes(),
+        Q5_0 => WeightFormat::Q5_0.block_bytes(),
+        Q5_1 => WeightFormat::Q5_1.block_bytes(),
         _ => WeightFormat::Q8_0.block_bytes(),
     }
 }
@@ -186,13 +192,18 @@ unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
             unsafe {
                 let p = block.as_ptr();
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
-                // The f16 scale (and Q4_1's f16 offset right after it), widened exactly.
+                // The f16 scale (and Q4_1's or Q5_1's f16 offset right after it), widened
+                // exactly.
                 let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
                 scales[r] = _mm_cvtss_f32(header);
                 mins[r] = _mm_cvtss_f32(_mm_movehdup_ps(header));
                 weights[r] = match FORMAT {
                     Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
                     Q4_1 => nibbles(p.add(4)),
+                    // As ggml forms them: the fifth bit set gives the nibble, a clear one the
+                    // nibble with its high bits set, i.e. minus 16 as a signed byte.
+                    Q5_0 => _mm256_or_si256(nibbles(p.add(6)), _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(-16))),
+                    Q5_1 => _mm256_or_si256(nibbles(p.add(8)), _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(16))),
                     _ => _mm256_loadu_si256(p.add(2).cast()),
                 };
             }
@@ -203,12 +214,12 @@ unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
             let q = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
             for r in 0..R {
                 let products = match FORMAT {
-                    // Q4_1's nibbles are unsigned: no sign juggling needed.
-                    Q4_1 => sum_groups(weights[r], q),
+                    // Q4_1's and Q5_1's quants are unsigned: no sign juggling needed.
+                    Q4_1 | Q5_1 => sum_groups(weights[r], q),
                     _ => sum_groups(_mm256_sign_epi8(weights[r], weights[r]), _mm256_sign_epi8(q, weights[r])),
                 };
                 acc[r][n] = _mm256_fmadd_ps(_mm256_set1_ps(scales[r] * a.d), products, acc[r][n]);
-                if FORMAT == Q4_1 {
+                if FORMAT == Q4_1 || FORMAT == Q5_1 {
                     offsets[r][n] = add_offset(offsets[r][n], mins[r], a.s);
                 }
             }
@@ -234,6 +245,23 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     let low = unsafe { _mm_loadu_si128(p.cast()) };
     let both = _mm256_set_m128i(_mm_srli_epi16::<4>(low), low);
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// The 32 bits of the little-endian u32 at `p` as 32 bytes, 0xFF where the bit is set: byte
+/// `j` for bit `j` (ggml's `bytes_from_bits_32`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bits(p: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to 4 readable bytes.
+    let word = unsafe { p.cast::<i32>().read_unaligned() };
+    // Byte j takes byte j / 8 of the word; OR-ing in all bits but bit j % 8 leaves 0xFF
+    // exactly where that bit is set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(word),
+        _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+    );
+    let others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1))
 }
 
 /// Unsigned bytes times signed bytes, summed in groups of four consecutive products, as
