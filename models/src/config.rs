@@ -562,3 +562,38 @@ fn value_usize(value: &Value, key: &str) -> Result<usize> {
 fn gguf_f32(metadata: &HashMap<String, Value>, key: &str) -> Result<f32> {
     gguf_value(metadata, key)?.to_f32().map_err(|e| invalid(format!("`{key}`: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A family Hearth lacks is one clear line naming it and what is supported.
+    #[test]
+    fn an_unsupported_architecture_is_named_with_what_is_supported() {
+        let metadata = HashMap::from([("general.architecture".to_owned(), Value::String("gemma3".into()))]);
+        let error = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("gemma3 is not supported yet");
+        let message = error.to_string();
+        assert!(message.contains("`gemma3`") && message.contains("deepseek2") && message.contains("qwen3moe"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    /// A DeepSeek file from before llama.cpp split `attn_kv_b` is refused with what to do.
+    #[test]
+    fn an_old_deepseek_layout_asks_for_a_fresh_conversion() {
+        let u32_value = |n: u32| Value::U32(n);
+        let metadata: HashMap<String, Value> = [
+            ("general.architecture", Value::String("deepseek2".into())),
+            ("deepseek2.attention.head_count", u32_value(4)),
+            ("deepseek2.embedding_length", u32_value(256)),
+            ("deepseek2.feed_forward_length", u32_value(512)),
+            ("deepseek2.expert_count", u32_value(8)),
+            ("deepseek2.expert_used_count", u32_value(2)),
+            ("deepseek2.rope.dimension_count", u32_value(16)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let message = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("no MLA keys").to_string();
+        assert!(message.contains("attn_kv_b") && message.contains("convert the model again"), "{message}");
+    }
+}
