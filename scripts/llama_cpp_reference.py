@@ -9,7 +9,12 @@ SHA-256 (the test checks that its own copy of the file is the same).
 
     pip install llama-cpp-python==0.3.36
     cargo build --release -p hearth-models --examples
-    python3 scripts/llama_cpp_reference.py [--out models/tests/fixtures/moe_llama_cpp.json]
+    python3 scripts/llama_cpp_reference.py [--suite moe|quants] [--out PATH]
+
+Suites: `moe` (the default) writes models/tests/fixtures/moe_llama_cpp.json, the mixtures
+of experts; `quants` writes models/tests/fixtures/quant_llama_cpp.json, a model in each of
+the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1), keeping only the prompt's last row
+of logits (all that its test compares) to keep the file small.
 """
 
 import argparse
@@ -22,15 +27,28 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# (shape, quantization, seed) of each model; the tests write the same ones.
-MODELS = [
-    ("tiny-mixtral", "q4_0", 1),
-    ("tiny-mixtral", "q4_k_m", 1),
-    ("tiny-qwen3moe", "q4_0", 1),
-    ("tiny-qwen3moe", "q4_k_m", 1),
-    ("tiny-deepseek2", "q4_0", 1),
-    ("tiny-deepseek2", "q4_k_m", 1),
-]
+# (shape, quantization, seed) of each model per suite; the tests write the same ones.
+SUITES = {
+    "moe": [
+        ("tiny-mixtral", "q4_0", 1),
+        ("tiny-mixtral", "q4_k_m", 1),
+        ("tiny-qwen3moe", "q4_0", 1),
+        ("tiny-qwen3moe", "q4_k_m", 1),
+        ("tiny-deepseek2", "q4_0", 1),
+        ("tiny-deepseek2", "q4_k_m", 1),
+    ],
+    # tiny-mixtral's embedding is in the mix's base type (its head is untied); tiny is dense.
+    "quants": [
+        ("tiny-mixtral", "q2_k", 1),
+        ("tiny-mixtral", "q3_k_m", 1),
+        ("tiny-mixtral", "q5_0", 1),
+        ("tiny-mixtral", "q5_1", 1),
+        ("tiny", "q2_k", 1),
+        ("tiny", "q3_k_m", 1),
+        ("tiny", "q5_0", 1),
+    ],
+}
+FIXTURES = {"moe": "moe_llama_cpp.json", "quants": "quant_llama_cpp.json"}
 PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
 STEPS = 12
 
@@ -45,7 +63,7 @@ def writer() -> Path:
     return binary
 
 
-def reference(path: Path) -> dict:
+def reference(path: Path, every_prompt_row: bool) -> dict:
     import llama_cpp  # imported here so that --help works without it
     import numpy as np
 
@@ -55,6 +73,7 @@ def reference(path: Path) -> dict:
     model.eval(PROMPT)
     # Logits of every prompt position: what a prefill computes, row by row.
     prompt_logits = np.array(model.eval_logits, dtype=np.float32)
+    kept_rows = prompt_logits if every_prompt_row else prompt_logits[-1:]
     tokens, step_logits = [], []
     logits = prompt_logits[-1]
     for _ in range(STEPS):
@@ -65,7 +84,7 @@ def reference(path: Path) -> dict:
         step_logits.append(logits)
     return {
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "prompt_logits": [[float(f"{x:.7g}") for x in row] for row in prompt_logits],
+        "prompt_logits": [[float(f"{x:.7g}") for x in row] for row in kept_rows],
         "generated_ids": tokens,
         "step_logits": [[float(f"{x:.7g}") for x in row] for row in step_logits],
     }
@@ -73,8 +92,10 @@ def reference(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(REPO / "models/tests/fixtures/moe_llama_cpp.json"))
+    parser.add_argument("--suite", choices=sorted(SUITES), default="moe")
+    parser.add_argument("--out", help="default: models/tests/fixtures/<the suite's fixture>")
     args = parser.parse_args()
+    out = args.out or str(REPO / "models/tests/fixtures" / FIXTURES[args.suite])
     import llama_cpp
 
     binary = writer()
@@ -85,19 +106,19 @@ def main() -> None:
         "models": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, quant, seed in MODELS:
+        for shape, quant, seed in SUITES[args.suite]:
             path = Path(tmp) / f"{shape}-{quant}-{seed}.gguf"
             subprocess.run(
                 [str(binary), "--shape", shape, "--quant", quant, "--seed", str(seed), "--out", str(path)],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            entry = {"shape": shape, "quantization": quant, "seed": seed, **reference(path)}
+            entry = {"shape": shape, "quantization": quant, "seed": seed, **reference(path, args.suite == "moe")}
             print(f"{shape} {quant}: greedy {entry['generated_ids']}")
             results["models"].append(entry)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, separators=(",", ":")) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, separators=(",", ":")) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! Times matrix-vector products (one decoding step's kind) of Llama-3.2-1B-shaped FFN
-//! matrices in K-quant formats and Q4_0: Hearth's kernels against candle's `QMatMul` on the
-//! same tensor, with 1 and with 2 threads, in GB/s of weights read.
+//! matrices in every format the kernels multiply natively (the K-quants, Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0): Hearth's kernels against candle's `QMatMul` on the same tensor, with 1
+//! and with 2 threads, in GB/s of weights read.
 //!
 //! ```text
 //! cargo run --release -p hearth-models --example kquant_speed
@@ -24,7 +25,18 @@ use hearth_models::BenchMatrix;
 const CHILD_ENV: &str = "HEARTH_KQUANT_SPEED_CHILD";
 /// (rows, cols): the FFN's gate and up projections, then its down projection.
 const SHAPES: [(usize, usize); 2] = [(8192, 2048), (2048, 8192)];
-const TYPES: [GgmlDType; 4] = [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5K, GgmlDType::Q4_0];
+const TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+    GgmlDType::Q5K,
+    GgmlDType::Q3K,
+    GgmlDType::Q2K,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+];
 /// Timed runs per measurement: the best is kept (slower runs measure the neighbours, and
 /// short runs are more often left alone by them).
 const RUNS: usize = 200;

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Shapes: tiny, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, tiny-mixtral, tiny-qwen3moe,
-//! qwen3-30b-a3b. Quantizations: q4_k_m, q4_0.
+//! qwen3-30b-a3b. Quantizations: q4_k_m, q4_0, q2_k, q3_k_m, q5_0, q5_1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +17,7 @@ use std::time::Instant;
 use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 
 const USAGE: &str = "usage: synthetic_gguf --shape tiny|llama-3.2-1b|llama-3.2-3b|llama-3.1-8b|tiny-mixtral|tiny-qwen3moe|qwen3-30b-a3b \
-                     --quant q4_k_m|q4_0 [--seed N] --out PATH";
+                     --quant q4_k_m|q4_0|q2_k|q3_k_m|q5_0|q5_1 [--seed N] --out PATH";
 
 struct Options {
     shape: Shape,

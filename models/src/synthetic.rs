@@ -54,6 +54,17 @@ pub enum Quantization {
     Q4KM,
     /// `Q4_0`: Q4_0 throughout.
     Q4_0,
+    /// `Q2_K`: Q2_K, with Q3_K for `ffn_down` and `attn_output`, and Q3_K (Q4_K where four
+    /// or more query heads share a key head) for `attn_v`.
+    Q2K,
+    /// `Q3_K_M`: Q3_K, with Q4_K for `attn_output` and `ffn_down` (Q5_K in the first
+    /// sixteenth of the layers), and Q5_K for the first two layers' `attn_v`, Q4_K for the
+    /// others'.
+    Q3KM,
+    /// `Q5_0`: Q5_0 throughout.
+    Q5_0,
+    /// `Q5_1`: Q5_1 throughout.
+    Q5_1,
 }
 
 impl Shape {
@@ -184,12 +195,23 @@ impl Shape {
 }
 
 impl Quantization {
-    pub const ALL: [Quantization; 2] = [Quantization::Q4KM, Quantization::Q4_0];
+    pub const ALL: [Quantization; 6] = [
+        Quantization::Q4KM,
+        Quantization::Q4_0,
+        Quantization::Q2K,
+        Quantization::Q3KM,
+        Quantization::Q5_0,
+        Quantization::Q5_1,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Quantization::Q4KM => "q4_k_m",
             Quantization::Q4_0 => "q4_0",
+            Quantization::Q2K => "q2_k",
+            Quantization::Q3KM => "q3_k_m",
+            Quantization::Q5_0 => "q5_0",
+            Quantization::Q5_1 => "q5_1",
         }
     }
 
@@ -198,6 +220,10 @@ impl Quantization {
         match self {
             Quantization::Q4KM => 15,
             Quantization::Q4_0 => 2,
+            Quantization::Q2K => 10,
+            Quantization::Q3KM => 12,
+            Quantization::Q5_0 => 8,
+            Quantization::Q5_1 => 9,
         }
     }
 
@@ -205,6 +231,10 @@ impl Quantization {
         match self {
             Quantization::Q4KM => GgmlDType::Q4K,
             Quantization::Q4_0 => GgmlDType::Q4_0,
+            Quantization::Q2K => GgmlDType::Q2K,
+            Quantization::Q3KM => GgmlDType::Q3K,
+            Quantization::Q5_0 => GgmlDType::Q5_0,
+            Quantization::Q5_1 => GgmlDType::Q5_1,
         }
     }
 }
@@ -391,7 +421,7 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
             matrix(name("attn_q.weight"), q_width, dims.hidden, MatrixRole::Other),
             matrix(name("attn_k.weight"), kv_width, dims.hidden, MatrixRole::Other),
             matrix(name("attn_v.weight"), kv_width, dims.hidden, MatrixRole::AttentionValue(layer)),
-            matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::Other),
+            matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::AttentionOutput),
         ]);
         if dims.family == Family::Qwen3Moe {
             tensors.push(vector(name("attn_q_norm.weight"), dims.head_dim));
@@ -515,15 +545,17 @@ enum MatrixRole {
     Embedding,
     Output,
     AttentionValue(usize),
+    AttentionOutput,
     FeedForwardDown(usize),
     Other,
 }
 
 /// The storage type `llama-quantize` picks (`llama_tensor_get_type` in llama.cpp's
 /// `src/llama-quant.cpp`), for the Llama 3 shapes: every row length here is a multiple
-/// of 256, so no fallback types come into play.
+/// of 256, so no fallback types come into play. (Its special cases for models of 8
+/// experts and for 70B models are left out.)
 fn matrix_dtype(quantization: Quantization, role: MatrixRole, dims: &Dimensions) -> GgmlDType {
-    // The LM head, or the embedding that doubles as one, gets Q6_K in every 4- and 5-bit mix.
+    // The LM head, or the embedding that doubles as one, gets Q6_K in every mix here.
     let is_head = matches!(role, MatrixRole::Output) || (dims.tied_embeddings && matches!(role, MatrixRole::Embedding));
     if is_head {
         return GgmlDType::Q6K;
@@ -533,6 +565,15 @@ fn matrix_dtype(quantization: Quantization, role: MatrixRole, dims: &Dimensions)
             if use_more_bits(layer, dims.layers) =>
         {
             GgmlDType::Q6K
+        }
+        (Quantization::Q2K, MatrixRole::AttentionValue(_)) if dims.heads / dims.kv_heads >= 4 => GgmlDType::Q4K,
+        (Quantization::Q2K, MatrixRole::AttentionValue(_) | MatrixRole::AttentionOutput | MatrixRole::FeedForwardDown(_)) => {
+            GgmlDType::Q3K
+        }
+        (Quantization::Q3KM, MatrixRole::AttentionValue(layer)) if layer < 2 => GgmlDType::Q5K,
+        (Quantization::Q3KM, MatrixRole::FeedForwardDown(layer)) if layer < dims.layers / 16 => GgmlDType::Q5K,
+        (Quantization::Q3KM, MatrixRole::AttentionValue(_) | MatrixRole::AttentionOutput | MatrixRole::FeedForwardDown(_)) => {
+            GgmlDType::Q4K
         }
         _ => quantization.base_dtype(),
     }
@@ -875,8 +916,13 @@ fn ggml_type_code(dtype: GgmlDType) -> u32 {
     match dtype {
         GgmlDType::F32 => 0,
         GgmlDType::Q4_0 => 2,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
         GgmlDType::Q8_0 => 8,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
         GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
         GgmlDType::Q6K => 14,
         other => unreachable!("synthetic models do not use {other:?}"),
     }
@@ -990,6 +1036,38 @@ mod tests {
         assert_eq!(dtype("output.weight"), None);
         let weights: u64 = tensors.iter().map(|t| t.dims.iter().product::<usize>() as u64).sum();
         assert_eq!(weights, 1_235_814_432, "Llama-3.2-1B's parameter count (+ 32 rope factors)");
+    }
+
+    #[test]
+    fn low_bit_mixes_follow_llama_cpps_choices() {
+        let dtype = |shape: Shape, quantization, name: &str| {
+            let tensors = tensor_plan(&shape.dimensions(), quantization);
+            tensors.iter().find(|t| t.name == name).map(|t| t.dtype)
+        };
+        let (tiny, one_b) = (Shape::Tiny, Shape::Llama32_1B);
+        // Q2_K: attn_v takes Q3_K, or Q4_K where 4 query heads share a key head (the 1B's 32 / 8).
+        assert_eq!(dtype(tiny, Quantization::Q2K, "blk.0.attn_q.weight"), Some(GgmlDType::Q2K));
+        assert_eq!(dtype(tiny, Quantization::Q2K, "blk.0.attn_v.weight"), Some(GgmlDType::Q3K));
+        assert_eq!(dtype(one_b, Quantization::Q2K, "blk.0.attn_v.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype(tiny, Quantization::Q2K, "blk.1.attn_output.weight"), Some(GgmlDType::Q3K));
+        assert_eq!(dtype(tiny, Quantization::Q2K, "blk.1.ffn_down.weight"), Some(GgmlDType::Q3K));
+        assert_eq!(dtype(tiny, Quantization::Q2K, "token_embd.weight"), Some(GgmlDType::Q6K), "a tied head");
+        let mixtral = Shape::TinyMixtral;
+        assert_eq!(dtype(mixtral, Quantization::Q2K, "token_embd.weight"), Some(GgmlDType::Q2K));
+        assert_eq!(dtype(mixtral, Quantization::Q2K, "blk.3.ffn_down_exps.weight"), Some(GgmlDType::Q3K));
+        // Q3_K_M: Q5_K for the first two attn_v and the first sixteenth of ffn_down.
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.1.attn_v.weight"), Some(GgmlDType::Q5K));
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.2.attn_v.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.0.ffn_down.weight"), Some(GgmlDType::Q5K));
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.1.ffn_down.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.1.attn_output.weight"), Some(GgmlDType::Q4K));
+        assert_eq!(dtype(one_b, Quantization::Q3KM, "blk.1.ffn_up.weight"), Some(GgmlDType::Q3K));
+        // The legacy 5-bit mixes: one type but the head.
+        for (quantization, base) in [(Quantization::Q5_0, GgmlDType::Q5_0), (Quantization::Q5_1, GgmlDType::Q5_1)] {
+            assert_eq!(dtype(mixtral, quantization, "blk.0.attn_v.weight"), Some(base));
+            assert_eq!(dtype(mixtral, quantization, "blk.0.ffn_down_exps.weight"), Some(base));
+            assert_eq!(dtype(mixtral, quantization, "output.weight"), Some(GgmlDType::Q6K));
+        }
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Quantized matrix products on the CPU that compute exactly what llama.cpp computes.
 //!
 //! A [`QuantMatrix`] keeps a GGUF weight matrix in its file's block format (Q4_0, Q4_1,
-//! Q8_0, or the K-quants Q4_K, Q5_K and Q6_K) and multiplies f32 activations by it the way
-//! ggml does: each activation row is quantized once to 8 bits per value (Q8_1 for Q4_1
-//! weights, Q8_K for K-quants, Q8_0 otherwise), then every output is a sum of integer block
-//! products scaled in f32, in ggml's order of operations.
+//! Q5_0, Q5_1, Q8_0, or the K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K) and multiplies f32
+//! activations by it the way ggml does: each activation row is quantized once to 8 bits per
+//! value (Q8_1 for Q4_1 and Q5_1 weights, Q8_K for K-quants, Q8_0 otherwise), then every
+//! output is a sum of integer block products scaled in f32, in ggml's order of operations.
+//! Other formats (BF16 and F16 among them) go to candle's `QMatMul`.
 //! Candle's own kernels round differently (an f16 product in Q8_1's sums, other summation
 //! orders), and in a 30-layer model such last-bit differences grow into visibly different
 //! logits.
@@ -14,16 +15,19 @@
 //! tests check them bit for bit). On CPUs with AMX, llama.cpp repacks these formats for
 //! AMX kernels that sum each block in one accumulator and round differently again.
 //!
-//! The K-quants follow ggml's AVX2 `ggml_vec_dot_*_q8_K` as read from its source: no
-//! fixture from llama.cpp checks them yet, and by default llama.cpp repacks Q4_K matrices
-//! on AVX2 machines for kernels that sum in another order (see `kquant_portable.rs`).
+//! The K-quants, Q5_0 and Q5_1 follow ggml's AVX2 `ggml_vec_dot_*` as read from its
+//! source: no fixture checks their products bit for bit yet (`tests/quant_types.rs` and
+//! `tests/moe.rs` compare whole models' logits with llama.cpp's), and by default llama.cpp
+//! repacks Q2_K, Q4_K, Q5_K and Q6_K matrices on AVX2 machines for kernels that sum in
+//! another order (see `kquant_portable.rs`).
 //!
 //! Instruction sets are picked at run time; `portable.rs` (`kquant_portable.rs` for the
-//! K-quants) is the reference every SIMD version must equal bit for bit. On CPUs with
-//! AVX-512 VNNI, Q4_0, Q4_1, Q8_0 and Q4_K matrices are rearranged at load so that four rows
-//! interleave ([`Layout`], `interleave.rs`), and `x86_interleaved.rs` and
-//! `kquant_x86_interleaved.rs` multiply four rows per instruction, still bit for bit. Output
-//! rows are split across threads (`product.rs`, `threads.rs`) without changing any result.
+//! K-quants) is the reference every SIMD version must equal bit for bit. AVX2 kernels cover
+//! every format, and the K-quants have AVX-512 ones too. On CPUs with AVX-512 VNNI, Q4_0,
+//! Q4_1, Q8_0 and Q4_K matrices are rearranged at load so that four rows interleave
+//! ([`Layout`], `interleave.rs`), and `x86_interleaved.rs` and `kquant_x86_interleaved.rs`
+//! multiply four rows per instruction, still bit for bit. Output rows are split across
+//! threads (`product.rs`, `threads.rs`) without changing any result.
 //!
 //! The rest of the decoder's arithmetic on the CPU (RMS norm, RoPE, SiLU and its gate,
 //! attention over an f16 KV cache) is in `ops.rs` and `attention.rs`, just as exact.

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::activation::{quantize_row, Q8Block};
 use super::format::{five_bit_quants, ActivationFormat, MatrixFormat, WeightFormat, BLOCK};
-use super::{Isa, QuantMatrix};
+use super::{Isa, Matrix, QuantMatrix};
 
 const FORMATS: [(GgmlDType, WeightFormat); 5] = [
     (GgmlDType::Q4_0, WeightFormat::Q4_0),
@@ -127,6 +127,18 @@ fn dequantized_blocks_match_candle() {
         let candle = qtensor.embedding(&ids).unwrap();
         assert_eq!(ours.dims(), &[3, 96]);
         assert_eq!(ours.to_vec2::<f32>().unwrap(), candle.to_vec2::<f32>().unwrap(), "{dtype:?}");
+    }
+}
+
+/// `Matrix::quantized` takes every format here natively, in this CPU's best layout.
+#[test]
+fn every_format_runs_natively() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for (dtype, format) in FORMATS {
+        let (_, qtensor) = matrix(&mut rng, dtype, 8, 64);
+        let Matrix::Native(native) = Matrix::quantized(qtensor).unwrap() else { panic!("{dtype:?} not native") };
+        assert_eq!(native.format, MatrixFormat::Block32(format));
+        assert_eq!(native.layout, super::Layout::best(native.format), "{dtype:?}");
     }
 }
 
