@@ -440,6 +440,10 @@ impl ModelConfig {
                 )));
             }
             if let Some(groups) = moe.groups {
+                // Routing ranks the groups in a 64-bit mask (DeepSeek-V3 has 8).
+                if groups.count > 64 {
+                    return Err(Error::Unsupported(format!("{} expert groups (at most 64)", groups.count)));
+                }
                 if groups.used == 0 || groups.used > groups.count || !moe.experts.is_multiple_of(groups.count) {
                     return Err(invalid(format!(
                         "{} expert groups used of {} over {} experts: groups must divide the experts, and 1 to {} be used",

@@ -115,9 +115,7 @@ impl YarnFactors {
 
 impl LatentAttention {
     pub(crate) fn load(config: &ModelConfig, layer: usize, loader: &mut TensorLoader<'_>) -> Result<Self> {
-        let dims = config.latent_attention.clone().ok_or_else(|| {
-            Error::InvalidModel("latent attention without its dimensions".into())
-        })?;
+        let dims = dimensions(config)?.clone();
         let name = |t| TensorName::Layer(layer, t);
         let eps = config.rms_norm_eps;
         let heads = config.num_heads;
@@ -299,13 +297,14 @@ impl LatentAttention {
     }
 }
 
+fn dimensions(config: &ModelConfig) -> Result<&LatentAttentionConfig> {
+    config.latent_attention.as_ref().ok_or_else(|| Error::InvalidModel("latent attention without its dimensions".into()))
+}
+
 /// RoPE for latent attention on the CPU path: the rotary part only, adjacent pairs, YaRN
 /// where the file asks for it.
 pub(crate) fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
-    let dims = config
-        .latent_attention
-        .as_ref()
-        .ok_or_else(|| Error::InvalidModel("latent attention without its dimensions".into()))?;
+    let dims = dimensions(config)?;
     let pairs = ops::RopePairs::Adjacent;
     Ok(match (&config.rope_scaling, YarnFactors::of(config)) {
         (RopeScaling::Yarn { original_context, beta_fast, beta_slow, .. }, Some(yarn)) => {

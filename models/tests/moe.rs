@@ -1,4 +1,4 @@
-//! Mixtures of experts (Mixtral, Qwen3-MoE) against llama.cpp, on both compute paths,
+//! Mixtures of experts (Mixtral, Qwen3-MoE, DeepSeek) against llama.cpp, on both compute paths,
 //! whole and split.
 //!
 //! The models are tiny synthetic GGUFs from the project's writer; the reference outputs
@@ -7,12 +7,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{argmax, greedy, load_split, max_abs_diff, run_pipeline};
-use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
+use common::llama_cpp::{self, Reference};
+use common::{greedy, load_split, max_abs_diff};
 use hearth_models::{ComputePath, ModelSource};
-use sha2::{Digest, Sha256};
 
 /// Native kernels compute llama.cpp's products up to the order of some f32 sums; a
 /// last-bit difference now and then moves an activation across a rounding step of its
@@ -22,111 +19,22 @@ const NATIVE_TOLERANCE: f32 = 3e-2;
 /// candle's kernels quantize activations and sum in their own ways.
 const CANDLE_TOLERANCE: f32 = 1e-1;
 
-struct Reference {
-    path: PathBuf,
-    name: String,
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    /// The logits of the prompt's last position, then after each generated token.
-    logits: Vec<Vec<f32>>,
-    _dir: tempfile::TempDir,
-}
-
-fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value.as_array().expect("array").iter().map(|v| v.as_f64().expect("number") as f32).collect()
-}
-
-/// Each fixture's model, written again here and checked to be the very file llama.cpp ran.
-fn references() -> Vec<Reference> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/moe_llama_cpp.json");
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture json");
-    let prompt = common::ids(&fixture["prompt_ids"]);
-    fixture["models"]
-        .as_array()
-        .expect("models")
-        .iter()
-        .map(|model| {
-            let shape: Shape = model["shape"].as_str().expect("shape").parse().expect("a known shape");
-            let quantization: Quantization = model["quantization"].as_str().expect("quant").parse().expect("known");
-            let seed = model["seed"].as_u64().expect("seed");
-            let dir = tempfile::tempdir().expect("temp dir");
-            let path = dir.path().join(format!("{shape}-{quantization}.gguf"));
-            write_synthetic_gguf(shape, quantization, seed, &path).expect("writes");
-            let sha = hex(&Sha256::digest(std::fs::read(&path).expect("reads")));
-            assert_eq!(
-                sha,
-                model["sha256"].as_str().expect("sha256"),
-                "{shape} {quantization}: the writer no longer writes the file llama.cpp ran; \
-                 run scripts/llama_cpp_reference.py again"
-            );
-            let prompt_logits = model["prompt_logits"].as_array().expect("rows");
-            let mut logits = vec![floats(prompt_logits.last().expect("a row"))];
-            logits.extend(model["step_logits"].as_array().expect("rows").iter().map(floats));
-            logits.pop(); // after the last token: greedy stops before computing it
-            Reference {
-                path,
-                name: format!("{shape} {quantization}"),
-                prompt: prompt.clone(),
-                generated: common::ids(&model["generated_ids"]),
-                logits,
-                _dir: dir,
-            }
-        })
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn open(path: &std::path::Path, compute: ComputePath) -> ModelSource {
     let mut source = ModelSource::open(path).expect("the model opens");
     source.set_compute_path(compute);
     source
 }
 
-/// Logits after the prompt, then after each of `continuation`'s tokens but the last:
-/// llama.cpp's greedy path replayed, so that one near-tie cannot send the two runs down
-/// different texts.
-fn teacher_forced(stages: &[hearth_models::Stage], prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
-    let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache()).collect();
-    let mut logits = vec![run_pipeline(stages, &mut caches, prompt)];
-    for &token in &continuation[..continuation.len() - 1] {
-        logits.push(run_pipeline(stages, &mut caches, &[token]));
-    }
-    logits
-}
-
-/// How far the best logit leads the second.
-fn lead(logits: &[f32]) -> f32 {
-    let best = argmax(logits) as usize;
-    let second = logits.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &v)| v).fold(f32::MIN, f32::max);
-    logits[best] - second
+fn references() -> Vec<Reference> {
+    llama_cpp::references("moe_llama_cpp.json", "scripts/llama_cpp_reference.py")
 }
 
 fn check_against_llama_cpp(compute: ComputePath, tolerance: f32) {
     for reference in references() {
         let source = open(&reference.path, compute);
         assert!(source.config().moe.is_some(), "{}: read as a mixture of experts", reference.name);
-        let logits = teacher_forced(&load_split(&source, &[]), &reference.prompt, &reference.generated);
-        let (mut worst, mut clear) = (0.0f32, 0);
-        for (step, ((ours, theirs), &token)) in logits.iter().zip(&reference.logits).zip(&reference.generated).enumerate() {
-            let diff = max_abs_diff(ours, theirs);
-            worst = worst.max(diff);
-            assert!(diff <= tolerance, "{} on {compute:?}, step {step}: logits differ from llama.cpp's by {diff}", reference.name);
-            // Where llama.cpp's choice is clear, it is ours too.
-            if lead(theirs) > 2.0 * tolerance {
-                clear += 1;
-                assert_eq!(argmax(ours), token, "{} on {compute:?}, step {step}: another token", reference.name);
-            }
-        }
-        eprintln!(
-            "{} on {compute:?}: logits within {worst:.2e} of llama.cpp's; the same token at the {clear} of {} steps \
-             where llama.cpp's was clear",
-            reference.name,
-            logits.len()
-        );
+        let label = format!("{} on {compute:?}", reference.name);
+        llama_cpp::check_against(&reference, &load_split(&source, &[]), tolerance, &label);
     }
 }
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the model tests.
 #![allow(dead_code)]
 
+pub mod llama_cpp;
+
 use std::path::PathBuf;
 
 use candle_core::Tensor;
