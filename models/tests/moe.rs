@@ -9,7 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{argmax, greedy, load_split, max_abs_diff, run_pipeline};
+use common::{argmax, greedy, lead, load_split, max_abs_diff, teacher_forced};
 use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 use hearth_models::{ComputePath, ModelSource};
 use sha2::{Digest, Sha256};
@@ -84,25 +84,6 @@ fn open(path: &std::path::Path, compute: ComputePath) -> ModelSource {
     let mut source = ModelSource::open(path).expect("the model opens");
     source.set_compute_path(compute);
     source
-}
-
-/// Logits after the prompt, then after each of `continuation`'s tokens but the last:
-/// llama.cpp's greedy path replayed, so that one near-tie cannot send the two runs down
-/// different texts.
-fn teacher_forced(stages: &[hearth_models::Stage], prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
-    let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache()).collect();
-    let mut logits = vec![run_pipeline(stages, &mut caches, prompt)];
-    for &token in &continuation[..continuation.len() - 1] {
-        logits.push(run_pipeline(stages, &mut caches, &[token]));
-    }
-    logits
-}
-
-/// How far the best logit leads the second.
-fn lead(logits: &[f32]) -> f32 {
-    let best = argmax(logits) as usize;
-    let second = logits.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &v)| v).fold(f32::MIN, f32::max);
-    logits[best] - second
 }
 
 fn check_against_llama_cpp(compute: ComputePath, tolerance: f32) {
