@@ -81,7 +81,11 @@ fn default_model_on_candle_ops_matches_llama_cpp_and_the_native_path() {
             for &(id, value) in &theirs {
                 let diff = (logits[id] - value).abs();
                 worst_llama = worst_llama.max(diff);
-                assert!(diff <= CANDLE_VS_LLAMA_CPP, "step {step}: token {id}'s logit is {} here, {value} in llama.cpp", logits[id]);
+                assert!(
+                    diff <= CANDLE_VS_LLAMA_CPP,
+                    "step {step}: token {id}'s logit is {} here, {value} in llama.cpp",
+                    logits[id]
+                );
             }
             let diff = max_abs_diff(logits, native_logits);
             worst_native = worst_native.max(diff);
@@ -89,7 +93,7 @@ fn default_model_on_candle_ops_matches_llama_cpp_and_the_native_path() {
             // llama.cpp's lead over its second choice, from its own top 5.
             if theirs[0].1 - theirs[1].1 > 2.0 * CANDLE_VS_LLAMA_CPP {
                 clear += 1;
-                assert_eq!(argmax(logits) as usize, theirs[0].0, "step {step}: another token than llama.cpp's clear choice");
+                assert_eq!(argmax(logits) as usize, theirs[0].0, "step {step}: not llama.cpp's clear choice");
             }
             steps += 1;
         }

@@ -120,8 +120,8 @@ impl Reference {
     fn attention(&self, layer: usize, h: &[f32]) -> Vec<f32> {
         let p = format!("model.layers.{layer}.self_attn");
         let (d, n) = (self.head_dim, h.len() / self.hidden);
-        let (mut q, mut k, v) =
-            (self.linear(&format!("{p}.q_proj.weight"), h), self.linear(&format!("{p}.k_proj.weight"), h), self.linear(&format!("{p}.v_proj.weight"), h));
+        let projection = |name: &str| self.linear(&format!("{p}.{name}.weight"), h);
+        let (mut q, mut k, v) = (projection("q_proj"), projection("k_proj"), projection("v_proj"));
         if self.qk_norm {
             q = self.rms_norm(&format!("{p}.q_norm.weight"), &q);
             k = self.rms_norm(&format!("{p}.k_norm.weight"), &k);
@@ -224,7 +224,8 @@ fn check(flavor: Flavor) {
         let mut source = ModelSource::open(dir.path()).expect("the folder opens");
         source.set_compute_path(compute);
         let moe = source.config().moe.clone().expect("read as a mixture of experts");
-        assert_eq!((moe.experts, moe.experts_used, moe.normalize_weights), (tiny_model::EXPERTS, tiny_model::EXPERTS_USED, true));
+        let expected_moe = (tiny_model::EXPERTS, tiny_model::EXPERTS_USED, true);
+        assert_eq!((moe.experts, moe.experts_used, moe.normalize_weights), expected_moe, "{what}");
         let logits = teacher_forced(&load_split(&source, &[]), &PROMPT, generated);
         let (mut worst, mut clear) = (0.0f32, 0);
         for (step, ((ours, theirs), &token)) in logits.iter().zip(&expected).zip(generated).enumerate() {
