@@ -345,8 +345,7 @@ impl ModelSource {
 
     fn open_gguf(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let content = gguf_file::Content::read(&mut BufReader::new(file))
-            .map_err(|e| Error::InvalidModel(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut BufReader::new(file)).map_err(|e| unreadable_gguf(path, e))?;
         let embedding_rows = match content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims().first().copied().unwrap_or(0),
             None => return Err(Error::InvalidModel("GGUF file has no `token_embd.weight`".into())),
@@ -700,6 +699,50 @@ impl TensorLoader<'_> {
             .tensor(reader, &gguf_name, device)
             .map_err(|e| Error::InvalidModel(format!("tensor `{gguf_name}`: {e}")))
     }
+}
+
+/// The error for a GGUF header candle cannot parse. A tensor type candle lacks (the IQ
+/// quantizations, ternary or MXFP4 ones) is the common case, and candle's error gives only
+/// its number: this names the type and says what to do instead.
+fn unreadable_gguf(path: &Path, error: candle_core::Error) -> Error {
+    let message = error.to_string();
+    // With RUST_BACKTRACE set, candle's message is followed by a backtrace.
+    let first_line = message.lines().next().unwrap_or_default();
+    let unknown_type = first_line.strip_prefix("unknown dtype for tensor ").and_then(|n| n.trim().parse::<u32>().ok());
+    match unknown_type {
+        Some(number) => Error::Unsupported(format!(
+            "{}: a tensor is of GGML type {number}{}, which Hearth cannot read; it reads F32, F16, BF16, \
+             Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants (Q2_K to Q6_K): use a file quantized to one of those \
+             (e.g. Q4_K_M)",
+            path.display(),
+            ggml_type_name(number).map(|name| format!(" ({name})")).unwrap_or_default(),
+        )),
+        None => Error::InvalidModel(format!("{}: not a readable GGUF file: {message}", path.display())),
+    }
+}
+
+/// The names of the GGML tensor types candle cannot read, by their number in GGUF files.
+fn ggml_type_name(number: u32) -> Option<&'static str> {
+    Some(match number {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return None,
+    })
 }
 
 fn check_dims(name: TensorName, dims: &[usize], expected: &[usize]) -> Result<()> {

@@ -1,5 +1,6 @@
 //! Writes a tiny random Llama-family model as a Hugging Face folder, so tests can run
-//! every architecture without downloading one.
+//! every architecture without downloading one: dense, or a mixture of experts named as
+//! Mixtral's and Qwen3-MoE's checkpoints name them.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -14,7 +15,14 @@ pub enum Flavor {
     Qwen2,
     /// q/k norms, tied embeddings.
     Qwen3,
+    /// Mixtral: `block_sparse_moe.gate` routes to `EXPERTS` experts of `w1` (gate), `w3`
+    /// (up) and `w2` (down), `FFN` wide; untied head.
+    Mixtral,
+    /// Qwen3-MoE: q/k norms, `mlp.gate` routes to `EXPERTS` experts of
+    /// `{gate,up,down}_proj`, `EXPERT_FFN` wide; weights renormalized (`norm_topk_prob`).
+    Qwen3Moe,
 }
+
 
 pub const VOCAB: usize = 64;
 pub const HIDDEN: usize = 32;
@@ -23,6 +31,10 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 8;
 const FFN: usize = 48;
+pub const EXPERTS: usize = 4;
+pub const EXPERTS_USED: usize = 2;
+/// Qwen3-MoE's experts are narrower than its (unused) dense width, as in the real models.
+const EXPERT_FFN: usize = 24;
 
 /// Deterministic pseudo-random numbers (SplitMix64), so every run writes the same model.
 struct Numbers(u64);
@@ -50,6 +62,8 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         Flavor::Llama => 1,
         Flavor::Qwen2 => 2,
         Flavor::Qwen3 => 3,
+        Flavor::Mixtral => 4,
+        Flavor::Qwen3Moe => 5,
     });
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut add = |name: String, shape: &[usize], scale: f32, offset: f32, rng: &mut Numbers| {
@@ -64,21 +78,43 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         add(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
         add(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
         add(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HEADS * HEAD_DIM], 0.4, 0.0, &mut rng);
-        add(format!("{p}.mlp.gate_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
-        add(format!("{p}.mlp.up_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
-        add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, FFN], 0.4, 0.0, &mut rng);
+        match flavor {
+            Flavor::Mixtral => {
+                add(format!("{p}.block_sparse_moe.gate.weight"), &[EXPERTS, HIDDEN], 1.0, 0.0, &mut rng);
+                for e in 0..EXPERTS {
+                    let q = format!("{p}.block_sparse_moe.experts.{e}");
+                    add(format!("{q}.w1.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                    add(format!("{q}.w2.weight"), &[HIDDEN, FFN], 0.4, 0.0, &mut rng);
+                    add(format!("{q}.w3.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                }
+            }
+            Flavor::Qwen3Moe => {
+                add(format!("{p}.mlp.gate.weight"), &[EXPERTS, HIDDEN], 1.0, 0.0, &mut rng);
+                for e in 0..EXPERTS {
+                    let q = format!("{p}.mlp.experts.{e}");
+                    add(format!("{q}.gate_proj.weight"), &[EXPERT_FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                    add(format!("{q}.up_proj.weight"), &[EXPERT_FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                    add(format!("{q}.down_proj.weight"), &[HIDDEN, EXPERT_FFN], 0.4, 0.0, &mut rng);
+                }
+            }
+            Flavor::Llama | Flavor::Qwen2 | Flavor::Qwen3 => {
+                add(format!("{p}.mlp.gate_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                add(format!("{p}.mlp.up_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
+                add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, FFN], 0.4, 0.0, &mut rng);
+            }
+        }
         if flavor == Flavor::Qwen2 {
             add(format!("{p}.self_attn.q_proj.bias"), &[HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
             add(format!("{p}.self_attn.k_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
             add(format!("{p}.self_attn.v_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
         }
-        if flavor == Flavor::Qwen3 {
+        if matches!(flavor, Flavor::Qwen3 | Flavor::Qwen3Moe) {
             add(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
             add(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
         }
     }
     add("model.norm.weight".into(), &[HIDDEN], 0.2, 1.0, &mut rng);
-    let tied = flavor != Flavor::Qwen2;
+    let tied = !matches!(flavor, Flavor::Qwen2 | Flavor::Mixtral);
     if !tied {
         add("lm_head.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0, &mut rng);
     }
@@ -105,8 +141,10 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         Flavor::Llama => "llama",
         Flavor::Qwen2 => "qwen2",
         Flavor::Qwen3 => "qwen3",
+        Flavor::Mixtral => "mixtral",
+        Flavor::Qwen3Moe => "qwen3_moe",
     };
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "model_type": model_type,
         "hidden_size": HIDDEN,
         "intermediate_size": FFN,
@@ -120,6 +158,21 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         "rope_theta": 10000.0,
         "tie_word_embeddings": tied,
     });
+    let experts = match flavor {
+        Flavor::Mixtral => serde_json::json!({"num_local_experts": EXPERTS, "num_experts_per_tok": EXPERTS_USED}),
+        Flavor::Qwen3Moe => serde_json::json!({
+            "num_experts": EXPERTS,
+            "num_experts_per_tok": EXPERTS_USED,
+            "moe_intermediate_size": EXPERT_FFN,
+            "norm_topk_prob": true,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }),
+        Flavor::Llama | Flavor::Qwen2 | Flavor::Qwen3 => serde_json::json!({}),
+    };
+    if let (Some(config), Some(experts)) = (config.as_object_mut(), experts.as_object()) {
+        config.extend(experts.clone());
+    }
     std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
     write_tokenizer(dir.path());
     dir

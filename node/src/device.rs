@@ -1,7 +1,15 @@
-//! Choosing where tensors live: `--device cpu|metal|cuda|auto`.
+//! Choosing where tensors live (`--device cpu|metal|cuda|auto`) and which code runs on
+//! them (`HEARTH_COMPUTE`).
 
 use anyhow::Context as _;
 use candle_core::Device;
+use hearth_models::{ComputePath, ModelSource};
+
+/// An internal switch for the code that runs a node's stages: `native` (the CPU kernels)
+/// or `candle-ops` (candle's operations, the path Metal and CUDA take), so that tests and
+/// developers can run the GPU path on a CPU-only machine. Unset or empty, each device
+/// takes its own path.
+pub const COMPUTE_PATH_ENV: &str = "HEARTH_COMPUTE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -39,4 +47,48 @@ pub fn set_compute_threads(threads: usize) -> anyhow::Result<()> {
         std::env::set_var(variable, threads.to_string());
     }
     Ok(())
+}
+
+/// The compute path `HEARTH_COMPUTE` asks for, if any; an unknown value is an error that
+/// names the ones there are.
+pub fn compute_path_from_env() -> anyhow::Result<Option<ComputePath>> {
+    match std::env::var(COMPUTE_PATH_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(value)) => {
+            anyhow::bail!("{COMPUTE_PATH_ENV}={value:?} is not a compute path: use `native` or `candle-ops`")
+        }
+        Ok(value) => parse_compute_path(&value),
+    }
+}
+
+fn parse_compute_path(value: &str) -> anyhow::Result<Option<ComputePath>> {
+    match value.trim() {
+        "" => Ok(None),
+        "native" => Ok(Some(ComputePath::Native)),
+        "candle-ops" => Ok(Some(ComputePath::CandleOps)),
+        other => anyhow::bail!("{COMPUTE_PATH_ENV}=`{other}` is not a compute path: use `native` or `candle-ops`"),
+    }
+}
+
+/// Makes `source` load its stages on the path `HEARTH_COMPUTE` asks for, if it asks.
+pub fn apply_compute_path_from_env(source: &mut ModelSource) -> anyhow::Result<()> {
+    if let Some(compute) = compute_path_from_env()? {
+        tracing::info!(?compute, "{COMPUTE_PATH_ENV} picks the compute path");
+        source.set_compute_path(compute);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_paths_parse_and_unknown_ones_are_named() {
+        assert_eq!(parse_compute_path("native").unwrap(), Some(ComputePath::Native));
+        assert_eq!(parse_compute_path("candle-ops").unwrap(), Some(ComputePath::CandleOps));
+        assert_eq!(parse_compute_path("").unwrap(), None);
+        let error = parse_compute_path("metal").unwrap_err().to_string();
+        assert!(error.contains("`metal`") && error.contains("candle-ops"), "{error}");
+    }
 }

@@ -77,6 +77,8 @@ struct ModelArgs {
     #[arg(long, default_value = "default")]
     model: ModelSpec,
     /// Where to run the model: cpu, metal, cuda, or auto (Metal on a Mac, else CPU).
+    /// For tests, HEARTH_COMPUTE=candle-ops runs candle's ops (the path of Metal and CUDA)
+    /// instead of the native CPU kernels.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
     /// Compute threads (default: one per physical core).
@@ -254,6 +256,8 @@ fn open_source(args: &ModelArgs) -> anyhow::Result<(ModelSource, candle_core::De
 }
 
 fn open_device(args: &ModelArgs) -> anyhow::Result<candle_core::Device> {
+    // Refused before anything loads, and before a serving node could fall back to its peers.
+    device::compute_path_from_env()?;
     if let Some(threads) = args.threads {
         device::set_compute_threads(threads)?;
     }
@@ -268,6 +272,7 @@ fn open_local(args: &ModelArgs) -> anyhow::Result<ModelSource> {
     if let Some(context) = args.context {
         source.limit_context(context);
     }
+    device::apply_compute_path_from_env(&mut source)?;
     tracing::info!(
         model = source.name(),
         layers = source.config().num_layers,

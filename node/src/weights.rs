@@ -595,6 +595,7 @@ impl FromPeers {
             if let Some(context) = context {
                 source.limit_context(context);
             }
+            crate::device::apply_compute_path_from_env(&mut source)?;
             Ok(source)
         })
         .await??;

@@ -7,7 +7,7 @@ use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 use hearth_models::Stage;
 use sha2::{Digest, Sha256};
 
-use super::{argmax, ids, max_abs_diff, run_pipeline};
+use super::{argmax, ids, lead, max_abs_diff, teacher_forced};
 
 /// One model of a fixture, written again into a temporary folder.
 pub struct Reference {
@@ -68,25 +68,6 @@ pub fn references(fixture: &str, rerun: &str) -> Vec<Reference> {
             }
         })
         .collect()
-}
-
-/// Logits after the prompt, then after each of `continuation`'s tokens but the last:
-/// llama.cpp's greedy path replayed, so that one near-tie cannot send the two runs down
-/// different texts.
-pub fn teacher_forced(stages: &[Stage], prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
-    let mut caches: Vec<_> = stages.iter().map(|s| s.new_cache()).collect();
-    let mut logits = vec![run_pipeline(stages, &mut caches, prompt)];
-    for &token in &continuation[..continuation.len() - 1] {
-        logits.push(run_pipeline(stages, &mut caches, &[token]));
-    }
-    logits
-}
-
-/// How far the best logit leads the second.
-pub fn lead(logits: &[f32]) -> f32 {
-    let best = argmax(logits) as usize;
-    let second = logits.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &v)| v).fold(f32::MIN, f32::max);
-    logits[best] - second
 }
 
 /// Replays `reference`'s greedy path through `stages` and checks every step's logits to

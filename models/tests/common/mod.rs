@@ -85,6 +85,25 @@ pub fn greedy(stages: &[Stage], prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<
     (ids, all_logits)
 }
 
+/// Logits after the prompt, then after each of `continuation`'s tokens but the last: a
+/// reference's path replayed token by token, so that one near-tie cannot send two runs
+/// down different texts.
+pub fn teacher_forced(stages: &[Stage], prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
+    let mut caches: Vec<StageCache> = stages.iter().map(|s| s.new_cache()).collect();
+    let mut logits = vec![run_pipeline(stages, &mut caches, prompt)];
+    for &token in &continuation[..continuation.len().saturating_sub(1)] {
+        logits.push(run_pipeline(stages, &mut caches, &[token]));
+    }
+    logits
+}
+
+/// How far the best logit leads the second.
+pub fn lead(logits: &[f32]) -> f32 {
+    let best = argmax(logits) as usize;
+    let second = logits.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+    logits[best] - second
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
