@@ -13,7 +13,7 @@ SHA-256 (the test checks that its own copy of the file is the same).
 
 Suites: `moe` (the default) writes models/tests/fixtures/moe_llama_cpp.json, the mixtures
 of experts; `quants` writes models/tests/fixtures/quant_llama_cpp.json, a model in each of
-the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1), keeping only the prompt's last row
+the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1) and in BF16, keeping only the prompt's last row
 of logits (all that its test compares) to keep the file small.
 """
 
@@ -46,6 +46,8 @@ SUITES = {
         ("tiny", "q2_k", 1),
         ("tiny", "q3_k_m", 1),
         ("tiny", "q5_0", 1),
+        ("tiny", "bf16", 1),
+        ("tiny-qwen3moe", "bf16", 1),
     ],
 }
 FIXTURES = {"moe": "moe_llama_cpp.json", "quants": "quant_llama_cpp.json"}

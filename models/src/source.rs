@@ -645,7 +645,8 @@ impl TensorLoader<'_> {
                 })
                 .collect();
         }
-        self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))
+        let matrices = self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))?;
+        Ok(matrices.into_iter().map(Matrix::in_mixture).collect())
     }
 
     /// A GGUF tensor of `count` stacked `rows x cols` matrices (experts, heads), as one

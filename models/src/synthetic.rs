@@ -65,6 +65,9 @@ pub enum Quantization {
     Q5_0,
     /// `Q5_1`: Q5_1 throughout.
     Q5_1,
+    /// `BF16`: every matrix BF16 (the embedding and head too), norms and routers F32, as
+    /// `convert_hf_to_gguf.py --outtype bf16` writes them.
+    Bf16,
 }
 
 impl Shape {
@@ -195,13 +198,14 @@ impl Shape {
 }
 
 impl Quantization {
-    pub const ALL: [Quantization; 6] = [
+    pub const ALL: [Quantization; 7] = [
         Quantization::Q4KM,
         Quantization::Q4_0,
         Quantization::Q2K,
         Quantization::Q3KM,
         Quantization::Q5_0,
         Quantization::Q5_1,
+        Quantization::Bf16,
     ];
 
     pub fn name(self) -> &'static str {
@@ -212,6 +216,7 @@ impl Quantization {
             Quantization::Q3KM => "q3_k_m",
             Quantization::Q5_0 => "q5_0",
             Quantization::Q5_1 => "q5_1",
+            Quantization::Bf16 => "bf16",
         }
     }
 
@@ -224,6 +229,7 @@ impl Quantization {
             Quantization::Q3KM => 12,
             Quantization::Q5_0 => 8,
             Quantization::Q5_1 => 9,
+            Quantization::Bf16 => 32,
         }
     }
 
@@ -235,6 +241,7 @@ impl Quantization {
             Quantization::Q3KM => GgmlDType::Q3K,
             Quantization::Q5_0 => GgmlDType::Q5_0,
             Quantization::Q5_1 => GgmlDType::Q5_1,
+            Quantization::Bf16 => GgmlDType::BF16,
         }
     }
 }
@@ -557,6 +564,10 @@ enum MatrixRole {
 fn matrix_dtype(quantization: Quantization, role: MatrixRole, dims: &Dimensions) -> GgmlDType {
     // The LM head, or the embedding that doubles as one, gets Q6_K in every mix here.
     let is_head = matches!(role, MatrixRole::Output) || (dims.tied_embeddings && matches!(role, MatrixRole::Embedding));
+    // A BF16 conversion is not quantized: no type differs from another.
+    if quantization == Quantization::Bf16 {
+        return GgmlDType::BF16;
+    }
     if is_head {
         return GgmlDType::Q6K;
     }
@@ -924,6 +935,7 @@ fn ggml_type_code(dtype: GgmlDType) -> u32 {
         GgmlDType::Q4K => 12,
         GgmlDType::Q5K => 13,
         GgmlDType::Q6K => 14,
+        GgmlDType::BF16 => 30,
         other => unreachable!("synthetic models do not use {other:?}"),
     }
 }

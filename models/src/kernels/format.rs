@@ -18,6 +18,8 @@ pub(crate) const BLOCK: usize = 32;
 pub(crate) enum MatrixFormat {
     Block32(WeightFormat),
     K(KQuant),
+    /// Plain BF16 values, one "block" each (`bf16.rs`); activations are rounded to BF16.
+    Bf16,
 }
 
 impl MatrixFormat {
@@ -28,6 +30,7 @@ impl MatrixFormat {
             GgmlDType::Q6K => Some(Self::K(KQuant::Q6_K)),
             GgmlDType::Q2K => Some(Self::K(KQuant::Q2_K)),
             GgmlDType::Q3K => Some(Self::K(KQuant::Q3_K)),
+            GgmlDType::BF16 => Some(Self::Bf16),
             dtype => WeightFormat::from_ggml(dtype).map(Self::Block32),
         }
     }
@@ -37,6 +40,7 @@ impl MatrixFormat {
         match self {
             Self::Block32(_) => BLOCK,
             Self::K(_) => QK_K,
+            Self::Bf16 => 1,
         }
     }
 
@@ -45,6 +49,7 @@ impl MatrixFormat {
         match self {
             Self::Block32(format) => format.block_bytes(),
             Self::K(kind) => kind.block_bytes(),
+            Self::Bf16 => 2,
         }
     }
 
@@ -53,6 +58,7 @@ impl MatrixFormat {
         match self {
             Self::Block32(format) => format.dequantize_block(block, out),
             Self::K(kind) => kind.dequantize_block(block, out),
+            Self::Bf16 => out[0] = super::bf16::to_f32(super::bf16::at(block, 0)),
         }
     }
 }

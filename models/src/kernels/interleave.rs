@@ -82,6 +82,7 @@ const fn header(format: MatrixFormat) -> (usize, usize) {
         MatrixFormat::Block32(WeightFormat::Q4_1) => (4, 0),
         MatrixFormat::Block32(_) => (2, 0),
         MatrixFormat::K(_) => (4, Q4_K_QS - 4),
+        MatrixFormat::Bf16 => panic!("BF16 matrices are not interleaved"),
     }
 }
 

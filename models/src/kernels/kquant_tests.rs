@@ -61,7 +61,7 @@ fn random_matrix(rng: &mut ChaCha8Rng, kind: KQuant, rows: usize, cols: usize) -
             KQuant::Q3_K => block[Q3_K_D..Q3_K_D + 2].copy_from_slice(&f16_bits(rng)),
         }
     }
-    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into() }
+    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into(), in_mixture: false }
 }
 
 fn quantized_matrix(rng: &mut ChaCha8Rng, dtype: GgmlDType, rows: usize, cols: usize) -> (QuantMatrix, QTensor) {
@@ -83,7 +83,7 @@ fn quantized(x: &[f32], cols: usize) -> Vec<Q8KBlock> {
 fn kind_of(matrix: &QuantMatrix) -> KQuant {
     match matrix.format {
         MatrixFormat::K(kind) => kind,
-        MatrixFormat::Block32(format) => panic!("{format:?} is not a K-quant"),
+        other => panic!("{other:?} is not a K-quant"),
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::activation::Q8Block;
+use super::bf16;
 use super::format::{ActivationFormat, MatrixFormat, BLOCK};
 use super::interleave::GROUP_ROWS;
 use super::kquant_activation::{quantize_row_k, Q8KBlock};
@@ -101,6 +102,7 @@ pub(crate) fn release_large_buffers() {
             p.out.capacity() <= KEEP_VALUES
                 && p.acts.capacity() * BLOCK <= KEEP_VALUES
                 && p.acts_k.capacity() * QK_K <= KEEP_VALUES
+                && p.acts_bf16.capacity() <= 2 * KEEP_VALUES
                 && p.bias_values() <= KEEP_VALUES
         })
     });
@@ -127,6 +129,9 @@ struct Product {
     /// The quantized activations: `acts` for 32-value formats, `acts_k` for K-quants.
     acts: Vec<Q8Block>,
     acts_k: Vec<Q8KBlock>,
+    /// BF16 matrices' activations, rounded to BF16, and the order of their sums.
+    acts_bf16: Vec<u16>,
+    bf16_order: Option<bf16::Order>,
     /// For interleaved Q4_0 and Q8_0 matrices, the integer sums `acts` start from.
     #[cfg(target_arch = "x86_64")]
     biases: Vec<GroupBiases>,
@@ -159,6 +164,12 @@ impl Product {
                 for (x, acts) in x.chunks_exact(matrix.cols).zip(self.acts_k.chunks_exact_mut(blocks)) {
                     quantize_row_k(x, acts);
                 }
+            }
+            MatrixFormat::Bf16 => {
+                self.acts_bf16.clear();
+                self.acts_bf16.resize(m * matrix.cols, 0);
+                bf16::convert_row(x, &mut self.acts_bf16);
+                self.bf16_order = Some(bf16::Order::of(m, matrix.rows, matrix.cols, matrix.in_mixture));
             }
         }
         // Every value is overwritten: no need to clear.
@@ -215,6 +226,10 @@ impl Job for Product {
                         vnni.product_groups_k(kind, weights, rows.len(), blocks, &self.acts_k, m, results)
                     }
                 },
+                MatrixFormat::Bf16 => {
+                    let order = self.bf16_order.unwrap_or(bf16::Order::VecDot);
+                    isa.product_rows_bf16(order, weights, matrix.cols, &self.acts_bf16, m, results)
+                }
             }
             // Transposed into the output in tiles of weight rows, so that both the reads
             // and the writes stay within a few cache lines.
