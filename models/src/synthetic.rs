@@ -45,6 +45,10 @@ pub enum Shape {
     /// query bottleneck and YaRN, a dense first layer, then 8 experts in 4 groups (2
     /// groups, 2 experts used), sigmoid routing with a bias, one shared expert.
     TinyDeepSeek2,
+    /// DeepSeek-V3: every dimension of its attention and experts (7168 wide, 128 heads,
+    /// latent 512, experts 2048 wide, 8 used in 4 of 8 groups, one shared), with 4 of its
+    /// 61 layers (one dense, as its first 3 are) and 32 of its 256 experts.
+    DeepSeekV3,
 }
 
 /// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
@@ -68,7 +72,7 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 8] = [
+    pub const ALL: [Shape; 9] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -77,6 +81,7 @@ impl Shape {
         Shape::TinyQwen3Moe,
         Shape::Qwen3_30bA3b,
         Shape::TinyDeepSeek2,
+        Shape::DeepSeekV3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +94,7 @@ impl Shape {
             Shape::TinyQwen3Moe => "tiny-qwen3moe",
             Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
             Shape::TinyDeepSeek2 => "tiny-deepseek2",
+            Shape::DeepSeekV3 => "deepseek-v3",
         }
     }
 
@@ -189,6 +195,35 @@ impl Shape {
                     dense_layers: 1,
                 }),
                 ..tiny_moe
+            },
+            // deepseek-ai/DeepSeek-V3's config.json, with 4 of its 61 layers and 32 of its
+            // 256 routed experts (4 in each of its 8 groups).
+            Shape::DeepSeekV3 => Dimensions {
+                family: Family::DeepSeek2,
+                layers: 4,
+                hidden: 7168,
+                ffn: 18_432,
+                heads: 128,
+                kv_heads: 1,
+                head_dim: 128,
+                vocab: 129_280,
+                context: 163_840,
+                rope_theta: 10_000.0,
+                rms_eps: 1e-6,
+                tied_embeddings: false,
+                experts: Some(ExpertDims { experts: 32, used: 8 }),
+                latent: Some(LatentDims {
+                    query_rank: 1536,
+                    latent_rank: 512,
+                    rope_dim: 64,
+                    nope_dim: 128,
+                    value_dim: 128,
+                    expert_ffn: 2048,
+                    groups: 8,
+                    groups_used: 4,
+                    dense_layers: 1,
+                }),
+                ..llama3
             },
         }
     }
