@@ -318,6 +318,28 @@ pub fn write_synthetic_gguf(shape: Shape, quantization: Quantization, seed: u64,
     std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
 }
 
+/// A GGUF file of a one-layer decoder of `architecture` that holds only its token
+/// embedding, of type `embedding`: enough for `ModelSource::open` to read the metadata
+/// and accept or refuse it, which is what tests of refusals need.
+pub fn header_only_gguf(architecture: &str, embedding: GgmlDType) -> Result<Vec<u8>> {
+    let ones = Tensor::ones((64, 256), candle_core::DType::F32, &Device::Cpu)?;
+    let embedding = QTensor::quantize(&ones, embedding)?;
+    let key = |suffix: &str| format!("{architecture}.{suffix}");
+    let metadata = [
+        ("general.architecture".to_string(), Value::String(architecture.into())),
+        (key("block_count"), Value::U32(1)),
+        (key("embedding_length"), Value::U32(256)),
+        (key("feed_forward_length"), Value::U32(512)),
+        (key("attention.head_count"), Value::U32(4)),
+        (key("context_length"), Value::U32(128)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embedding)])?;
+    Ok(file.into_inner())
+}
+
 fn partial_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
