@@ -52,7 +52,7 @@ impl Architecture {
 
 /// What an unsupported file is told Hearth runs instead.
 pub(crate) const SUPPORTED_ARCHITECTURES: &str =
-    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, deepseek2 (from GGUF); gpt-oss and gemma3 are not yet supported";
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, deepseek2; gpt-oss and gemma3 are not yet supported";
 
 /// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
 /// feed-forwards for each token and mixes their outputs by its weights.
@@ -339,9 +339,19 @@ impl ModelConfig {
         // Mixtral is Mistral's block with experts: one architecture here, as in GGUF.
         let architecture = match raw.model_type.as_str() {
             "mixtral" => Architecture::Mistral,
+            "deepseek_v2" | "deepseek_v3" | "kimi_k2" => Architecture::DeepSeek2,
             name => Architecture::from_name(name)?,
         };
+        if let Some(method) = raw.quantization_config.as_ref().map(|q| q["quant_method"].as_str().unwrap_or("unknown")) {
+            return Err(Error::Unsupported(format!(
+                "a checkpoint stored quantized ({method}): Hearth reads safetensors in f32, f16 or bf16; \
+                 use a GGUF of the model (e.g. Q4_K_M) or a bf16 copy"
+            )));
+        }
         let num_heads = raw.num_attention_heads;
+        if architecture == Architecture::DeepSeek2 {
+            return Self::from_hf_deepseek(&raw);
+        }
         let moe = match (raw.num_local_experts.or(raw.num_experts), raw.num_experts_per_tok) {
             (Some(experts), Some(experts_used)) if experts > 0 => {
                 if raw.decoder_sparse_step.is_some_and(|step| step != 1)
@@ -402,6 +412,82 @@ impl ModelConfig {
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe,
             latent_attention: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// DeepSeek's `config.json`, read into what its GGUF conversion says: latent attention
+    /// as one KV head of the latent plus rotary key (so `head_dim` and the cache are as
+    /// for GGUF), and group-limited routing as llama.cpp runs it (groups ranked by their
+    /// two best scores, for V2's `group_limited_greedy` too).
+    fn from_hf_deepseek(raw: &HfConfig) -> Result<Self> {
+        let need = |value: Option<usize>, key: &str| {
+            value.ok_or_else(|| invalid(format!("config.json of a {} model lacks {key}", raw.model_type)))
+        };
+        let latent = LatentAttentionConfig {
+            query_rank: raw.q_lora_rank.filter(|&r| r > 0),
+            latent_rank: need(raw.kv_lora_rank, "kv_lora_rank")?,
+            rope_dim: need(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
+            nope_dim: need(raw.qk_nope_head_dim, "qk_nope_head_dim")?,
+            value_dim: need(raw.v_head_dim, "v_head_dim")?,
+        };
+        let experts = need(raw.n_routed_experts, "n_routed_experts")?;
+        let moe = MoeConfig {
+            experts,
+            experts_used: need(raw.num_experts_per_tok, "num_experts_per_tok")?,
+            expert_ffn: need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+            normalize_weights: raw.norm_topk_prob.unwrap_or(false),
+            weights_scale: raw.routed_scaling_factor.unwrap_or(1.0),
+            gating: match raw.scoring_func.as_deref() {
+                None | Some("softmax") => Gating::Softmax,
+                Some("sigmoid") => Gating::Sigmoid,
+                Some(other) => return Err(Error::Unsupported(format!("expert scoring function `{other}`"))),
+            },
+            groups: match (raw.n_group, raw.topk_group) {
+                (Some(count), Some(used)) if count > 1 => Some(ExpertGroups { count, used }),
+                _ => None,
+            },
+            shared_experts: raw.n_shared_experts.unwrap_or(0),
+            dense_layers: raw.first_k_dense_replace.unwrap_or(0),
+        };
+        let rope_scaling = match &raw.rope_scaling {
+            None => RopeScaling::None,
+            Some(scaling) => match scaling.kind().as_deref() {
+                None | Some("default") => RopeScaling::None,
+                Some("yarn") => RopeScaling::Yarn {
+                    factor: scaling.factor.unwrap_or(1.0),
+                    original_context: scaling
+                        .original_max_position_embeddings
+                        .ok_or_else(|| invalid("YaRN scaling without original_max_position_embeddings".into()))?,
+                    // llama.cpp reads `mscale_all_dim` alone (DeepSeek's `mscale` equals it).
+                    log_multiplier: scaling.mscale_all_dim.unwrap_or(0.0),
+                    beta_fast: scaling.beta_fast.unwrap_or(32.0),
+                    beta_slow: scaling.beta_slow.unwrap_or(1.0),
+                },
+                Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}` for deepseek2"))),
+            },
+        };
+        let config = Self {
+            architecture: Architecture::DeepSeek2,
+            num_layers: raw.num_hidden_layers,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads: 1,
+            head_dim: latent.latent_rank + latent.rope_dim,
+            vocab_size: raw.vocab_size,
+            context_length: raw.max_position_embeddings,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            // DeepSeek's modeling code de-interleaves before rotating halves: pairs (2i, 2i+1).
+            rope_layout: RopeLayout::Interleaved,
+            rope_scaling,
+            qkv_bias: false,
+            qk_norm: false,
+            tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            moe: Some(moe),
+            latent_attention: Some(latent),
         };
         config.validate()?;
         Ok(config)
@@ -508,6 +594,21 @@ struct HfConfig {
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
+    // DeepSeek-V2/V3 and Kimi K2 (`deepseek_v2`, `deepseek_v3`, `kimi_k2`).
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    routed_scaling_factor: Option<f32>,
+    scoring_func: Option<String>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    /// Set by checkpoints stored in a quantized format (DeepSeek's own FP8 blocks).
+    quantization_config: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +620,10 @@ struct HfRopeScaling {
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
     original_max_position_embeddings: Option<usize>,
+    // YaRN's.
+    beta_fast: Option<f32>,
+    beta_slow: Option<f32>,
+    mscale_all_dim: Option<f32>,
 }
 
 impl HfRopeScaling {

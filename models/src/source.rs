@@ -576,6 +576,8 @@ impl ModelSource {
                     dtype => elements / dtype.block_size() as u64 * dtype.type_size() as u64,
                 })
             }
+            // Keys and values from the latent are one Hugging Face tensor: count it once.
+            Weights::Safetensors { .. } if matches!(name, TensorName::Layer(_, LayerTensor::ValueFromLatent)) => Some(0),
             Weights::Safetensors { tensors } => {
                 let view = tensors.get(&find_hf(tensors, name)?).ok()?;
                 Some(view.shape().iter().product::<usize>() as u64 * dense_bytes)
@@ -653,7 +655,7 @@ impl TensorLoader<'_> {
     /// matrix each: the file's bytes, sliced, not dequantized.
     pub(crate) fn stacked(&mut self, name: TensorName, count: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
         if let Weights::Safetensors { .. } = self.weights {
-            return Err(Error::Unsupported(format!("`{}` from a safetensors folder", name.hf())));
+            return self.latent_heads_from_hf(name, count, (rows, cols));
         }
         // Read on the CPU, sliced there, and each matrix moved to the device on its own.
         let stacked = self.gguf_tensor_on(name, &Device::Cpu)?;
@@ -669,6 +671,36 @@ impl TensorLoader<'_> {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(matrices)
+    }
+
+    /// Latent attention's per-head key or value projections from Hugging Face's one
+    /// `kv_b_proj` (`heads * (nope + value)` rows of the latent), split as llama.cpp's
+    /// converter splits it: each head's key part transposed to `latent x nope`, its value
+    /// part `value x latent`.
+    fn latent_heads_from_hf(&mut self, name: TensorName, heads: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
+        let TensorName::Layer(_, part @ (LayerTensor::KeyFromLatent | LayerTensor::ValueFromLatent)) = name else {
+            return Err(Error::Unsupported(format!("`{}` from a safetensors folder", name.hf())));
+        };
+        let kv_b = self.dense(name)?;
+        let (all_rows, latent) = kv_b.dims2()?;
+        let per_head = all_rows / heads.max(1);
+        let (start, width, latent_expected) = match part {
+            LayerTensor::KeyFromLatent => (0, cols, rows),
+            _ => (per_head.saturating_sub(rows), rows, cols),
+        };
+        if per_head * heads != all_rows || width > per_head || latent != latent_expected {
+            return Err(Error::InvalidModel(format!(
+                "tensor `{}` has shape [{all_rows}, {latent}], not {heads} heads of keys and values over a latent \
+                 of {latent_expected}",
+                name.hf()
+            )));
+        }
+        let heads_part = kv_b.reshape((heads, per_head, latent))?.narrow(1, start, width)?;
+        let heads_part = match part {
+            LayerTensor::KeyFromLatent => heads_part.transpose(1, 2)?,
+            _ => heads_part,
+        };
+        (0..heads).map(|h| Ok(Matrix::dense(heads_part.get(h)?.contiguous()?))).collect()
     }
 
     /// A vector or matrix in the activation dtype (norms, biases).

@@ -179,7 +179,7 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
 }
 
 /// A word-level tokenizer over `<unk>`, `<s>`, `</s>` and the words `w3` .. `w63`.
-fn write_tokenizer(dir: &std::path::Path) {
+pub fn write_tokenizer(dir: &std::path::Path) {
     let mut vocab = serde_json::Map::new();
     for (id, word) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         vocab.insert((*word).into(), id.into());
