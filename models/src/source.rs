@@ -478,7 +478,8 @@ impl ModelSource {
     /// Bytes each part takes in memory once loaded on `device`, without loading anything.
     pub fn footprint(&self, device: &Device) -> ModelFootprint {
         let dense_bytes = activation_dtype(device).size_in_bytes() as u64;
-        let size = |name: TensorName| self.loaded_bytes(name, dense_bytes).unwrap_or(0);
+        let native = self.compute_path(device) == ComputePath::Native;
+        let size = |name: TensorName| self.loaded_bytes(name, dense_bytes, native).unwrap_or(0);
         // Experts one tensor each (Hugging Face folders); GGUF's stacked ones are in `ALL`.
         let experts = match (&self.weights, &self.config.moe) {
             (Weights::Safetensors { .. }, Some(moe)) => moe.experts,
@@ -565,12 +566,15 @@ impl ModelSource {
         }
     }
 
-    fn loaded_bytes(&self, name: TensorName, dense_bytes: u64) -> Option<u64> {
+    /// Bytes `name` takes once loaded: dense tensors in `dense_bytes` per value, except
+    /// that the `native` kernels keep BF16 matrices as the file has them.
+    fn loaded_bytes(&self, name: TensorName, dense_bytes: u64, native: bool) -> Option<u64> {
         match &self.weights {
             Weights::Gguf { content, .. } => {
                 let info = content.tensor_infos.get(&name.gguf())?;
                 let elements = info.shape.elem_count() as u64;
                 Some(match info.ggml_dtype {
+                    GgmlDType::BF16 if native && info.shape.rank() >= 2 => elements * 2,
                     // Dense GGUF tensors are widened to the activation dtype on load.
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => elements * dense_bytes,
                     dtype => elements / dtype.block_size() as u64 * dtype.type_size() as u64,
@@ -647,8 +651,7 @@ impl TensorLoader<'_> {
                 })
                 .collect();
         }
-        let matrices = self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))?;
-        Ok(matrices.into_iter().map(Matrix::in_mixture).collect())
+        self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))
     }
 
     /// A GGUF tensor of `count` stacked `rows x cols` matrices (experts, heads), as one

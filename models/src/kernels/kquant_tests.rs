@@ -61,7 +61,7 @@ fn random_matrix(rng: &mut ChaCha8Rng, kind: KQuant, rows: usize, cols: usize) -
             KQuant::Q3_K => block[Q3_K_D..Q3_K_D + 2].copy_from_slice(&f16_bits(rng)),
         }
     }
-    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into(), in_mixture: false }
+    QuantMatrix { format: MatrixFormat::K(kind), rows, cols, layout: super::Layout::Rows, data: data.into() }
 }
 
 fn quantized_matrix(rng: &mut ChaCha8Rng, dtype: GgmlDType, rows: usize, cols: usize) -> (QuantMatrix, QTensor) {

@@ -5,8 +5,8 @@
 //! activations by it the way ggml does: each activation row is quantized once to 8 bits per
 //! value (Q8_1 for Q4_1 and Q5_1 weights, Q8_K for K-quants, Q8_0 otherwise), then every
 //! output is a sum of integer block products scaled in f32, in ggml's order of operations.
-//! BF16 matrices multiply activations rounded to BF16, in the orders of ggml's AVX512_BF16
-//! code (`bf16.rs`). Other formats (F16 and F32 among them) go to candle's `QMatMul`.
+//! BF16 matrices multiply activations rounded to BF16, in the order of ggml's AVX512_BF16
+//! `vec_dot` (`bf16.rs`). Other formats (F16 and F32 among them) go to candle's `QMatMul`.
 //! Candle's own kernels round differently (an f16 product in Q8_1's sums, other summation
 //! orders), and in a 30-layer model such last-bit differences grow into visibly different
 //! logits.
@@ -105,15 +105,6 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?))
     }
 
-    /// `self` as one of a mixture's experts, which ggml multiplies by its `vec_dot`
-    /// functions whatever the batch (`mul_mat_id`): only BF16's order depends on it.
-    pub(crate) fn in_mixture(self) -> Self {
-        match self {
-            Self::Native(matrix) => Self::Native(QuantMatrix { in_mixture: true, ..matrix }),
-            candle => candle,
-        }
-    }
-
     /// A dense matrix (safetensors weights), multiplied by candle.
     pub(crate) fn dense(weight: Tensor) -> Self {
         Self::Candle(QMatMul::Tensor(weight))
@@ -202,8 +193,6 @@ pub(crate) struct QuantMatrix {
     /// The blocks, arranged as `layout` says; shared by clones (a tied LM head and the
     /// embedding).
     data: Arc<[u8]>,
-    /// One of a mixture's experts (see [`Matrix::in_mixture`]).
-    in_mixture: bool,
 }
 
 /// The largest block of a format that is interleaved: Q4_K's.
@@ -245,7 +234,7 @@ impl QuantMatrix {
         if data.len() != rows * (cols / format.block_values()) * format.block_bytes() {
             bail!("a {rows}x{cols} {format:?} matrix holds {} bytes", data.len());
         }
-        Ok(Some(Self { format, rows, cols, layout: Layout::Rows, data: Arc::from(&*data), in_mixture: false }))
+        Ok(Some(Self { format, rows, cols, layout: Layout::Rows, data: Arc::from(&*data) }))
     }
 
     /// `self` in the layout whose kernels are fastest on this CPU.
@@ -430,13 +419,18 @@ impl Isa {
     }
 
     /// BF16 weights times BF16 activations (`bf16.rs`); on x86, AVX512_BF16 where the CPU
-    /// has it, the plain code elsewhere.
-    fn product_rows_bf16(self, order: bf16::Order, weights: &[u8], cols: usize, acts: &[u16], m: usize, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if let (Self::Avx2(_), Some(avx512)) = (self, bf16::x86::Avx512Bf16::detect()) {
-            return avx512.product_rows(order, weights, cols, acts, m, out);
+    /// has it, else AVX2 computing the same bits.
+    fn product_rows_bf16(self, weights: &[u8], cols: usize, acts: &[u16], m: usize, out: &mut [f32]) {
+        match self {
+            Self::Portable => bf16::product_rows(weights, cols, acts, m, out),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => bf16::product_rows(weights, cols, acts, m, out),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(avx2) => match bf16::x86::Avx512Bf16::detect() {
+                Some(avx512) => avx512.product_rows(weights, cols, acts, m, out),
+                None => bf16::x86::product_rows_avx2(avx2, weights, cols, acts, m, out),
+            },
         }
-        bf16::product_rows(order, weights, cols, acts, m, out)
     }
 
     /// [`Isa::product_rows`] for K-quant weights and Q8_K activations. (On x86, the AVX2

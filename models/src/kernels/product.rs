@@ -129,9 +129,8 @@ struct Product {
     /// The quantized activations: `acts` for 32-value formats, `acts_k` for K-quants.
     acts: Vec<Q8Block>,
     acts_k: Vec<Q8KBlock>,
-    /// BF16 matrices' activations, rounded to BF16, and the order of their sums.
+    /// BF16 matrices' activations, rounded to BF16.
     acts_bf16: Vec<u16>,
-    bf16_order: Option<bf16::Order>,
     /// For interleaved Q4_0 and Q8_0 matrices, the integer sums `acts` start from.
     #[cfg(target_arch = "x86_64")]
     biases: Vec<GroupBiases>,
@@ -169,7 +168,6 @@ impl Product {
                 self.acts_bf16.clear();
                 self.acts_bf16.resize(m * matrix.cols, 0);
                 bf16::convert_row(x, &mut self.acts_bf16);
-                self.bf16_order = Some(bf16::Order::of(m, matrix.rows, matrix.cols, matrix.in_mixture));
             }
         }
         // Every value is overwritten: no need to clear.
@@ -226,10 +224,7 @@ impl Job for Product {
                         vnni.product_groups_k(kind, weights, rows.len(), blocks, &self.acts_k, m, results)
                     }
                 },
-                MatrixFormat::Bf16 => {
-                    let order = self.bf16_order.unwrap_or(bf16::Order::VecDot);
-                    isa.product_rows_bf16(order, weights, matrix.cols, &self.acts_bf16, m, results)
-                }
+                MatrixFormat::Bf16 => isa.product_rows_bf16(weights, matrix.cols, &self.acts_bf16, m, results),
             }
             // Transposed into the output in tiles of weight rows, so that both the reads
             // and the writes stay within a few cache lines.
