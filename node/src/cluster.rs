@@ -45,6 +45,13 @@ const REDIAL: Duration = Duration::from_secs(2);
 /// How often this node's measured paths are gossiped again when no choice changed: the
 /// figures drift, and peers' `hearth status` should not show stale ones for long.
 const HOP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often this node looks at its interfaces for an address that came, went or moved
+/// (a link up after start, a new DHCP lease, Wi-Fi traded for Ethernet): one cheap
+/// `getifaddrs`, the same on every OS.
+const INTERFACE_LOOK: Duration = Duration::from_secs(1);
+/// The first and the longest wait between attempts to listen for control connections.
+const LISTEN_RETRY_FIRST: Duration = Duration::from_millis(250);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How this node joins its cluster.
 pub struct ClusterOptions {
@@ -124,16 +131,15 @@ pub async fn join(
         .with_context(|| format!("loading this node's identity from {}", options.data_dir.display()))?;
     let node_id = identity.node_id().to_string();
     let cluster_hash = ClusterHash::of(&options.cluster_name);
-    let host = primary_address(&options.interfaces).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    // Announce where peers can connect: the bound address, or this host's LAN address when
-    // bound to every interface.
-    let announced = |bound: SocketAddr| match bound.ip() {
-        ip if ip.is_unspecified() => SocketAddr::new(host, bound.port()),
-        _ => bound,
-    };
-    let data_addr = announced(data_plane.addr());
-    let data_paths = data_paths(data_plane.addr(), data_addr, &options.interfaces);
-    let api_addr = announced(options.api_addr);
+    let host = primary_address(&options.interfaces);
+    let bound = Bound { data: data_plane.addr(), api: options.api_addr };
+    if host.is_none() && bound.data.ip().is_unspecified() {
+        tracing::warn!(
+            "no usable network interface yet (only loopback): serving alone; peers can join as soon as one comes up"
+        );
+    }
+    let (data_addr, api_addr) = bound.announced(host);
+    let data_paths = data_paths(bound.data, data_addr, &options.interfaces);
     let me = NodeInfo {
         node_id: node_id.clone(),
         data_addr,
@@ -152,8 +158,7 @@ pub async fn join(
         cluster_hash: cluster_hash.to_string(),
         cluster_key: options.cluster_key.clone(),
     };
-    let (control, control_events, control_addr) =
-        ControlPlane::start(config, me.clone()).await.context("starting the control plane")?;
+    let (control, control_events, control_addr) = start_control_plane(config, &me).await?;
     tracing::info!(
         node = %node_id,
         cluster = %options.cluster_name,
@@ -208,10 +213,55 @@ pub async fn join(
         preparing: None,
         prepared_tx,
         awaiting_plan_since: None,
+        bound,
+        interfaces: options.interfaces.clone(),
+        host,
         _discovery: discovery,
     };
     tokio::spawn(node.run(control_events, discovery_events, prepared_rx, options.peers));
     Ok(ClusterHandles { routes, view, node_id })
+}
+
+/// Starts the control plane, trying again with backoff while its address cannot be
+/// listened on (a network still coming up, a port not yet released by a process that
+/// just ended): a node started at login must not give up before the network is there.
+async fn start_control_plane(
+    config: ControlConfig,
+    me: &NodeInfo,
+) -> anyhow::Result<(ControlPlane, mpsc::Receiver<ControlEvent>, SocketAddr)> {
+    let mut wait = LISTEN_RETRY_FIRST;
+    loop {
+        match ControlPlane::start(config.clone(), me.clone()).await {
+            Err(error @ hearth_mesh::control::ControlError::Listen { .. }) => {
+                tracing::warn!("{error}; trying again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(LISTEN_RETRY_MAX);
+            }
+            started => return started.context("starting the control plane"),
+        }
+    }
+}
+
+/// Where this node's data plane and API listen.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    data: SocketAddr,
+    api: SocketAddr,
+}
+
+impl Bound {
+    /// Where peers can connect, given this host's address on the network (`None` while it
+    /// has none): each bound address, or the host's address when bound to every
+    /// interface. With no such address the node is alone, and names loopback, which only
+    /// it can use, until one comes.
+    fn announced(self, host: Option<IpAddr>) -> (SocketAddr, SocketAddr) {
+        let host = host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let announce = |bound: SocketAddr| match bound.ip() {
+            ip if ip.is_unspecified() => SocketAddr::new(host, bound.port()),
+            _ => bound,
+        };
+        (announce(self.data), announce(self.api))
+    }
 }
 
 /// Every address peers can reach the data plane on: each admitted interface's address
@@ -281,6 +331,11 @@ struct Node {
     prepared_tx: mpsc::Sender<PreparedStage>,
     /// Since when this node, coordinating without a plan, has waited for its peers' plan.
     awaiting_plan_since: Option<tokio::time::Instant>,
+    /// Where the data plane and API listen, the interfaces this node may use, and the
+    /// host address it last announced them on (`None`: it had none).
+    bound: Bound,
+    interfaces: InterfacePolicy,
+    host: Option<IpAddr>,
     /// Kept alive for as long as the node runs: dropping it says goodbye on mDNS.
     _discovery: Option<Discovery>,
 }
@@ -296,6 +351,7 @@ impl Node {
         let mut redial = tokio::time::interval(REDIAL);
         let mut path_changes = self.paths.changes();
         let mut report_hops = tokio::time::interval(HOP_REPORT_INTERVAL);
+        let mut look_at_interfaces = tokio::time::interval(INTERFACE_LOOK);
         let settle = tokio::time::sleep(FIRST_SETTLE);
         tokio::pin!(settle);
         let mut settling = true;
@@ -341,6 +397,7 @@ impl Node {
                     self.publish_view();
                 }
                 _ = report_hops.tick() => self.report_hops(),
+                _ = look_at_interfaces.tick() => self.follow_interfaces(),
                 () = &mut settle, if settling => {
                     settling = false;
                     self.plan_if_coordinator();
@@ -404,6 +461,31 @@ impl Node {
         }
         let ids: Vec<&str> = peers.iter().map(|m| m.node_id.as_str()).collect();
         self.paths.retain(&ids);
+    }
+
+    /// Announces this node's new addresses when its interfaces changed: peers then reach
+    /// its data plane at the new address (the coordinator re-plans for a moved data plane,
+    /// and requests in flight are replayed as after a link failure), and a node that
+    /// started before its network joins once the network is there.
+    fn follow_interfaces(&mut self) {
+        let host = primary_address(&self.interfaces);
+        let data_paths = data_paths(self.bound.data, self.bound.announced(host).0, &self.interfaces);
+        if host == self.host && data_paths == self.me.data_paths {
+            return;
+        }
+        match (self.host, host) {
+            (None, Some(ip)) => tracing::info!(%ip, "a network interface came up: announcing this node on it"),
+            (Some(old), Some(new)) if old != new => tracing::info!(%old, %new, "this node's address moved"),
+            (Some(old), None) => tracing::warn!(%old, "no usable network interface left: serving alone until one returns"),
+            _ => tracing::info!(paths = ?data_paths, "this node's network addresses changed"),
+        }
+        self.host = host;
+        (self.me.data_addr, self.me.api_addr) = self.bound.announced(host);
+        self.me.data_paths = data_paths;
+        if let Err(error) = self.control.update_me(self.me.clone()) {
+            tracing::warn!("cannot announce this node's new addresses: {error}");
+        }
+        self.publish_view();
     }
 
     /// Gossips the paths this node uses, when they changed.

@@ -55,10 +55,10 @@ pub struct Route {
     pub failovers: u64,
 }
 
-/// A link of the pipeline moved to another path after its own failed: the request is
-/// replayed at once on the same plan, over the new path.
+/// A link of the pipeline moved to another path after its own failed, or a new plan's
+/// first stage listens elsewhere: the request is replayed at once on the plan in force.
 #[derive(Debug, thiserror::Error)]
-#[error("a link of the pipeline failed over to another path")]
+#[error("a link of the pipeline failed over to another path, or the first stage moved")]
 struct PathFailedOver;
 
 #[derive(Debug, thiserror::Error)]
@@ -308,11 +308,14 @@ impl Inner {
             let message = tokio::select! {
                 message = replies.message() => message?,
                 Ok(()) = routes.changed() => {
-                    // Tokens on their way over a path that failed are lost.
-                    let failed_over = routes
-                        .borrow_and_update()
-                        .is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
-                    if failed_over {
+                    // Tokens on their way over a path that failed are lost; and a plan
+                    // whose first stage listens elsewhere may mean this one's address is
+                    // gone (a node whose address moved answers nothing on the old one).
+                    // Replaying is exact either way, so the request moves over.
+                    let now = *routes.borrow_and_update();
+                    let failed_over = now.is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
+                    let moved = now.is_some_and(|now| now.epoch > route.epoch && now.first_stage != route.first_stage);
+                    if failed_over || moved {
                         return Err(PathFailedOver.into());
                     }
                     continue;

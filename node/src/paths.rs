@@ -322,10 +322,14 @@ impl Shared {
     }
 
     /// Whether `--interface` lets the data plane use `addr`: with an interface pinned,
-    /// only addresses on its link (or routed ones, which name no link).
+    /// only addresses on its link (or routed ones, which name no link); otherwise any
+    /// address but loopback. (A peer's announced address is used whatever this says.)
     fn admits(&self, addr: SocketAddr) -> bool {
         match (&self.policy, interface_towards(addr.ip())) {
             (InterfacePolicy::Only(only), Some(interface)) => &interface == only,
+            // Another node's loopback is this node's own: only a cluster pinned to
+            // loopback (every node on one machine) may use it.
+            (InterfacePolicy::Auto, _) => !addr.ip().is_loopback(),
             _ => true,
         }
     }
