@@ -29,9 +29,13 @@ each engine reaches.
     python3 examples/bench_vs_llamacpp.py --threads 2 --repeats 3 --models default,1b-q4_0
     python3 examples/bench_vs_llamacpp.py --hearth target/release/hearth --models path/to/model.gguf
 
-Models: `default` (what `hearth pull --model default` fetches), a synthetic Llama 3
-(`1b-q4_k_m`, `1b-q4_0`, `3b-...`, `8b-...`: written with the `synthetic_gguf` example
-into --cache-dir on first use), or a path to a .gguf file.
+Models: `default` (what `hearth pull --model default` fetches), a synthetic model
+(`<shape>-<quant>`: a Llama 3 `1b`, `3b`, `8b`, or a mixture of experts `qwen3-30b-a3b`,
+`deepseek-v3`; quant `q4_k_m`, `q4_0` or `q2_k`; written with the `synthetic_gguf`
+example into --cache-dir on first use), or a path to a .gguf file. For a mixture, the
+decode bound counts the experts a token uses, not all of them.
+
+    python3 examples/bench_vs_llamacpp.py --models qwen3-30b-a3b-q4_k_m,deepseek-v3-q4_k_m,deepseek-v3-q2_k
 
 Needs `llama-cpp-python` (installed with pip into this Python if missing: it builds
 llama.cpp from source for this CPU, which takes about 15 minutes on 2 cores) and, unless
@@ -70,8 +74,16 @@ FILLER = (
 )
 """The text `hearth bench` repeats to make its prompts (FILLER in node/src/bench.rs)."""
 
-SYNTHETIC_SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
-SYNTHETIC_QUANTS = ("q4_k_m", "q4_0")
+SYNTHETIC_SHAPES = {
+    "1b": "llama-3.2-1b",
+    "3b": "llama-3.2-3b",
+    "8b": "llama-3.1-8b",
+    # Mixtures of experts: every dimension of the real models, fewer layers (and, for
+    # DeepSeek-V3, fewer experts); see `Shape` in models/src/synthetic.rs.
+    "qwen3-30b-a3b": "qwen3-30b-a3b",
+    "deepseek-v3": "deepseek-v3",
+}
+SYNTHETIC_QUANTS = ("q4_k_m", "q4_0", "q2_k")
 SYNTHETIC_SEED = 1
 
 BANDWIDTH_BYTES = 1 << 30
@@ -246,7 +258,7 @@ def resolve_model(spec: str, hearth: Path, cache_dir: Path) -> Model:
             raise BenchError(f"`hearth pull --model default` failed:\n{result.stderr.strip()}")
         path = Path(result.stdout.strip().splitlines()[-1])
         return Model(f"default ({path.name})", path)
-    size, _, quant = spec.partition("-")
+    size, _, quant = spec.rpartition("-")
     if size in SYNTHETIC_SHAPES and quant in SYNTHETIC_QUANTS:
         return Model(f"synthetic {SYNTHETIC_SHAPES[size]} {quant}", synthetic_model(size, quant, cache_dir))
     path = Path(spec)
@@ -324,8 +336,18 @@ GGML_BLOCKS = {
 }  # fmt: skip
 
 
-def gguf_tensor_bytes(path: Path) -> dict[str, int]:
-    """The stored size of each tensor of a GGUF file, from its header."""
+@dataclass
+class GgufHeader:
+    tensor_bytes: dict[str, int]
+    """The stored size of each tensor."""
+    integers: dict[str, int]
+    """The metadata's integer values (the rest is skipped)."""
+
+
+def read_gguf_header(path: Path) -> GgufHeader:
+    """The tensor sizes and integer metadata of a GGUF file, from its header."""
+    integer_formats = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 10: "Q", 11: "q"}
+    scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
     with path.open("rb") as f:
 
         def read(fmt: str):
@@ -333,8 +355,6 @@ def gguf_tensor_bytes(path: Path) -> dict[str, int]:
 
         def skip_string() -> None:
             f.seek(read("Q"), os.SEEK_CUR)
-
-        scalar_sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
         def skip_value(kind: int) -> None:
             if kind == 8:
@@ -355,9 +375,14 @@ def gguf_tensor_bytes(path: Path) -> dict[str, int]:
         if version < 2:
             raise BenchError(f"{path}: GGUF version {version} is too old to size")
         n_tensors, n_metadata = read("Q"), read("Q")
+        integers = {}
         for _ in range(n_metadata):
-            skip_string()
-            skip_value(read("I"))
+            key = f.read(read("Q")).decode()
+            kind = read("I")
+            if kind in integer_formats:
+                integers[key] = read(integer_formats[kind])
+            else:
+                skip_value(kind)
         sizes = {}
         for _ in range(n_tensors):
             name = f.read(read("Q")).decode()
@@ -370,16 +395,26 @@ def gguf_tensor_bytes(path: Path) -> dict[str, int]:
                 raise BenchError(f"{path}: tensor {name} has a ggml type ({ggml_type}) this script cannot size")
             block_elements, block_bytes = GGML_BLOCKS[ggml_type]
             sizes[name] = elements // block_elements * block_bytes
-        return sizes
+        return GgufHeader(sizes, integers)
 
 
 def bytes_read_per_token(path: Path) -> int:
     """Weights a decoded token reads: all but the embedding, plus the head (the embedding
-    itself when the model ties them)."""
-    sizes = gguf_tensor_bytes(path)
+    itself when the model ties them); of a mixture's stacked experts (`*_exps`), only the
+    share its router picks (`expert_used_count` of `expert_count`). The router and the
+    shared experts are read whole."""
+    header = read_gguf_header(path)
+    sizes = header.tensor_bytes
+    count = next((v for k, v in header.integers.items() if k.endswith(".expert_count")), 0)
+    used = next((v for k, v in header.integers.items() if k.endswith(".expert_used_count")), 0)
     embedding = sizes.get("token_embd.weight", 0)
     tied_head = embedding if "output.weight" not in sizes else 0
-    return sum(sizes.values()) - embedding + tied_head
+    total = 0
+    for name, size in sizes.items():
+        if name == "token_embd.weight":
+            continue
+        total += size * used // count if count and "_exps." in name else size
+    return total + tied_head
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,7 +540,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--models",
         default="default,1b-q4_k_m,1b-q4_0",
-        help="comma-separated: default, 1b-q4_k_m, 1b-q4_0, 3b-..., 8b-..., or .gguf paths",
+        help="comma-separated: default, <shape>-<quant> (shapes 1b, 3b, 8b, qwen3-30b-a3b, deepseek-v3; "
+        "quants q4_k_m, q4_0, q2_k), or .gguf paths",
     )
     parser.add_argument("--hearth", help="the hearth binary (default: build it with cargo --release)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded per round (default 128)")

@@ -45,6 +45,10 @@ pub enum Shape {
     /// query bottleneck and YaRN, a dense first layer, then 8 experts in 4 groups (2
     /// groups, 2 experts used), sigmoid routing with a bias, one shared expert.
     TinyDeepSeek2,
+    /// DeepSeek-V3: every dimension of its attention and experts (7168 wide, 128 heads,
+    /// latent 512, experts 2048 wide, 8 used in 4 of 8 groups, one shared), with 4 of its
+    /// 61 layers (one dense, as its first 3 are) and 32 of its 256 experts.
+    DeepSeekV3,
 }
 
 /// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
@@ -68,7 +72,7 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 8] = [
+    pub const ALL: [Shape; 9] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -77,6 +81,7 @@ impl Shape {
         Shape::TinyQwen3Moe,
         Shape::Qwen3_30bA3b,
         Shape::TinyDeepSeek2,
+        Shape::DeepSeekV3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +94,7 @@ impl Shape {
             Shape::TinyQwen3Moe => "tiny-qwen3moe",
             Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
             Shape::TinyDeepSeek2 => "tiny-deepseek2",
+            Shape::DeepSeekV3 => "deepseek-v3",
         }
     }
 
@@ -190,6 +196,35 @@ impl Shape {
                 }),
                 ..tiny_moe
             },
+            // deepseek-ai/DeepSeek-V3's config.json, with 4 of its 61 layers and 32 of its
+            // 256 routed experts (4 in each of its 8 groups).
+            Shape::DeepSeekV3 => Dimensions {
+                family: Family::DeepSeek2,
+                layers: 4,
+                hidden: 7168,
+                ffn: 18_432,
+                heads: 128,
+                kv_heads: 1,
+                head_dim: 128,
+                vocab: 129_280,
+                context: 163_840,
+                rope_theta: 10_000.0,
+                rms_eps: 1e-6,
+                tied_embeddings: false,
+                experts: Some(ExpertDims { experts: 32, used: 8 }),
+                latent: Some(LatentDims {
+                    query_rank: 1536,
+                    latent_rank: 512,
+                    rope_dim: 64,
+                    nope_dim: 128,
+                    value_dim: 128,
+                    expert_ffn: 2048,
+                    groups: 8,
+                    groups_used: 4,
+                    dense_layers: 1,
+                }),
+                ..llama3
+            },
         }
     }
 }
@@ -281,6 +316,28 @@ pub fn write_synthetic_gguf(shape: Shape, quantization: Quantization, seed: u64,
     }
     drop(out);
     std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
+}
+
+/// A GGUF file of a one-layer decoder of `architecture` that holds only its token
+/// embedding, of type `embedding`: enough for `ModelSource::open` to read the metadata
+/// and accept or refuse it, which is what tests of refusals need.
+pub fn header_only_gguf(architecture: &str, embedding: GgmlDType) -> Result<Vec<u8>> {
+    let ones = Tensor::ones((64, 256), candle_core::DType::F32, &Device::Cpu)?;
+    let embedding = QTensor::quantize(&ones, embedding)?;
+    let key = |suffix: &str| format!("{architecture}.{suffix}");
+    let metadata = [
+        ("general.architecture".to_string(), Value::String(architecture.into())),
+        (key("block_count"), Value::U32(1)),
+        (key("embedding_length"), Value::U32(256)),
+        (key("feed_forward_length"), Value::U32(512)),
+        (key("attention.head_count"), Value::U32(4)),
+        (key("context_length"), Value::U32(128)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+    ];
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::Cursor::new(Vec::new());
+    candle_core::quantized::gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embedding)])?;
+    Ok(file.into_inner())
 }
 
 fn partial_path(path: &Path) -> PathBuf {

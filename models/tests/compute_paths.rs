@@ -11,7 +11,7 @@
 mod common;
 mod tiny_model;
 
-use common::{argmax, greedy, ids, lead, load_split, max_abs_diff, open_default_model, reference, teacher_forced};
+use common::{argmax, check_logits, greedy, ids, load_split, max_abs_diff, open_default_model, reference, teacher_forced};
 use hearth_models::{ComputePath, ModelSource};
 
 /// candle's ops against llama.cpp's top-5 logits of the default model (magnitudes 10 to
@@ -121,20 +121,8 @@ fn check_tiny(flavor: tiny_model::Flavor) {
     let prompt = [3, 17, 42, 5, 9, 11];
     let (tokens, native_logits) = greedy(&load_split(&native, &[]), &prompt, 10);
     let candle_logits = teacher_forced(&load_split(&candle, &[]), &prompt, &tokens);
-    let (mut worst, mut clear) = (0.0f32, 0);
-    for (step, ((ours, theirs), &token)) in candle_logits.iter().zip(&native_logits).zip(&tokens).enumerate() {
-        let diff = max_abs_diff(ours, theirs);
-        worst = worst.max(diff);
-        assert!(diff <= CANDLE_VS_NATIVE_DENSE, "{what}, step {step}: logits differ from the native path's by {diff}");
-        if lead(theirs) > 2.0 * CANDLE_VS_NATIVE_DENSE {
-            clear += 1;
-            assert_eq!(argmax(ours), token, "{what}, step {step}: another token than the native path's");
-        }
-    }
-    eprintln!(
-        "{what} on candle's ops: logits within {worst:.1e} of the native path's; the same token at {clear} of {} steps",
-        tokens.len()
-    );
+    let label = format!("{what} on candle's ops");
+    check_logits(&candle_logits, &native_logits, &tokens, CANDLE_VS_NATIVE_DENSE, &label, "the native path's");
     assert_splits_match_whole(&candle, &prompt, 6, &what);
 }
 

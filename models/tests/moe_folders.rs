@@ -15,7 +15,7 @@ mod tiny_model;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{argmax, greedy, lead, load_split, max_abs_diff, teacher_forced};
+use common::{argmax, check_logits, greedy, load_split, max_abs_diff, teacher_forced};
 use hearth_models::{ComputePath, ModelSource};
 use tiny_model::Flavor;
 
@@ -227,17 +227,7 @@ fn check(flavor: Flavor) {
         let expected_moe = (tiny_model::EXPERTS, tiny_model::EXPERTS_USED, true);
         assert_eq!((moe.experts, moe.experts_used, moe.normalize_weights), expected_moe, "{what}");
         let logits = teacher_forced(&load_split(&source, &[]), &PROMPT, generated);
-        let (mut worst, mut clear) = (0.0f32, 0);
-        for (step, ((ours, theirs), &token)) in logits.iter().zip(&expected).zip(generated).enumerate() {
-            let diff = max_abs_diff(ours, theirs);
-            worst = worst.max(diff);
-            assert!(diff <= tolerance, "{what}, step {step}: logits differ from the f32 reference's by {diff}");
-            if lead(theirs) > 2.0 * tolerance {
-                clear += 1;
-                assert_eq!(argmax(ours), token, "{what}, step {step}: another token than the reference's");
-            }
-        }
-        eprintln!("{what}: logits within {worst:.1e} of the f32 reference's; its token at {clear} of {STEPS} steps");
+        check_logits(&logits, &expected, generated, tolerance, &what, "the f32 reference's");
 
         let (whole_ids, whole_logits) = greedy(&load_split(&source, &[]), &PROMPT, STEPS);
         for cuts in [vec![2], vec![1, 4], vec![1, 2, 5]] {

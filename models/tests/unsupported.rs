@@ -1,33 +1,14 @@
 //! What Hearth does not run is refused at `ModelSource::open`, in one line that names it
 //! and says what is supported.
 
-use std::io::Cursor;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use hearth_models::synthetic::header_only_gguf;
 use hearth_models::{Error, ModelSource};
 
-/// A GGUF file with the metadata of a small decoder of `architecture`, and a token
-/// embedding of `dtype`.
 fn gguf(architecture: &str, dtype: GgmlDType) -> Vec<u8> {
-    let embedding = Tensor::ones((64, 256), candle_core::DType::F32, &Device::Cpu).expect("tensor");
-    let embedding = QTensor::quantize(&embedding, dtype).expect("quantizes");
-    let key = |suffix: &str| format!("{architecture}.{suffix}");
-    let metadata = [
-        ("general.architecture".to_string(), Value::String(architecture.into())),
-        (key("block_count"), Value::U32(1)),
-        (key("embedding_length"), Value::U32(256)),
-        (key("feed_forward_length"), Value::U32(512)),
-        (key("attention.head_count"), Value::U32(4)),
-        (key("context_length"), Value::U32(128)),
-        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
-    ];
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = Cursor::new(Vec::new());
-    gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embedding)]).expect("writes");
-    file.into_inner()
+    header_only_gguf(architecture, dtype).expect("writes")
 }
 
 /// Rewrites the GGML type of the file's one tensor to `type_number` in its header: how a

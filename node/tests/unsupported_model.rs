@@ -1,13 +1,11 @@
 //! `hearth serve` and `hearth generate` on a model Hearth does not run: one clear line on
 //! stderr, a non-zero exit, no panic; and the same for an unknown `HEARTH_COMPUTE`.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::GgmlDType;
+use hearth_models::synthetic::header_only_gguf;
 
 /// A folder of this test's own, removed when dropped.
 struct TempDir(PathBuf);
@@ -26,24 +24,9 @@ impl Drop for TempDir {
     }
 }
 
-/// A GGUF file whose `general.architecture` is `architecture`, otherwise a small decoder.
 fn write_gguf(path: &Path, architecture: &str) {
-    let embedding = Tensor::ones((64, 256), DType::F32, &Device::Cpu).expect("tensor");
-    let embedding = QTensor::quantize(&embedding, GgmlDType::Q8_0).expect("quantizes");
-    let key = |suffix: &str| format!("{architecture}.{suffix}");
-    let metadata = [
-        ("general.architecture".to_string(), Value::String(architecture.into())),
-        (key("block_count"), Value::U32(1)),
-        (key("embedding_length"), Value::U32(256)),
-        (key("feed_forward_length"), Value::U32(512)),
-        (key("attention.head_count"), Value::U32(4)),
-        (key("context_length"), Value::U32(128)),
-        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
-    ];
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = Cursor::new(Vec::new());
-    gguf_file::write(&mut file, &metadata, &[("token_embd.weight", &embedding)]).expect("writes");
-    std::fs::write(path, file.into_inner()).expect("writes the file");
+    let file = header_only_gguf(architecture, GgmlDType::Q8_0).expect("writes");
+    std::fs::write(path, file).expect("writes the file");
 }
 
 fn hearth(args: &[&str], dir: &Path, compute: Option<&str>) -> Output {

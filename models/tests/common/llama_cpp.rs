@@ -7,7 +7,7 @@ use hearth_models::synthetic::{write_synthetic_gguf, Quantization, Shape};
 use hearth_models::Stage;
 use sha2::{Digest, Sha256};
 
-use super::{argmax, ids, lead, max_abs_diff, teacher_forced};
+use super::{check_logits, ids, teacher_forced};
 
 /// One model of a fixture, written again into a temporary folder.
 pub struct Reference {
@@ -76,21 +76,5 @@ pub fn references(fixture: &str, rerun: &str) -> Vec<Reference> {
 /// run in messages.
 pub fn check_against(reference: &Reference, stages: &[Stage], tolerance: f32, label: &str) {
     let logits = teacher_forced(stages, &reference.prompt, &reference.generated);
-    assert_eq!(logits.len(), reference.logits.len(), "{label}");
-    let (mut worst, mut clear) = (0.0f32, 0);
-    for (step, ((ours, theirs), &token)) in logits.iter().zip(&reference.logits).zip(&reference.generated).enumerate() {
-        assert_eq!(ours.len(), theirs.len(), "{label}: vocabulary size");
-        let diff = max_abs_diff(ours, theirs);
-        worst = worst.max(diff);
-        assert!(diff <= tolerance, "{label}, step {step}: logits differ from llama.cpp's by {diff}");
-        if lead(theirs) > 2.0 * tolerance {
-            clear += 1;
-            assert_eq!(argmax(ours), token, "{label}, step {step}: another token");
-        }
-    }
-    eprintln!(
-        "{label}: logits within {worst:.2e} of llama.cpp's; the same token at the {clear} of {} steps where \
-         llama.cpp's was clear",
-        logits.len()
-    );
+    check_logits(&logits, &reference.logits, &reference.generated, tolerance, label, "llama.cpp's");
 }

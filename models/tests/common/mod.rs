@@ -104,6 +104,28 @@ pub fn lead(logits: &[f32]) -> f32 {
     logits[best] - second
 }
 
+/// Checks each step's `ours` logits to be within `tolerance` of `theirs`, and our token
+/// to be `tokens`' wherever their choice was clear (led by more than twice the
+/// tolerance); prints the worst difference. `label` names the run, `whose` the reference.
+pub fn check_logits(ours: &[Vec<f32>], theirs: &[Vec<f32>], tokens: &[u32], tolerance: f32, label: &str, whose: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{label}: steps");
+    let (mut worst, mut clear) = (0.0f32, 0);
+    for (step, ((ours, theirs), &token)) in ours.iter().zip(theirs).zip(tokens).enumerate() {
+        assert_eq!(ours.len(), theirs.len(), "{label}: vocabulary size");
+        let diff = max_abs_diff(ours, theirs);
+        worst = worst.max(diff);
+        assert!(diff <= tolerance, "{label}, step {step}: logits differ from {whose} by {diff}");
+        if lead(theirs) > 2.0 * tolerance {
+            clear += 1;
+            assert_eq!(argmax(ours), token, "{label}, step {step}: another token than {whose}");
+        }
+    }
+    eprintln!(
+        "{label}: logits within {worst:.2e} of {whose}; the same token at {clear} of {} steps where its choice was clear",
+        ours.len()
+    );
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
