@@ -57,7 +57,8 @@ impl Architecture {
 
 /// What an unsupported file is told Hearth runs instead.
 pub(crate) const SUPPORTED_ARCHITECTURES: &str =
-    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, gemma3, deepseek2 (from GGUF); gpt-oss is not yet supported";
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, gemma3 (text), deepseek2 (from GGUF); \
+     gpt-oss is not yet supported";
 
 /// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
 /// feed-forwards for each token and mixes their outputs by its weights.
@@ -788,10 +789,10 @@ mod tests {
     /// A family Hearth lacks is one clear line naming it and what is supported.
     #[test]
     fn an_unsupported_architecture_is_named_with_what_is_supported() {
-        let metadata = HashMap::from([("general.architecture".to_owned(), Value::String("gemma3".into()))]);
-        let error = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("gemma3 is not supported yet");
+        let metadata = HashMap::from([("general.architecture".to_owned(), Value::String("phi3".into()))]);
+        let error = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("phi3 is not supported");
         let message = error.to_string();
-        assert!(message.contains("`gemma3`") && message.contains("deepseek2") && message.contains("qwen3moe"), "{message}");
+        assert!(message.contains("`phi3`") && message.contains("deepseek2") && message.contains("gemma3"), "{message}");
         assert!(!message.contains('\n'), "one line: {message}");
     }
 

@@ -15,8 +15,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat_template::ChatTemplate;
-use crate::config::{ModelConfig, RopeScaling};
-use crate::kernels::Matrix;
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::kernels::{attention, Matrix};
 use crate::stage::{ComputePath, Stage};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -300,6 +300,19 @@ pub struct ModelFootprint {
     pub head_bytes: u64,
     /// K and V cache of one token in one layer.
     pub kv_bytes_per_token_per_layer: u64,
+    /// The most positions each layer's cache holds however long the context: a bound
+    /// for a sliding layer, which keeps about its window; `None` for the others.
+    pub kv_positions_bound: Vec<Option<u64>>,
+}
+
+impl ModelFootprint {
+    /// The KV cache bytes of each layer for a context of `tokens`.
+    pub fn kv_bytes_per_layer(&self, tokens: u64) -> Vec<u64> {
+        self.kv_positions_bound
+            .iter()
+            .map(|bound| self.kv_bytes_per_token_per_layer.saturating_mul(bound.map_or(tokens, |b| b.min(tokens))))
+            .collect()
+    }
 }
 
 /// Where a GGUF model's bytes lie in its file: what a node serving weights to its peers
@@ -545,6 +558,9 @@ impl ModelSource {
                     ComputePath::CandleOps => dense_bytes as usize,
                 },
             ),
+            kv_positions_bound: (0..self.config.num_layers)
+                .map(|i| self.config.attention_window(i).map(|w| attention::KvCache::sliding_positions(w) as u64))
+                .collect(),
         }
     }
 
@@ -593,7 +609,11 @@ impl ModelSource {
                 device.location()
             )));
         }
-        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone(), compute })
+        // Gemma's RMS norms multiply by `1 + w`: its Hugging Face checkpoints hold `w`, and
+        // llama.cpp's converter writes `1 + w` into GGUF files.
+        let norms_add_one =
+            matches!(self.weights, Weights::Safetensors { .. }) && self.config.architecture == Architecture::Gemma3;
+        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone(), compute, norms_add_one })
     }
 
     fn has(&self, name: TensorName) -> bool {
@@ -628,6 +648,8 @@ pub(crate) struct TensorLoader<'a> {
     reader: Option<BufReader<File>>,
     device: Device,
     compute: ComputePath,
+    /// Norm weights are stored less 1 (Gemma's Hugging Face checkpoints).
+    norms_add_one: bool,
 }
 
 impl TensorLoader<'_> {
@@ -721,6 +743,12 @@ impl TensorLoader<'_> {
                 Ok(tensor.to_dtype(dtype)?)
             }
         }
+    }
+
+    /// An RMS norm's weight, as the norm multiplies by it.
+    pub(crate) fn norm(&mut self, name: TensorName) -> Result<Tensor> {
+        let weight = self.dense(name)?;
+        Ok(if self.norms_add_one { (weight + 1.0)? } else { weight })
     }
 
     fn gguf_tensor(&mut self, name: TensorName) -> Result<QTensor> {
