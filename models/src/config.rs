@@ -796,6 +796,28 @@ mod tests {
         assert!(!message.contains('\n'), "one line: {message}");
     }
 
+    /// A multimodal Gemma 3 config.json names only what differs from `Gemma3TextConfig`'s
+    /// defaults in its `text_config`; the sliding layers follow `sliding_window_pattern`.
+    #[test]
+    fn a_gemma3_text_config_is_read_with_its_defaults() {
+        let json = r#"{"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 12,
+            "intermediate_size": 10240, "sliding_window": 1024, "sliding_window_pattern": 6,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "vision_config": {}}"#;
+        let config = ModelConfig::from_hf_json(json).expect("reads");
+        assert_eq!(config.architecture, Architecture::Gemma3);
+        assert_eq!((config.num_heads, config.num_kv_heads, config.head_dim), (8, 4, 256));
+        let windows: Vec<Option<usize>> = (0..12).map(|i| config.attention_window(i)).collect();
+        let (s, f) = (Some(1024), None);
+        assert_eq!(windows, [s, s, s, s, s, f, s, s, s, s, s, f]);
+        let sliding = config.sliding_window.as_ref().expect("slides");
+        assert_eq!((sliding.rope_theta, config.rope_theta), (10_000.0, 1_000_000.0));
+        assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 8.0 }, "the full layers' scaling");
+        assert_eq!(config.query_scale, Some(1.0 / 16.0));
+        assert_eq!(config.embedding_scale, Some(2560f32.sqrt()));
+        assert_eq!(config.activation, Activation::GeluTanh);
+        assert!(config.post_norms && config.qk_norm && config.tied_embeddings);
+    }
+
     /// A DeepSeek file from before llama.cpp split `attn_kv_b` is refused with what to do.
     #[test]
     fn an_old_deepseek_layout_asks_for_a_fresh_conversion() {

@@ -692,7 +692,14 @@ impl Block {
                 activation: config.activation,
             },
         };
-        Ok(Self { attention_norm, attention, post_attention_norm, feed_forward_norm, feed_forward, post_feed_forward_norm })
+        Ok(Self {
+            attention_norm,
+            attention,
+            post_attention_norm,
+            feed_forward_norm,
+            feed_forward,
+            post_feed_forward_norm,
+        })
     }
 
     /// The positions each query sees on this layer if it slides.
@@ -919,21 +926,21 @@ impl GroupedAttention {
     fn forward_sliding(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut SlidingCache) -> Result<Tensor> {
         let window = self.window.ok_or_else(|| Error::InvalidInput("a sliding cache on a full layer".into()))?;
         let (q, k, v) = self.heads(x, start, rope)?;
-        let (k, v) = match cache.kv.take() {
-            Some((cached_k, cached_v)) => (Tensor::cat(&[&cached_k, &k], 2)?, Tensor::cat(&[&cached_v, &v], 2)?),
-            None => {
-                cache.first = start;
-                (k, v)
+        // The cache changes only once the step has gone through.
+        let (k, v, first) = match &cache.kv {
+            Some((cached_k, cached_v)) => {
+                (Tensor::cat(&[cached_k, &k], 2)?, Tensor::cat(&[cached_v, &v], 2)?, cache.first)
             }
+            None => (k, v, start),
         };
         let (seq_len, context) = (q.dim(2)?, k.dim(2)?);
-        let mask = sliding_mask(seq_len, start, cache.first, context, window, q.device(), q.dtype())?;
+        let mask = sliding_mask(seq_len, start, first, context, window, q.device(), q.dtype())?;
         let y = self.attend(&q, &k, &v, mask.as_ref())?;
         let keep = context.min(window - 1);
-        cache.first += context - keep;
-        cache.kv = (keep > 0)
+        let kept = (keep > 0)
             .then(|| -> Result<_> { Ok((k.narrow(2, context - keep, keep)?, v.narrow(2, context - keep, keep)?)) })
             .transpose()?;
+        *cache = SlidingCache { kv: kept, first: first + context - keep };
         Ok(y)
     }
 

@@ -129,7 +129,8 @@ impl Reference {
         let (d, n) = (self.head_dim, h.len() / self.hidden);
         let projection = |name: &str| self.linear(&format!("{p}.{name}.weight"), h);
         let (q, k, v) = (projection("q_proj"), projection("k_proj"), projection("v_proj"));
-        let (mut q, mut k) = (self.rms_norm(&format!("{p}.q_norm.weight"), &q), self.rms_norm(&format!("{p}.k_norm.weight"), &k));
+        let mut q = self.rms_norm(&format!("{p}.q_norm.weight"), &q);
+        let mut k = self.rms_norm(&format!("{p}.k_norm.weight"), &k);
         let sliding = self.sliding[layer];
         let theta = if sliding { self.local_theta } else { self.theta };
         self.rope(&mut q, self.heads, theta);
@@ -173,8 +174,10 @@ impl Reference {
     fn logits(&self, tokens: &[u32]) -> Vec<f32> {
         let embedding = self.tensor("model.embed_tokens.weight");
         let scale = (self.hidden as f32).sqrt();
-        let mut x: Vec<f32> =
-            tokens.iter().flat_map(|&t| embedding[t as usize * self.hidden..][..self.hidden].iter().map(|v| v * scale)).collect();
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| embedding[t as usize * self.hidden..][..self.hidden].iter().map(|v| v * scale))
+            .collect();
         for layer in 0..self.layers {
             let p = format!("model.layers.{layer}");
             let attended = self.attention(layer, &self.rms_norm(&format!("{p}.input_layernorm.weight"), &x));
