@@ -9,12 +9,15 @@ SHA-256 (the test checks that its own copy of the file is the same).
 
     pip install llama-cpp-python==0.3.36
     cargo build --release -p hearth-models --examples
-    python3 scripts/llama_cpp_reference.py [--suite moe|quants] [--out PATH]
+    python3 scripts/llama_cpp_reference.py [--suite moe|quants|gemma3] [--out PATH]
 
 Suites: `moe` (the default) writes models/tests/fixtures/moe_llama_cpp.json, the mixtures
 of experts; `quants` writes models/tests/fixtures/quant_llama_cpp.json, a model in each of
-the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1) and in BF16, keeping only the prompt's last row
-of logits (all that its test compares) to keep the file small.
+the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1) and in BF16, keeping only the prompt's last
+row of logits (all that its test compares) to keep the file small; `gemma3` writes
+models/tests/fixtures/gemma3_llama_cpp.json, Gemma 3's layout, with a prompt long enough
+(and a generation after it) that its sliding windows of 4 positions move past the 64
+positions Hearth's caches forget at a time, also keeping only the prompt's last row.
 """
 
 import argparse
@@ -49,10 +52,18 @@ SUITES = {
         ("tiny", "bf16", 1),
         ("tiny-qwen3moe", "bf16", 1),
     ],
+    "gemma3": [
+        ("tiny-gemma3", "q4_0", 1),
+        ("tiny-gemma3", "q4_k_m", 1),
+    ],
 }
-FIXTURES = {"moe": "moe_llama_cpp.json", "quants": "quant_llama_cpp.json"}
+FIXTURES = {"moe": "moe_llama_cpp.json", "quants": "quant_llama_cpp.json", "gemma3": "gemma3_llama_cpp.json"}
 PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
 STEPS = 12
+# Ids below the synthetic vocabulary's control tokens (768 of 1024), in no order.
+LONG_PROMPT = [(37 * i + 11) % 760 for i in range(140)]
+# The prompt and greedy steps of each suite.
+RUNS = {"moe": (PROMPT, STEPS), "quants": (PROMPT, STEPS), "gemma3": (LONG_PROMPT, 16)}
 
 
 def writer() -> Path:
@@ -65,20 +76,20 @@ def writer() -> Path:
     return binary
 
 
-def reference(path: Path, every_prompt_row: bool) -> dict:
+def reference(path: Path, prompt: list, steps: int, every_prompt_row: bool) -> dict:
     import llama_cpp  # imported here so that --help works without it
     import numpy as np
 
     model = llama_cpp.Llama(
         model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False, seed=0
     )
-    model.eval(PROMPT)
+    model.eval(prompt)
     # Logits of every prompt position: what a prefill computes, row by row.
     prompt_logits = np.array(model.eval_logits, dtype=np.float32)
     kept_rows = prompt_logits if every_prompt_row else prompt_logits[-1:]
     tokens, step_logits = [], []
     logits = prompt_logits[-1]
-    for _ in range(STEPS):
+    for _ in range(steps):
         token = int(np.argmax(logits))
         tokens.append(token)
         model.eval([token])
@@ -101,10 +112,11 @@ def main() -> None:
     import llama_cpp
 
     binary = writer()
+    prompt, steps = RUNS[args.suite]
     results = {
         "llama_cpp_python": llama_cpp.__version__,
-        "prompt_ids": PROMPT,
-        "steps": STEPS,
+        "prompt_ids": prompt,
+        "steps": steps,
         "models": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +127,7 @@ def main() -> None:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            entry = {"shape": shape, "quantization": quant, "seed": seed, **reference(path, args.suite == "moe")}
+            entry = {"shape": shape, "quantization": quant, "seed": seed, **reference(path, prompt, steps, args.suite == "moe")}
             print(f"{shape} {quant}: greedy {entry['generated_ids']}")
             results["models"].append(entry)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

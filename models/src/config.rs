@@ -27,6 +27,10 @@ pub enum Architecture {
     /// shared experts beside them.
     #[serde(rename = "deepseek2")]
     DeepSeek2,
+    /// Gemma 3 (270M to 27B, text): sliding-window attention on five layers of six, q/k
+    /// norms, norms after attention and after the feed-forward too, GeGLU, a scaled
+    /// embedding (see [`ModelConfig`]'s `sliding_window`, `post_norms`, `activation`...).
+    Gemma3,
 }
 
 impl Architecture {
@@ -38,6 +42,7 @@ impl Architecture {
             "qwen3" => Ok(Self::Qwen3),
             "qwen3moe" | "qwen3_moe" => Ok(Self::Qwen3Moe),
             "deepseek2" => Ok(Self::DeepSeek2),
+            "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
             other => Err(Error::Unsupported(format!(
                 "architecture `{other}` (supported: {SUPPORTED_ARCHITECTURES})"
             ))),
@@ -46,13 +51,14 @@ impl Architecture {
 
     /// RMS norms on queries and keys, per head.
     fn has_qk_norm(self) -> bool {
-        matches!(self, Self::Qwen3 | Self::Qwen3Moe)
+        matches!(self, Self::Qwen3 | Self::Qwen3Moe | Self::Gemma3)
     }
 }
 
 /// What an unsupported file is told Hearth runs instead.
 pub(crate) const SUPPORTED_ARCHITECTURES: &str =
-    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, deepseek2; gpt-oss and gemma3 are not yet supported";
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, gemma3 (text), deepseek2; \
+     gpt-oss is not yet supported";
 
 /// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
 /// feed-forwards for each token and mixes their outputs by its weights.
@@ -161,6 +167,28 @@ pub enum RopeScaling {
     },
 }
 
+/// Sliding-window attention on some layers (Gemma 3; gpt-oss alternates the same way):
+/// there a query at position `p` sees the `window` positions `p - window + 1 ..= p` alone,
+/// and RoPE has a base of its own, without the scaling of the full layers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// Which layers slide, by index; the others attend to the whole context.
+    pub layers: Vec<bool>,
+    /// RoPE's base on the sliding layers (Gemma 3's `rope_local_base_freq`).
+    pub rope_theta: f32,
+}
+
+/// The gated activation of the feed-forward: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// SwiGLU (Llama, Qwen, Mistral, DeepSeek).
+    #[default]
+    Silu,
+    /// GeGLU with GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
 /// Everything needed to build the blocks of a decoder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -190,6 +218,27 @@ pub struct ModelConfig {
     /// is the width of the cached latent plus rotary key, and `num_kv_heads` is 1.
     #[serde(default)]
     pub latent_attention: Option<LatentAttentionConfig>,
+    /// Sliding-window attention on some layers (Gemma 3); `None`: every layer sees it all.
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
+    /// What queries are multiplied by before attention (Gemma's `query_pre_attn_scalar^-1/2`,
+    /// as llama.cpp applies it, to the queries); `None`: scores are scaled by
+    /// `1/sqrt(head_dim)` in the softmax.
+    #[serde(default)]
+    pub query_scale: Option<f32>,
+    /// RMS norms on the outputs of attention and of the feed-forward, before the residual
+    /// adds (Gemma 2/3).
+    #[serde(default)]
+    pub post_norms: bool,
+    #[serde(default)]
+    pub activation: Activation,
+    /// What token embeddings are multiplied by (Gemma: `sqrt(hidden_size)`, in f32 as
+    /// llama.cpp computes it).
+    #[serde(default)]
+    pub embedding_scale: Option<f32>,
+    /// Logits become `cap * tanh(logits / cap)` (Gemma 2; Gemma 3 files may name one).
+    #[serde(default)]
+    pub final_logit_softcap: Option<f32>,
 }
 
 impl ModelConfig {
@@ -233,7 +282,9 @@ impl ModelConfig {
         // llama.cpp labels Qwen rotary embeddings "neox" and leaves their weights unpermuted.
         let rope_layout = match architecture {
             Architecture::Llama | Architecture::Mistral | Architecture::DeepSeek2 => RopeLayout::Interleaved,
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe => RopeLayout::Halves,
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 => {
+                RopeLayout::Halves
+            }
         };
         let intermediate_size = gguf_usize(metadata, &key("feed_forward_length"))?;
         let optional_usize = |suffix: &str| -> Result<Option<usize>> {
@@ -302,9 +353,48 @@ impl ModelConfig {
         } else {
             None
         };
+        let num_layers = gguf_usize(metadata, &key("block_count"))?;
+        let gemma = architecture == Architecture::Gemma3;
+        let sliding_window = match optional_usize("attention.sliding_window")?.filter(|&w| w > 0 && gemma) {
+            None => None,
+            Some(window) => Some(SlidingWindow {
+                window,
+                layers: match metadata.get(&key("attention.sliding_window_pattern")) {
+                    // One flag per layer, or every `n`th layer full; llama.cpp's default is 6.
+                    Some(Value::Array(flags)) => {
+                        let flags = flags
+                            .iter()
+                            .map(|flag| match flag {
+                                Value::Bool(sliding) => Ok(*sliding),
+                                other => Err(invalid(format!(
+                                    "attention.sliding_window_pattern holds {:?}, not bools",
+                                    other.value_type()
+                                ))),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        if flags.len() != num_layers {
+                            return Err(invalid(format!(
+                                "attention.sliding_window_pattern has {} flags for {num_layers} layers",
+                                flags.len()
+                            )));
+                        }
+                        flags
+                    }
+                    Some(v) => sliding_pattern(num_layers, value_usize(v, "attention.sliding_window_pattern")?),
+                    None => sliding_pattern(num_layers, 6),
+                },
+                rope_theta: optional_f32("rope.freq_base_swa")?.unwrap_or(10_000.0),
+            }),
+        };
+        // GGUF carries no `query_pre_attn_scalar`: llama.cpp takes it to be the head size
+        // but in the 27B model (62 layers), whose is hidden / heads, as Gemma's code says.
+        let query_scale = gemma.then(|| {
+            let scalar = if num_layers == 62 { hidden_size / num_heads.max(1) } else { head_dim };
+            1.0 / (scalar as f32).sqrt()
+        });
         let config = Self {
             architecture,
-            num_layers: gguf_usize(metadata, &key("block_count"))?,
+            num_layers,
             hidden_size,
             intermediate_size,
             num_heads,
@@ -327,6 +417,12 @@ impl ModelConfig {
             tied_embeddings: !has_output_tensor,
             moe,
             latent_attention,
+            sliding_window,
+            query_scale,
+            post_norms: gemma,
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            embedding_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+            final_logit_softcap: optional_f32("final_logit_softcapping")?.filter(|&cap| cap > 0.0),
         };
         config.validate()?;
         Ok(config)
@@ -334,8 +430,20 @@ impl ModelConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(json: &str) -> Result<Self> {
-        let raw: HfConfig =
+        let mut value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| invalid(format!("config.json: {e}")))?;
+        // Gemma 3's multimodal checkpoints keep the decoder's keys in `text_config`.
+        if value["model_type"] == "gemma3" {
+            value = value
+                .get("text_config")
+                .cloned()
+                .ok_or_else(|| invalid("config.json of a gemma3 model lacks its text_config".into()))?;
+            value["model_type"] = "gemma3_text".into();
+        }
+        if value["model_type"] == "gemma3_text" {
+            fill_gemma3_defaults(&mut value)?;
+        }
+        let raw: HfConfig = serde_json::from_value(value).map_err(|e| invalid(format!("config.json: {e}")))?;
         // Mixtral is Mistral's block with experts: one architecture here, as in GGUF.
         let architecture = match raw.model_type.as_str() {
             "mixtral" => Architecture::Mistral,
@@ -393,14 +501,49 @@ impl ModelConfig {
                 Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}`"))),
             },
         };
+        let gemma = architecture == Architecture::Gemma3;
+        if gemma && raw.attn_logit_softcapping.is_some() {
+            return Err(Error::Unsupported("attention logit softcapping (Gemma 2's)".into()));
+        }
+        let num_layers = raw.num_hidden_layers;
+        let sliding_window = match raw.sliding_window.filter(|&w| w > 0 && gemma) {
+            None => None,
+            Some(window) => Some(SlidingWindow {
+                window,
+                layers: match (&raw.layer_types, raw.sliding_window_pattern) {
+                    (Some(types), _) => {
+                        if types.len() != num_layers {
+                            return Err(invalid(format!("{} layer_types for {num_layers} layers", types.len())));
+                        }
+                        types
+                            .iter()
+                            .map(|kind| match kind.as_str() {
+                                "sliding_attention" => Ok(true),
+                                "full_attention" => Ok(false),
+                                other => Err(Error::Unsupported(format!("layer type `{other}`"))),
+                            })
+                            .collect::<Result<Vec<_>>>()?
+                    }
+                    // Hugging Face's `(i + 1) % pattern != 0`, which is llama.cpp's rule.
+                    (None, pattern) => sliding_pattern(num_layers, pattern.unwrap_or(6)),
+                },
+                rope_theta: raw.rope_local_base_freq.unwrap_or(10_000.0),
+            }),
+        };
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1));
+        let activation = match raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()) {
+            None | Some("silu") | Some("swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh") | Some("gelu_new") | Some("gelu_tanh") => Activation::GeluTanh,
+            Some(other) => return Err(Error::Unsupported(format!("activation `{other}`"))),
+        };
         let config = Self {
             architecture,
-            num_layers: raw.num_hidden_layers,
+            num_layers,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
             num_heads,
             num_kv_heads: raw.num_key_value_heads.unwrap_or(num_heads),
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1)),
+            head_dim,
             vocab_size: raw.vocab_size,
             context_length: raw.max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps,
@@ -412,6 +555,12 @@ impl ModelConfig {
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe,
             latent_attention: None,
+            sliding_window,
+            query_scale: gemma.then(|| 1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f32).sqrt()),
+            post_norms: gemma,
+            activation,
+            embedding_scale: gemma.then(|| (raw.hidden_size as f32).sqrt()),
+            final_logit_softcap: raw.final_logit_softcapping.filter(|&cap| cap > 0.0),
         };
         config.validate()?;
         Ok(config)
@@ -488,6 +637,12 @@ impl ModelConfig {
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe: Some(moe),
             latent_attention: Some(latent),
+            sliding_window: None,
+            query_scale: None,
+            post_norms: false,
+            activation: Activation::Silu,
+            embedding_scale: None,
+            final_logit_softcap: None,
         };
         config.validate()?;
         Ok(config)
@@ -544,6 +699,16 @@ impl ModelConfig {
                 }
             }
         }
+        if let Some(sliding) = &self.sliding_window {
+            if sliding.window == 0 || sliding.layers.len() != self.num_layers {
+                return Err(invalid(format!(
+                    "a sliding window of {} positions over {} layer flags for {} layers",
+                    sliding.window,
+                    sliding.layers.len(),
+                    self.num_layers
+                )));
+            }
+        }
         if let Some(mla) = &self.latent_attention {
             if self.num_kv_heads != 1 || self.head_dim != mla.latent_rank + mla.rope_dim {
                 return Err(invalid(format!(
@@ -560,6 +725,13 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// The positions layer `layer` attends to before each query's own (inclusive of it):
+    /// its window if it slides, else `None`, everything.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        let sliding = self.sliding_window.as_ref()?;
+        sliding.layers.get(layer).copied().unwrap_or(false).then_some(sliding.window)
     }
 
     /// Bytes of K and V cache one token takes in one layer, at `dtype_bytes` per element.
@@ -609,6 +781,55 @@ struct HfConfig {
     topk_group: Option<usize>,
     /// Set by checkpoints stored in a quantized format (DeepSeek's own FP8 blocks).
     quantization_config: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+    /// Gemma's name for the activation.
+    hidden_activation: Option<String>,
+    /// Gemma 3: attention scores are scaled by this to the -1/2, not by the head size.
+    query_pre_attn_scalar: Option<f32>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    /// `sliding_attention` or `full_attention` for each layer (newer configs).
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f32>,
+    final_logit_softcapping: Option<f32>,
+    attn_logit_softcapping: Option<f32>,
+}
+
+/// Which of `layers` slide when every `pattern`th is full (0: all slide), as llama.cpp's
+/// `set_swa_pattern` and Hugging Face's `(i + 1) % pattern` say.
+fn sliding_pattern(layers: usize, pattern: usize) -> Vec<bool> {
+    (0..layers).map(|i| pattern == 0 || i % pattern < pattern - 1).collect()
+}
+
+/// Fills what a Gemma 3 config.json may leave out with `Gemma3TextConfig`'s defaults
+/// (multimodal checkpoints' `text_config` name only what differs from them).
+fn fill_gemma3_defaults(value: &mut serde_json::Value) -> Result<()> {
+    let defaults = serde_json::json!({
+        "vocab_size": 262_208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "max_position_embeddings": 131_072,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": true,
+    });
+    let (Some(config), Some(defaults)) = (value.as_object_mut(), defaults.as_object()) else {
+        return Err(invalid("config.json of a gemma3 model is not an object".into()));
+    };
+    for (key, default) in defaults {
+        if config.get(key).is_none_or(|v| v.is_null() && key != "sliding_window") {
+            config.insert(key.clone(), default.clone());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -679,11 +900,33 @@ mod tests {
     /// A family Hearth lacks is one clear line naming it and what is supported.
     #[test]
     fn an_unsupported_architecture_is_named_with_what_is_supported() {
-        let metadata = HashMap::from([("general.architecture".to_owned(), Value::String("gemma3".into()))]);
-        let error = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("gemma3 is not supported yet");
+        let metadata = HashMap::from([("general.architecture".to_owned(), Value::String("phi3".into()))]);
+        let error = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("phi3 is not supported");
         let message = error.to_string();
-        assert!(message.contains("`gemma3`") && message.contains("deepseek2") && message.contains("qwen3moe"), "{message}");
+        assert!(message.contains("`phi3`") && message.contains("deepseek2") && message.contains("gemma3"), "{message}");
         assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    /// A multimodal Gemma 3 config.json names only what differs from `Gemma3TextConfig`'s
+    /// defaults in its `text_config`; the sliding layers follow `sliding_window_pattern`.
+    #[test]
+    fn a_gemma3_text_config_is_read_with_its_defaults() {
+        let json = r#"{"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 12,
+            "intermediate_size": 10240, "sliding_window": 1024, "sliding_window_pattern": 6,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "vision_config": {}}"#;
+        let config = ModelConfig::from_hf_json(json).expect("reads");
+        assert_eq!(config.architecture, Architecture::Gemma3);
+        assert_eq!((config.num_heads, config.num_kv_heads, config.head_dim), (8, 4, 256));
+        let windows: Vec<Option<usize>> = (0..12).map(|i| config.attention_window(i)).collect();
+        let (s, f) = (Some(1024), None);
+        assert_eq!(windows, [s, s, s, s, s, f, s, s, s, s, s, f]);
+        let sliding = config.sliding_window.as_ref().expect("slides");
+        assert_eq!((sliding.rope_theta, config.rope_theta), (10_000.0, 1_000_000.0));
+        assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 8.0 }, "the full layers' scaling");
+        assert_eq!(config.query_scale, Some(1.0 / 16.0));
+        assert_eq!(config.embedding_scale, Some(2560f32.sqrt()));
+        assert_eq!(config.activation, Activation::GeluTanh);
+        assert!(config.post_norms && config.qk_norm && config.tied_embeddings);
     }
 
     /// A DeepSeek file from before llama.cpp split `attn_kv_b` is refused with what to do.

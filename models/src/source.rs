@@ -15,8 +15,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat_template::ChatTemplate;
-use crate::config::{ModelConfig, RopeScaling};
-use crate::kernels::Matrix;
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::kernels::{attention, Matrix};
 use crate::stage::{ComputePath, Stage};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -94,11 +94,14 @@ pub(crate) enum LayerTensor {
     /// its value projection.
     KeyFromLatent,
     ValueFromLatent,
+    /// Gemma's norms of the attention's and the feed-forward's outputs.
+    PostAttentionNorm,
+    PostFeedForwardNorm,
 }
 
 impl LayerTensor {
     /// Every weight a block may hold, for sizing a layer.
-    const ALL: [LayerTensor; 29] = [
+    const ALL: [LayerTensor; 31] = [
         Self::AttentionNorm,
         Self::Query,
         Self::Key,
@@ -128,6 +131,8 @@ impl LayerTensor {
         Self::LatentNorm,
         Self::KeyFromLatent,
         Self::ValueFromLatent,
+        Self::PostAttentionNorm,
+        Self::PostFeedForwardNorm,
     ];
 
     fn gguf_suffix(self) -> &'static str {
@@ -161,6 +166,8 @@ impl LayerTensor {
             Self::LatentNorm => "attn_kv_a_norm.weight",
             Self::KeyFromLatent => "attn_k_b.weight",
             Self::ValueFromLatent => "attn_v_b.weight",
+            Self::PostAttentionNorm => "post_attention_norm.weight",
+            Self::PostFeedForwardNorm => "post_ffw_norm.weight",
         }
     }
 
@@ -195,6 +202,9 @@ impl LayerTensor {
             Self::LatentNorm => "self_attn.kv_a_layernorm.weight",
             // Hugging Face keeps both in `kv_b_proj`; GGUF splits them.
             Self::KeyFromLatent | Self::ValueFromLatent => "self_attn.kv_b_proj.weight",
+            // Gemma's names; which of its four norms is which is in `find_hf`.
+            Self::PostAttentionNorm => "post_attention_layernorm.weight",
+            Self::PostFeedForwardNorm => "post_feedforward_layernorm.weight",
         }
     }
 }
@@ -247,8 +257,36 @@ impl TensorName {
 }
 
 /// The name a safetensors file holds `name` under, if it holds it.
+///
+/// Gemma has four norms a layer: its `post_attention_layernorm` follows attention, and its
+/// `pre_feedforward_layernorm` is what Llama calls `post_attention_layernorm`. A Gemma 3
+/// checkpoint with its vision tower keeps the decoder under `language_model`.
 fn find_hf(tensors: &MmapedSafetensors, name: TensorName) -> Option<String> {
-    std::iter::once(name.hf()).chain(name.hf_mixtral()).find(|n| tensors.get(n).is_ok())
+    let gemma_norms = |layer: usize| {
+        let pre_feed_forward = format!("model.layers.{layer}.pre_feedforward_layernorm.weight");
+        find_prefixed(tensors, pre_feed_forward)
+    };
+    match name {
+        TensorName::Layer(layer, LayerTensor::FeedForwardNorm) => {
+            return gemma_norms(layer).or_else(|| find_prefixed(tensors, name.hf()))
+        }
+        TensorName::Layer(layer, LayerTensor::PostAttentionNorm) if gemma_norms(layer).is_none() => return None,
+        _ => {}
+    }
+    std::iter::once(name.hf()).chain(name.hf_mixtral()).find_map(|n| find_prefixed(tensors, n))
+}
+
+/// `name`, or where Gemma 3's multimodal checkpoints put it (`language_model.model.*` or
+/// `model.language_model.*`, and `language_model.lm_head`), if the file holds it.
+fn find_prefixed(tensors: &MmapedSafetensors, name: String) -> Option<String> {
+    let nested = name.strip_prefix("model.").map(|rest| {
+        [format!("language_model.model.{rest}"), format!("model.language_model.{rest}")]
+    });
+    let head = (name == "lm_head.weight").then(|| "language_model.lm_head.weight".to_owned());
+    std::iter::once(name)
+        .chain(nested.into_iter().flatten())
+        .chain(head)
+        .find(|n| tensors.get(n).is_ok())
 }
 
 /// Memory a model's parts take once loaded: what placement needs to split it.
@@ -262,6 +300,19 @@ pub struct ModelFootprint {
     pub head_bytes: u64,
     /// K and V cache of one token in one layer.
     pub kv_bytes_per_token_per_layer: u64,
+    /// The most positions each layer's cache holds however long the context: a bound
+    /// for a sliding layer, which keeps about its window; `None` for the others.
+    pub kv_positions_bound: Vec<Option<u64>>,
+}
+
+impl ModelFootprint {
+    /// The KV cache bytes of each layer for a context of `tokens`.
+    pub fn kv_bytes_per_layer(&self, tokens: u64) -> Vec<u64> {
+        self.kv_positions_bound
+            .iter()
+            .map(|bound| self.kv_bytes_per_token_per_layer.saturating_mul(bound.map_or(tokens, |b| b.min(tokens))))
+            .collect()
+    }
 }
 
 /// Where a GGUF model's bytes lie in its file: what a node serving weights to its peers
@@ -508,6 +559,9 @@ impl ModelSource {
                     ComputePath::CandleOps => dense_bytes as usize,
                 },
             ),
+            kv_positions_bound: (0..self.config.num_layers)
+                .map(|i| self.config.attention_window(i).map(|w| attention::KvCache::sliding_positions(w) as u64))
+                .collect(),
         }
     }
 
@@ -556,7 +610,11 @@ impl ModelSource {
                 device.location()
             )));
         }
-        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone(), compute })
+        // Gemma's RMS norms multiply by `1 + w`: its Hugging Face checkpoints hold `w`, and
+        // llama.cpp's converter writes `1 + w` into GGUF files.
+        let norms_add_one =
+            matches!(self.weights, Weights::Safetensors { .. }) && self.config.architecture == Architecture::Gemma3;
+        Ok(TensorLoader { weights: &self.weights, reader, device: device.clone(), compute, norms_add_one })
     }
 
     fn has(&self, name: TensorName) -> bool {
@@ -596,6 +654,8 @@ pub(crate) struct TensorLoader<'a> {
     reader: Option<BufReader<File>>,
     device: Device,
     compute: ComputePath,
+    /// Norm weights are stored less 1 (Gemma's Hugging Face checkpoints).
+    norms_add_one: bool,
 }
 
 impl TensorLoader<'_> {
@@ -719,6 +779,12 @@ impl TensorLoader<'_> {
                 Ok(tensor.to_dtype(dtype)?)
             }
         }
+    }
+
+    /// An RMS norm's weight, as the norm multiplies by it.
+    pub(crate) fn norm(&mut self, name: TensorName) -> Result<Tensor> {
+        let weight = self.dense(name)?;
+        Ok(if self.norms_add_one { (weight + 1.0)? } else { weight })
     }
 
     fn gguf_tensor(&mut self, name: TensorName) -> Result<QTensor> {

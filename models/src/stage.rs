@@ -9,7 +9,10 @@
 //!
 //! Every layer's attention is grouped-query attention, or DeepSeek's latent attention
 //! (`crate::latent_attention`); every layer's feed-forward is dense, or a mixture of
-//! experts (`crate::moe`).
+//! experts (`crate::moe`). Gemma 3's differences are options of the same block: a scaled
+//! embedding, queries scaled before attention instead of scores after it, sliding-window
+//! attention with a RoPE base of its own on some layers, norms after attention and after
+//! the feed-forward, and GeGLU for SwiGLU.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -17,7 +20,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use crate::config::{ModelConfig, RopeLayout, RopeScaling};
+use crate::config::{Activation, ModelConfig, RopeLayout, RopeScaling};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::ops::{self, RopePairs};
 use crate::kernels::Matrix;
@@ -82,6 +85,16 @@ enum LayerCache {
     Native(attention::KvCache),
     Candle(KvCache),
     CandleLatent(candle_nn::kv_cache::Cache),
+    CandleSliding(SlidingCache),
+}
+
+/// A sliding layer's keys and values on candle's path: only the positions a later query
+/// may still see, so that it holds at most its window.
+#[derive(Debug, Clone, Default)]
+struct SlidingCache {
+    /// `(1, kv_heads, positions, head_dim)` each, from position `first` on.
+    kv: Option<(Tensor, Tensor)>,
+    first: usize,
 }
 
 impl StageCache {
@@ -99,6 +112,8 @@ pub struct Stage {
     blocks: Vec<Block>,
     head: Option<Head>,
     rope: StageRope,
+    /// The sliding layers' RoPE, if the stage has any (its own base, unscaled).
+    sliding_rope: Option<StageRope>,
     device: Device,
     dtype: DType,
 }
@@ -152,7 +167,7 @@ impl Stage {
                 (_, false) => loader.matrix(TensorName::Output)?,
             };
             Some(Head {
-                norm: RmsNorm::new(loader.dense(TensorName::OutputNorm)?, config.rms_norm_eps)?,
+                norm: RmsNorm::new(loader.norm(TensorName::OutputNorm)?, config.rms_norm_eps)?,
                 output,
             })
         } else {
@@ -164,8 +179,16 @@ impl Stage {
             (ComputePath::CandleOps, false) => StageRope::Candle(Rope::new(config, &device)?),
             (ComputePath::CandleOps, true) => StageRope::Candle(Rope::latent(config, &device)?),
         };
+        let sliding_rope = match sliding_rope_config(config) {
+            Some(sliding) if layers.clone().any(|i| config.attention_window(i).is_some()) => Some(match compute {
+                ComputePath::Native => StageRope::Native(native_rope(&sliding)?),
+                ComputePath::CandleOps => StageRope::Candle(Rope::new(&sliding, &device)?),
+            }),
+            _ => None,
+        };
         Ok(Self {
             rope,
+            sliding_rope,
             config: config.clone(),
             layers,
             embedding,
@@ -211,20 +234,22 @@ impl Stage {
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> StageCache {
         let latent = self.config.latent_attention.is_some();
-        let layer = || match (&self.rope, latent) {
-            (StageRope::Native(_), false) => {
-                let width = self.config.num_kv_heads * self.config.head_dim;
-                LayerCache::Native(attention::KvCache::new(width, KV_CACHE_STEP))
+        let width = self.config.num_kv_heads * self.config.head_dim;
+        let layer = |i: usize| match (&self.rope, latent, self.config.attention_window(i)) {
+            (StageRope::Native(_), false, Some(window)) => {
+                LayerCache::Native(attention::KvCache::sliding(width, KV_CACHE_STEP, window))
             }
-            (StageRope::Native(_), true) => {
+            (StageRope::Candle(_), false, Some(_)) => LayerCache::CandleSliding(SlidingCache::default()),
+            (StageRope::Native(_), false, None) => LayerCache::Native(attention::KvCache::new(width, KV_CACHE_STEP)),
+            (StageRope::Native(_), true, _) => {
                 LayerCache::Native(attention::KvCache::latent(self.config.head_dim, KV_CACHE_STEP))
             }
-            (StageRope::Candle(_), false) => LayerCache::Candle(KvCache::new(2, KV_CACHE_STEP)),
-            (StageRope::Candle(_), true) => {
+            (StageRope::Candle(_), false, None) => LayerCache::Candle(KvCache::new(2, KV_CACHE_STEP)),
+            (StageRope::Candle(_), true, _) => {
                 LayerCache::CandleLatent(candle_nn::kv_cache::Cache::new(2, KV_CACHE_STEP))
             }
         };
-        StageCache { layers: self.blocks.iter().map(|_| layer()).collect(), positions: 0 }
+        StageCache { layers: self.layers.clone().map(layer).collect(), positions: 0 }
     }
 
     /// Runs new positions of one sequence through this stage's layers, appending to `cache`.
@@ -241,8 +266,16 @@ impl Stage {
         self.check_positions(start, seq_len)?;
         let mask = causal_mask(seq_len, start, &self.device, self.dtype)?;
         let StageRope::Candle(rope) = &self.rope else { unreachable!("the native path returned above") };
+        let sliding_rope = match &self.sliding_rope {
+            Some(StageRope::Candle(rope)) => Some(rope),
+            _ => None,
+        };
         let mut hidden = hidden;
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let rope = match (block.window(), sliding_rope) {
+                (Some(_), Some(sliding)) => sliding,
+                _ => rope,
+            };
             hidden = block.forward(&hidden, start, mask.as_ref(), rope, kv)?;
         }
         cache.positions += seq_len;
@@ -251,6 +284,10 @@ impl Stage {
             Some(head) => {
                 let last = hidden.narrow(1, seq_len - 1, 1)?;
                 let logits = head.output.forward(&head.norm.forward(&last)?)?;
+                let logits = match self.config.final_logit_softcap {
+                    Some(cap) => ((logits / cap as f64)?.tanh()? * cap as f64)?,
+                    None => logits,
+                };
                 Ok(StageOutput::Logits(logits.flatten_all()?.to_dtype(DType::F32)?))
             }
         }
@@ -309,7 +346,13 @@ impl Stage {
         match (input, &self.embedding) {
             (StageInput::Tokens(tokens), Some(embedding)) => {
                 let ids = Tensor::new(tokens, &self.device)?;
-                Ok(embedding.embedding(&ids)?.to_dtype(self.dtype)?.unsqueeze(0)?)
+                let embedded = embedding.embedding(&ids)?;
+                // Scaled in f32 (as llama.cpp scales it) before any rounding to f16.
+                let embedded = match self.config.embedding_scale {
+                    Some(scale) => (embedded.to_dtype(DType::F32)? * scale as f64)?,
+                    None => embedded,
+                };
+                Ok(embedded.to_dtype(self.dtype)?.unsqueeze(0)?)
             }
             (StageInput::Hidden(hidden), _) => {
                 Ok(hidden.to_device(&self.device)?.to_dtype(self.dtype)?.unsqueeze(0)?)
@@ -340,14 +383,25 @@ impl Stage {
             let hidden = &mut scratch.hidden;
             hidden.clear();
             match (&input, &self.embedding) {
-                (StageInput::Tokens(tokens), Some(embedding)) => embedding.embedding_into(tokens, hidden)?,
+                (StageInput::Tokens(tokens), Some(embedding)) => {
+                    embedding.embedding_into(tokens, hidden)?;
+                    if let Some(scale) = self.config.embedding_scale {
+                        hidden.iter_mut().for_each(|x| *x *= scale);
+                    }
+                }
                 (StageInput::Hidden(input), _) => extend_from_tensor(hidden, input)?,
                 (StageInput::Tokens(_), None) => unreachable!("checked above"),
             }
             let d = self.config.head_dim;
-            scratch.angles.resize(seq_len * rope.angles_len(), 0.0);
-            for (t, angles) in scratch.angles.chunks_exact_mut(rope.angles_len()).enumerate() {
-                rope.angles(start + t, angles);
+            let positions_angles = |rope: &ops::Rope, out: &mut Vec<f32>| {
+                out.resize(seq_len * rope.angles_len(), 0.0);
+                for (t, angles) in out.chunks_exact_mut(rope.angles_len()).enumerate() {
+                    rope.angles(start + t, angles);
+                }
+            };
+            positions_angles(rope, &mut scratch.angles);
+            if let Some(StageRope::Native(sliding)) = &self.sliding_rope {
+                positions_angles(sliding, &mut scratch.sliding_angles);
             }
             let heads = Heads::new(self.config.num_heads, self.config.num_kv_heads, d);
             let last_block = self.blocks.len() - 1;
@@ -357,6 +411,10 @@ impl Stage {
                 // The model's last layer feeds only the head, which reads only the last
                 // position: llama.cpp drops the other rows after attention, and so do we.
                 let last_only = self.head.is_some() && i == last_block;
+                let rope = match (block.window(), &self.sliding_rope) {
+                    (Some(_), Some(StageRope::Native(sliding))) => sliding,
+                    _ => rope,
+                };
                 rows = block.forward_native(&heads, rope, start, seq_len, last_only, kv, scratch)?;
             }
             let width = self.config.hidden_size;
@@ -371,6 +429,10 @@ impl Stage {
                     ops::rms_norm(last, &head.norm.values, head.norm.eps, &mut scratch.normed);
                     let mut logits = Vec::new();
                     head.output.forward_into(&scratch.normed, 1, &mut logits)?;
+                    if let Some(cap) = self.config.final_logit_softcap {
+                        // As ggml: scale, tanh, scale.
+                        logits.iter_mut().for_each(|x| *x = (*x * (1.0 / cap)).tanh() * cap);
+                    }
                     Ok(StageOutput::Logits(Tensor::from_vec(logits, self.config.vocab_size, &Device::Cpu)?))
                 }
             }
@@ -383,6 +445,11 @@ impl Stage {
         match result {
             Ok(output) => {
                 cache.positions += seq_len;
+                for layer in cache.layers.iter_mut() {
+                    if let LayerCache::Native(kv) = layer {
+                        kv.forget_unseen();
+                    }
+                }
                 Ok(output)
             }
             Err(e) => {
@@ -420,8 +487,9 @@ struct Scratch {
     projected: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    /// RoPE's cos and sin for each position.
+    /// RoPE's cos and sin for each position, and the sliding layers' own.
     angles: Vec<f32>,
+    sliding_angles: Vec<f32>,
     attention: attention::Scratch,
     latent: latent_attention::Scratch,
     experts: moe::Scratch,
@@ -440,6 +508,7 @@ impl Scratch {
             &mut self.gate,
             &mut self.up,
             &mut self.angles,
+            &mut self.sliding_angles,
         ];
         for buffer in buffers {
             if buffer.capacity() > KEEP_VALUES {
@@ -557,9 +626,9 @@ impl Linear {
     }
 }
 
-/// A block's feed-forward: SwiGLU, or a mixture of SwiGLU experts.
+/// A block's feed-forward: SwiGLU or GeGLU, or a mixture of SwiGLU experts.
 enum FeedForward {
-    Dense { gate: Linear, up: Linear, down: Linear },
+    Dense { gate: Linear, up: Linear, down: Linear, activation: Activation },
     Experts(Experts),
 }
 
@@ -580,21 +649,34 @@ struct GroupedAttention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// What queries are multiplied by after RoPE, when scores are not scaled instead (Gemma).
+    query_scale: Option<f32>,
+    /// The positions each query sees, its own included, on a sliding layer.
+    window: Option<usize>,
 }
 
 struct Block {
     attention_norm: RmsNorm,
     attention: Attention,
+    /// Gemma's norm of the attention's output, before the residual add.
+    post_attention_norm: Option<RmsNorm>,
     feed_forward_norm: RmsNorm,
     feed_forward: FeedForward,
+    /// Gemma's norm of the feed-forward's output, before the residual add.
+    post_feed_forward_norm: Option<RmsNorm>,
 }
 
 impl Block {
     fn load(config: &ModelConfig, layer: usize, loader: &mut TensorLoader<'_>) -> Result<Self> {
         let name = |t| TensorName::Layer(layer, t);
         let eps = config.rms_norm_eps;
-        let attention_norm = RmsNorm::new(loader.dense(name(LayerTensor::AttentionNorm))?, eps)?;
-        let feed_forward_norm = RmsNorm::new(loader.dense(name(LayerTensor::FeedForwardNorm))?, eps)?;
+        let attention_norm = RmsNorm::new(loader.norm(name(LayerTensor::AttentionNorm))?, eps)?;
+        let feed_forward_norm = RmsNorm::new(loader.norm(name(LayerTensor::FeedForwardNorm))?, eps)?;
+        let post_norm = |loader: &mut TensorLoader<'_>, t| -> Result<Option<RmsNorm>> {
+            config.post_norms.then(|| RmsNorm::new(loader.norm(name(t))?, eps)).transpose()
+        };
+        let post_attention_norm = post_norm(loader, LayerTensor::PostAttentionNorm)?;
+        let post_feed_forward_norm = post_norm(loader, LayerTensor::PostFeedForwardNorm)?;
         let attention = match config.latent_attention {
             Some(_) => Attention::Latent(LatentAttention::load(config, layer, loader)?),
             None => Attention::Grouped(GroupedAttention::load(config, layer, loader)?),
@@ -607,9 +689,25 @@ impl Block {
                 gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
                 up: Linear::load(loader, name(LayerTensor::Up), None)?,
                 down: Linear::load(loader, name(LayerTensor::Down), None)?,
+                activation: config.activation,
             },
         };
-        Ok(Self { attention_norm, attention, feed_forward_norm, feed_forward })
+        Ok(Self {
+            attention_norm,
+            attention,
+            post_attention_norm,
+            feed_forward_norm,
+            feed_forward,
+            post_feed_forward_norm,
+        })
+    }
+
+    /// The positions each query sees on this layer if it slides.
+    fn window(&self) -> Option<usize> {
+        match &self.attention {
+            Attention::Grouped(attention) => attention.window,
+            Attention::Latent(_) => None,
+        }
     }
 
     /// The CPU path, on `scratch.hidden` (`positions` rows starting at position `start`,
@@ -649,19 +747,28 @@ impl Block {
             s.hidden.copy_within(rows.start * width.., 0);
             s.hidden.truncate(kept * width);
         }
+        if let Some(norm) = &self.post_attention_norm {
+            ops::rms_norm_in_place(&mut s.projected, &norm.values, norm.eps);
+        }
         ops::add_assign(&mut s.hidden, &s.projected);
 
         s.normed.resize(s.hidden.len(), 0.0);
         ops::rms_norm(&s.hidden, &self.feed_forward_norm.values, self.feed_forward_norm.eps, &mut s.normed);
         match &self.feed_forward {
-            FeedForward::Dense { gate, up, down } => {
+            FeedForward::Dense { gate, up, down, activation } => {
                 gate.forward_native(&s.normed, kept, &mut s.gate)?;
                 up.forward_native(&s.normed, kept, &mut s.up)?;
                 let ffn = s.gate.len() / kept;
-                ops::silu_mul(&mut s.gate, &s.up, ffn);
+                match activation {
+                    Activation::Silu => ops::silu_mul(&mut s.gate, &s.up, ffn),
+                    Activation::GeluTanh => ops::gelu_mul(&mut s.gate, &s.up),
+                }
                 down.forward_native(&s.gate, kept, &mut s.projected)?;
             }
             FeedForward::Experts(experts) => experts.forward_native(&s.normed, kept, &mut s.projected, &mut s.experts)?,
+        }
+        if let Some(norm) = &self.post_feed_forward_norm {
+            ops::rms_norm_in_place(&mut s.projected, &norm.values, norm.eps);
         }
         ops::add_assign(&mut s.hidden, &s.projected);
         Ok(kept)
@@ -672,6 +779,9 @@ impl Block {
         let normed = self.attention_norm.forward(x)?;
         let attended = match (&self.attention, kv) {
             (Attention::Grouped(attention), LayerCache::Candle(kv)) => attention.forward(&normed, start, mask, rope, kv)?,
+            (Attention::Grouped(attention), LayerCache::CandleSliding(cache)) => {
+                attention.forward_sliding(&normed, start, rope, cache)?
+            }
             (Attention::Latent(attention), LayerCache::CandleLatent(cache)) => {
                 let seq_len = x.dim(1)?;
                 let cos = rope.cos.narrow(0, start, seq_len)?;
@@ -680,13 +790,27 @@ impl Block {
             }
             _ => return Err(Error::InvalidInput("the cache belongs to a stage on another device".into())),
         };
+        let attended = match &self.post_attention_norm {
+            Some(norm) => norm.forward(&attended)?,
+            None => attended,
+        };
         let x = (x + attended)?;
         let h = self.feed_forward_norm.forward(&x)?;
         let mixed = match &self.feed_forward {
-            FeedForward::Dense { gate, up, down } => {
-                down.forward(&(candle_nn::ops::silu(&gate.forward(&h)?)? * up.forward(&h)?)?)?
+            FeedForward::Dense { gate, up, down, activation } => {
+                let gate = gate.forward(&h)?;
+                let gate = match activation {
+                    Activation::Silu => candle_nn::ops::silu(&gate)?,
+                    // candle's `gelu` is the tanh approximation.
+                    Activation::GeluTanh => gate.gelu()?,
+                };
+                down.forward(&(gate * up.forward(&h)?)?)?
             }
             FeedForward::Experts(experts) => experts.forward(&h)?,
+        };
+        let mixed = match &self.post_feed_forward_norm {
+            Some(norm) => norm.forward(&mixed)?,
+            None => mixed,
         };
         Ok((x + mixed)?)
     }
@@ -699,8 +823,8 @@ impl GroupedAttention {
         let bias = |t: LayerTensor| config.qkv_bias.then(|| name(t));
         let (query_norm, key_norm) = if config.qk_norm {
             (
-                Some(RmsNorm::new(loader.dense(name(LayerTensor::QueryNorm))?, eps)?),
-                Some(RmsNorm::new(loader.dense(name(LayerTensor::KeyNorm))?, eps)?),
+                Some(RmsNorm::new(loader.norm(name(LayerTensor::QueryNorm))?, eps)?),
+                Some(RmsNorm::new(loader.norm(name(LayerTensor::KeyNorm))?, eps)?),
             )
         } else {
             (None, None)
@@ -718,6 +842,8 @@ impl GroupedAttention {
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            query_scale: config.query_scale,
+            window: config.attention_window(layer),
         })
     }
 
@@ -741,8 +867,10 @@ impl GroupedAttention {
             ops::rms_norm_in_place(&mut s.q, &qn.values, qn.eps);
             ops::rms_norm_in_place(&mut s.k, &kn.values, kn.eps);
         }
+        // A sliding layer's angles are of its own base.
+        let all_angles = if self.window.is_some() { &s.sliding_angles } else { &s.angles };
         let angles_len = rope.angles_len();
-        for (t, angles) in s.angles.chunks_exact(angles_len).enumerate() {
+        for (t, angles) in all_angles.chunks_exact(angles_len).enumerate() {
             rope.rotate(&mut s.q[t * heads.q_width()..(t + 1) * heads.q_width()], angles);
             rope.rotate(&mut s.k[t * heads.kv_width()..(t + 1) * heads.kv_width()], angles);
         }
@@ -751,13 +879,22 @@ impl GroupedAttention {
 
         let kept = rows.len();
         s.attended.resize(kept * heads.q_width(), 0.0);
-        let scale = 1.0 / (heads.head_dim as f32).sqrt();
+        let scale = match self.query_scale {
+            // As ggml_scale on the queries, with a softmax scale of 1.
+            Some(query_scale) => {
+                s.q.iter_mut().for_each(|x| *x *= query_scale);
+                1.0
+            }
+            None => 1.0 / (heads.head_dim as f32).sqrt(),
+        };
         let q = &s.q[rows.start * heads.q_width()..];
         attention::attend(heads, q, kv, positions, rows, scale, &mut s.attended, &mut s.attention);
         self.output.forward_native(&s.attended, kept, &mut s.projected)
     }
 
-    fn forward(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {
+    /// Queries, keys and values of `x` (`(batch, positions, hidden)` from `start`), split
+    /// into heads, normed and rotated; queries scaled if the model scales them.
+    fn heads(&self, x: &Tensor, start: usize, rope: &Rope) -> Result<(Tensor, Tensor, Tensor)> {
         let (batch, seq_len, _) = x.dims3()?;
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split_heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -771,15 +908,58 @@ impl GroupedAttention {
             k = kn.forward(&k)?;
         }
         let q = rope.apply(&q, start)?;
-        let k = rope.apply(&k, start)?;
-        let (k, v) = kv.append(&k, &v)?;
-        let context = k.dim(2)?;
+        let q = match self.query_scale {
+            Some(scale) => (q * scale as f64)?,
+            None => q,
+        };
+        Ok((q, rope.apply(&k, start)?, v))
+    }
 
+    fn forward(&self, x: &Tensor, start: usize, mask: Option<&Tensor>, rope: &Rope, kv: &mut KvCache) -> Result<Tensor> {
+        let (q, k, v) = self.heads(x, start, rope)?;
+        let (k, v) = kv.append(&k, &v)?;
+        self.attend(&q, &k, &v, mask)
+    }
+
+    /// A sliding layer: the cache keeps the last `window - 1` positions, all that the
+    /// next query may see besides its own.
+    fn forward_sliding(&self, x: &Tensor, start: usize, rope: &Rope, cache: &mut SlidingCache) -> Result<Tensor> {
+        let window = self.window.ok_or_else(|| Error::InvalidInput("a sliding cache on a full layer".into()))?;
+        let (q, k, v) = self.heads(x, start, rope)?;
+        // The cache changes only once the step has gone through.
+        let (k, v, first) = match &cache.kv {
+            Some((cached_k, cached_v)) => {
+                (Tensor::cat(&[cached_k, &k], 2)?, Tensor::cat(&[cached_v, &v], 2)?, cache.first)
+            }
+            None => (k, v, start),
+        };
+        let (seq_len, context) = (q.dim(2)?, k.dim(2)?);
+        let mask = sliding_mask(seq_len, start, first, context, window, q.device(), q.dtype())?;
+        let y = self.attend(&q, &k, &v, mask.as_ref())?;
+        let keep = context.min(window - 1);
+        let kept = (keep > 0)
+            .then(|| -> Result<_> { Ok((k.narrow(2, context - keep, keep)?, v.narrow(2, context - keep, keep)?)) })
+            .transpose()?;
+        *cache = SlidingCache { kv: kept, first: first + context - keep };
+        Ok(y)
+    }
+
+    /// Attention of `q` `(batch, heads, positions, head_dim)` over `k` and `v` (their KV
+    /// heads' every cached position), through the output projection.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, heads, seq_len, head_dim) = q.dims4()?;
+        let kv_heads = self.num_kv_heads;
+        let context = k.dim(2)?;
         // Grouped-query attention without copying K and V per query head: the query heads
         // that share a KV head are stacked along the position axis of one product.
         let group = heads / kv_heads;
         let q = q.reshape((batch, kv_heads, group * seq_len, head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?;
+        // Queries already scaled (Gemma) take a softmax scale of 1.
+        let scores = match self.query_scale {
+            Some(_) => scores,
+            None => (scores * (1.0 / (head_dim as f64).sqrt()))?,
+        };
         let scores = match mask {
             Some(mask) => scores
                 .reshape((batch, kv_heads, group, seq_len, context))?
@@ -788,7 +968,7 @@ impl GroupedAttention {
             None => scores,
         };
         let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = weights.matmul(&v)?;
+        let y = weights.matmul(v)?;
         let y = y
             .reshape((batch, heads, seq_len, head_dim))?
             .transpose(1, 2)?
@@ -893,6 +1073,34 @@ fn cpu_values(tensor: &Tensor) -> Result<Vec<f32>> {
         return Ok(Vec::new());
     }
     Ok(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The RoPE of a model's sliding layers: their own base, without the scaling of the others.
+fn sliding_rope_config(config: &ModelConfig) -> Option<ModelConfig> {
+    let sliding = config.sliding_window.as_ref()?;
+    Some(ModelConfig { rope_theta: sliding.rope_theta, rope_scaling: RopeScaling::None, ..config.clone() })
+}
+
+/// The additive mask of a sliding layer: query `i` (position `start + i`) sees key row `j`
+/// (position `first + j`) if it is neither after it nor `window` or more before it; `None`
+/// when every query sees every key.
+fn sliding_mask(
+    seq_len: usize,
+    start: usize,
+    first: usize,
+    context: usize,
+    window: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let visible = |i: usize, j: usize| first + j <= start + i && start + i - (first + j) < window;
+    if (0..seq_len).all(|i| (0..context).all(|j| visible(i, j))) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| (0..context).map(move |j| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq_len, context), device)?.to_dtype(dtype)?))
 }
 
 /// The additive causal mask for `seq_len` new positions after `start` cached ones, or `None`

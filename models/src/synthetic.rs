@@ -1,6 +1,6 @@
 //! Synthetic GGUF models for benchmarks and tests: the tensors, names, shapes, metadata and
 //! quantization mix of llama.cpp's conversions of real Llama 3 models, and of
-//! mixtures of experts (Mixtral, Qwen3-MoE, DeepSeek-V3), filled with random weights drawn
+//! mixtures of experts (Mixtral, Qwen3-MoE, DeepSeek-V3) and of Gemma 3, filled with random weights drawn
 //! from a seed.
 //!
 //! On a CPU, decoding is bound by the bytes of weights read per token, not by their
@@ -49,7 +49,21 @@ pub enum Shape {
     /// latent 512, experts 2048 wide, 8 used in 4 of 8 groups, one shared), with 4 of its
     /// 61 layers (one dense, as its first 3 are) and 32 of its 256 experts.
     DeepSeekV3,
+    /// Gemma 3's layout (GGUF's `gemma3`) at test size: 4 layers, of which the third
+    /// attends to everything and the others to a window of 4 positions (with a RoPE base
+    /// of their own), q/k norms, post-norms, GeGLU, a tied head, a final logit softcap.
+    TinyGemma3,
 }
+
+/// Gemma 3's sliding window at test size: short enough that a test's prompt and
+/// generation slide far past it.
+const GEMMA3_WINDOW: usize = 4;
+/// Every third layer attends to the whole context (Gemma 3's own pattern is 6).
+const GEMMA3_PATTERN: usize = 3;
+/// The sliding layers' RoPE base (Gemma 3's `rope_local_base_freq`).
+const GEMMA3_LOCAL_ROPE_THETA: f32 = 10_000.0;
+/// Gemma 3 names none; Gemma 2's value, so that the softcap is exercised.
+const GEMMA3_FINAL_SOFTCAP: f32 = 30.0;
 
 /// The quantization mix, as `llama-quantize` would choose it (without an imatrix).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +89,7 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 9] = [
+    pub const ALL: [Shape; 10] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -85,6 +99,7 @@ impl Shape {
         Shape::Qwen3_30bA3b,
         Shape::TinyDeepSeek2,
         Shape::DeepSeekV3,
+        Shape::TinyGemma3,
     ];
 
     pub fn name(self) -> &'static str {
@@ -98,6 +113,7 @@ impl Shape {
             Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
             Shape::TinyDeepSeek2 => "tiny-deepseek2",
             Shape::DeepSeekV3 => "deepseek-v3",
+            Shape::TinyGemma3 => "tiny-gemma3",
         }
     }
 
@@ -227,6 +243,14 @@ impl Shape {
                     dense_layers: 1,
                 }),
                 ..llama3
+            },
+            Shape::TinyGemma3 => Dimensions {
+                family: Family::Gemma3,
+                layers: 4,
+                ffn: 512,
+                rms_eps: 1e-6,
+                tied_embeddings: true,
+                ..tiny_moe
             },
         }
     }
@@ -412,6 +436,9 @@ enum Family {
     Qwen3Moe,
     /// `deepseek2`: latent attention, shared experts, YaRN.
     DeepSeek2,
+    /// `gemma3`: q/k norms, a norm after attention and after the feed-forward, sliding
+    /// windows.
+    Gemma3,
 }
 
 impl Family {
@@ -420,6 +447,7 @@ impl Family {
             Family::Llama3 | Family::Mixtral => "llama",
             Family::Qwen3Moe => "qwen3moe",
             Family::DeepSeek2 => "deepseek2",
+            Family::Gemma3 => "gemma3",
         }
     }
 }
@@ -487,9 +515,12 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
             matrix(name("attn_v.weight"), kv_width, dims.hidden, MatrixRole::AttentionValue(layer)),
             matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::AttentionOutput),
         ]);
-        if dims.family == Family::Qwen3Moe {
+        if matches!(dims.family, Family::Qwen3Moe | Family::Gemma3) {
             tensors.push(vector(name("attn_q_norm.weight"), dims.head_dim));
             tensors.push(vector(name("attn_k_norm.weight"), dims.head_dim));
+        }
+        if dims.family == Family::Gemma3 {
+            tensors.push(vector(name("post_attention_norm.weight"), dims.hidden));
         }
         tensors.push(vector(name("ffn_norm.weight"), dims.hidden));
         match dims.experts {
@@ -514,6 +545,9 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
                     stacked("ffn_down_exps.weight", dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
                 ]);
             }
+        }
+        if dims.family == Family::Gemma3 {
+            tensors.push(vector(name("post_ffw_norm.weight"), dims.hidden));
         }
     }
     tensors.push(vector("output_norm.weight".into(), dims.hidden));
@@ -743,6 +777,14 @@ fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u
             (key("rope.scaling.original_context_length"), u32_value(DEEPSEEK_YARN_ORIGINAL_CONTEXT)),
             // 0.1 * mscale_all_dim, as the converter writes it.
             (key("rope.scaling.yarn_log_multiplier"), Value::F32(0.1)),
+        ]);
+    }
+    if dims.family == Family::Gemma3 {
+        entries.extend([
+            (key("attention.sliding_window"), u32_value(GEMMA3_WINDOW)),
+            (key("attention.sliding_window_pattern"), u32_value(GEMMA3_PATTERN)),
+            (key("rope.freq_base_swa"), Value::F32(GEMMA3_LOCAL_ROPE_THETA)),
+            (key("final_logit_softcapping"), Value::F32(GEMMA3_FINAL_SOFTCAP)),
         ]);
     }
     entries.extend(vocab.into_metadata().into_iter().map(|(key, value)| (key.to_owned(), value)));

@@ -1,6 +1,7 @@
 //! Writes a tiny random Llama-family model as a Hugging Face folder, so tests can run
 //! every architecture without downloading one: dense, or a mixture of experts named as
-//! Mixtral's and Qwen3-MoE's checkpoints name them.
+//! Mixtral's and Qwen3-MoE's checkpoints name them, or Gemma 3 (text-only, or inside a
+//! multimodal checkpoint).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -21,6 +22,12 @@ pub enum Flavor {
     /// Qwen3-MoE: q/k norms, `mlp.gate` routes to `EXPERTS` experts of
     /// `{gate,up,down}_proj`, `EXPERT_FFN` wide; weights renormalized (`norm_topk_prob`).
     Qwen3Moe,
+    /// Gemma 3 (`gemma3_text`): four norms a layer (stored as `w` for a scale of `1 + w`),
+    /// q/k norms, GeGLU, tied; layers 0, 1, 3, 4 slide over `GEMMA_WINDOW` positions.
+    Gemma3,
+    /// The same decoder as a multimodal checkpoint holds it: config.json's `gemma3` with
+    /// a `text_config`, tensors under `language_model.model.` (the vision tower left out).
+    Gemma3Multimodal,
 }
 
 
@@ -35,6 +42,8 @@ pub const EXPERTS: usize = 4;
 pub const EXPERTS_USED: usize = 2;
 /// Qwen3-MoE's experts are narrower than its (unused) dense width, as in the real models.
 const EXPERT_FFN: usize = 24;
+/// Gemma 3's sliding window here, short enough that a test's prompt slides past it.
+pub const GEMMA_WINDOW: usize = 3;
 
 /// Deterministic pseudo-random numbers (SplitMix64), so every run writes the same model.
 struct Numbers(u64);
@@ -64,7 +73,11 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         Flavor::Qwen3 => 3,
         Flavor::Mixtral => 4,
         Flavor::Qwen3Moe => 5,
+        Flavor::Gemma3 | Flavor::Gemma3Multimodal => 6,
     });
+    let gemma = matches!(flavor, Flavor::Gemma3 | Flavor::Gemma3Multimodal);
+    // Gemma's norms scale by `1 + w`: their weights lie around 0, the others' around 1.
+    let norm_offset = if gemma { 0.0 } else { 1.0 };
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut add = |name: String, shape: &[usize], scale: f32, offset: f32, rng: &mut Numbers| {
         tensors.push((name, rng.tensor(shape, scale, offset)));
@@ -72,8 +85,12 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
     add("model.embed_tokens.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0, &mut rng);
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, 1.0, &mut rng);
-        add(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, 1.0, &mut rng);
+        add(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.2, norm_offset, &mut rng);
+        add(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.2, norm_offset, &mut rng);
+        if gemma {
+            add(format!("{p}.pre_feedforward_layernorm.weight"), &[HIDDEN], 0.2, 0.0, &mut rng);
+            add(format!("{p}.post_feedforward_layernorm.weight"), &[HIDDEN], 0.2, 0.0, &mut rng);
+        }
         add(format!("{p}.self_attn.q_proj.weight"), &[HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
         add(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
         add(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0, &mut rng);
@@ -97,7 +114,7 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
                     add(format!("{q}.down_proj.weight"), &[HIDDEN, EXPERT_FFN], 0.4, 0.0, &mut rng);
                 }
             }
-            Flavor::Llama | Flavor::Qwen2 | Flavor::Qwen3 => {
+            Flavor::Llama | Flavor::Qwen2 | Flavor::Qwen3 | Flavor::Gemma3 | Flavor::Gemma3Multimodal => {
                 add(format!("{p}.mlp.gate_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
                 add(format!("{p}.mlp.up_proj.weight"), &[FFN, HIDDEN], 0.4, 0.0, &mut rng);
                 add(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, FFN], 0.4, 0.0, &mut rng);
@@ -108,15 +125,20 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
             add(format!("{p}.self_attn.k_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
             add(format!("{p}.self_attn.v_proj.bias"), &[KV_HEADS * HEAD_DIM], 0.2, 0.0, &mut rng);
         }
-        if matches!(flavor, Flavor::Qwen3 | Flavor::Qwen3Moe) {
-            add(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
-            add(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM], 0.2, 1.0, &mut rng);
+        if matches!(flavor, Flavor::Qwen3 | Flavor::Qwen3Moe) || gemma {
+            add(format!("{p}.self_attn.q_norm.weight"), &[HEAD_DIM], 0.2, norm_offset, &mut rng);
+            add(format!("{p}.self_attn.k_norm.weight"), &[HEAD_DIM], 0.2, norm_offset, &mut rng);
         }
     }
-    add("model.norm.weight".into(), &[HIDDEN], 0.2, 1.0, &mut rng);
+    add("model.norm.weight".into(), &[HIDDEN], 0.2, norm_offset, &mut rng);
     let tied = !matches!(flavor, Flavor::Qwen2 | Flavor::Mixtral);
     if !tied {
         add("lm_head.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0, &mut rng);
+    }
+    if flavor == Flavor::Gemma3Multimodal {
+        for (name, _) in tensors.iter_mut() {
+            *name = format!("language_model.{name}");
+        }
     }
 
     if flavor == Flavor::Qwen2 {
@@ -143,6 +165,7 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
         Flavor::Qwen3 => "qwen3",
         Flavor::Mixtral => "mixtral",
         Flavor::Qwen3Moe => "qwen3_moe",
+        Flavor::Gemma3 | Flavor::Gemma3Multimodal => "gemma3_text",
     };
     let mut config = serde_json::json!({
         "model_type": model_type,
@@ -168,10 +191,26 @@ pub fn write(flavor: Flavor, name: &str) -> tempfile::TempDir {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
         }),
+        // Gemma 3: a full layer every third, queries scaled by 16^-1/2 (not the head
+        // size's), each kind of layer with its RoPE base.
+        Flavor::Gemma3 | Flavor::Gemma3Multimodal => serde_json::json!({
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": 16,
+            "sliding_window": GEMMA_WINDOW,
+            "layer_types": (0..LAYERS)
+                .map(|i| if (i + 1) % 3 == 0 { "full_attention" } else { "sliding_attention" })
+                .collect::<Vec<_>>(),
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "final_logit_softcapping": null,
+        }),
         Flavor::Llama | Flavor::Qwen2 | Flavor::Qwen3 => serde_json::json!({}),
     };
     if let (Some(config), Some(experts)) = (config.as_object_mut(), experts.as_object()) {
         config.extend(experts.clone());
+    }
+    if flavor == Flavor::Gemma3Multimodal {
+        config = serde_json::json!({"model_type": "gemma3", "text_config": config, "vision_config": {}});
     }
     std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
     write_tokenizer(dir.path());

@@ -279,16 +279,25 @@ fn data_paths(bound: SocketAddr, announced: SocketAddr, interfaces: &InterfacePo
     paths
 }
 
-/// The placement profile of the model: what each part costs in memory.
+/// The placement profile of the model: what each part costs in memory. Each layer's KV
+/// cache is counted with its weights, since a sliding layer's (Gemma 3) is bounded by its
+/// window rather than the context.
 fn model_profile(source: &ModelSource, device: &Device) -> ModelProfile {
     let footprint = source.footprint(device);
+    let context_tokens = source.config().context_length as u64;
+    let layer_bytes = footprint
+        .layer_bytes
+        .iter()
+        .zip(footprint.kv_bytes_per_layer(context_tokens))
+        .map(|(&weights, kv)| weights.saturating_add(kv))
+        .collect();
     ModelProfile {
         num_layers: source.config().num_layers,
-        layer_bytes: footprint.layer_bytes,
+        layer_bytes,
         embedding_bytes: footprint.embedding_bytes,
         head_bytes: footprint.head_bytes,
-        kv_bytes_per_token_per_layer: footprint.kv_bytes_per_token_per_layer,
-        context_tokens: source.config().context_length as u64,
+        kv_bytes_per_token_per_layer: 0,
+        context_tokens,
     }
 }
 

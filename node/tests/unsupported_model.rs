@@ -63,11 +63,11 @@ fn assert_refused(output: &Output, needle: &str, what: &str) {
 #[test]
 fn serve_and_generate_refuse_an_unsupported_architecture_in_one_line() {
     let dir = TempDir::new("unsupported-architecture");
-    let model = dir.0.join("gemma-tiny.gguf");
-    write_gguf(&model, "gemma3");
+    let model = dir.0.join("phi-tiny.gguf");
+    write_gguf(&model, "phi3");
     let (model, data_dir) = (model.to_str().expect("utf-8 path"), dir.0.join("data"));
     let data_dir = data_dir.to_str().expect("utf-8 path");
-    let needle = "unsupported model: architecture `gemma3` (supported: llama";
+    let needle = "unsupported model: architecture `phi3` (supported: llama";
     let generate = hearth(&["generate", "--model", model, "--prompt", "hi", "--max-tokens", "2"], &dir.0, None);
     assert_refused(&generate, needle, "generate");
     assert_refused(&hearth(&serve_args(model, data_dir), &dir.0, None), needle, "serve");

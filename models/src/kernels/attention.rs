@@ -20,6 +20,14 @@
 //! positions a query sees are added here, but which of them fall in the f64 part depends
 //! on the padded length.
 //!
+//! A sliding layer's cache ([`KvCache::sliding`]) lets each query see only the last
+//! `window` positions, as llama.cpp's mask does (`p - k >= window` is masked): positions
+//! before them give exact zeros in llama.cpp's sums, so they are left out here, but the
+//! sums start at a multiple of 64 positions and are counted from there, which keeps every
+//! term in the lane llama.cpp's order gives it. The cache forgets the rows no query will
+//! see again ([`KvCache::forget_unseen`]), so it holds about twice the window, not the
+//! context.
+//!
 //! Query heads share KV heads as ggml broadcasts them (head `h` reads KV head
 //! `h / (heads / kv_heads)`). Each query row and head is computed on its own, so splitting
 //! the work over threads ([`attend_parallel`]) or rows changes nothing. The plain Rust
@@ -117,11 +125,58 @@ pub(crate) struct KvCache {
     width: usize,
     values_in_keys: bool,
     step: usize,
+    /// The positions forgotten from the front (a multiple of [`WINDOW_ALIGN`]): row `r`
+    /// holds position `forgotten + r`.
+    forgotten: usize,
+    /// The positions each query sees (its own and those before), if the layer slides.
+    window: Option<usize>,
 }
+
+/// Sliding windows start their sums at a multiple of this many positions, which keeps
+/// each term in the lane of llama.cpp's order (16 lanes, or 64 accumulators).
+const WINDOW_ALIGN: usize = 64;
 
 impl KvCache {
     pub(crate) fn new(width: usize, step: usize) -> Self {
-        Self { keys: Vec::new(), values: Vec::new(), width, values_in_keys: false, step: step.max(1) }
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            width,
+            values_in_keys: false,
+            step: step.max(1),
+            forgotten: 0,
+            window: None,
+        }
+    }
+
+    /// The cache of a sliding layer, whose queries see the last `window` positions.
+    pub(crate) fn sliding(width: usize, step: usize, window: usize) -> Self {
+        Self { window: Some(window.max(1)), ..Self::new(width, step) }
+    }
+
+    /// The most positions a sliding cache of `window` holds between steps: rows are
+    /// forgotten in runs at least as long as those kept (so that each row moves once on
+    /// average), and the rows kept reach back to a multiple of [`WINDOW_ALIGN`].
+    pub(crate) fn sliding_positions(window: usize) -> usize {
+        2 * (window + WINDOW_ALIGN)
+    }
+
+    /// Forgets the rows no query after the last one held will see, when there are
+    /// enough of them to be worth moving the rest: call it once a step has gone through,
+    /// never in the middle of one (a failed step truncates back to where it began).
+    pub(crate) fn forget_unseen(&mut self) {
+        let Some(window) = self.window else { return };
+        let next_query = self.len();
+        let first_seen = (next_query + 1).saturating_sub(window) / WINDOW_ALIGN * WINDOW_ALIGN;
+        let unseen = first_seen.saturating_sub(self.forgotten);
+        let held = next_query - self.forgotten;
+        if unseen > 0 && unseen >= held - unseen {
+            self.keys.drain(..unseen * self.width);
+            if !self.values_in_keys {
+                self.values.drain(..unseen * self.width);
+            }
+            self.forgotten += unseen;
+        }
     }
 
     /// A cache of keys alone, whose first columns serve as the values: latent attention's
@@ -130,9 +185,9 @@ impl KvCache {
         Self { values_in_keys: true, ..Self::new(width, step) }
     }
 
-    /// Positions held.
+    /// Positions seen so far (a sliding cache holds only the last of them).
     pub(crate) fn len(&self) -> usize {
-        self.keys.len() / self.width
+        self.forgotten + self.keys.len() / self.width
     }
 
     /// Bytes held (allocated, not just used).
@@ -159,10 +214,18 @@ impl KvCache {
         self.values.extend(values.iter().map(|&v| f16::from_f32(v)));
     }
 
-    /// Forgets positions from `len` on.
+    /// Forgets positions from `len` on (`len` is at least the positions forgotten from the
+    /// front: those are forgotten only between steps).
     pub(crate) fn truncate(&mut self, len: usize) {
-        self.keys.truncate(len * self.width);
-        self.values.truncate(len * self.width);
+        let rows = len.saturating_sub(self.forgotten);
+        self.keys.truncate(rows * self.width);
+        self.values.truncate(rows * self.width);
+    }
+
+    /// The rows held, for tests.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.keys.len() / self.width
     }
 
     #[cfg(test)]
@@ -220,6 +283,9 @@ struct Plan {
     score_sum: Sum,
     value_sum: Sum,
     values_in_keys: bool,
+    /// The cache's first row's position, and its window.
+    forgotten: usize,
+    window: Option<usize>,
 }
 
 impl Plan {
@@ -236,6 +302,8 @@ impl Plan {
             score_sum: Sum::scores(heads, batch),
             value_sum: Sum::values(heads, batch, n_kv),
             values_in_keys: cache.values_in_keys,
+            forgotten: cache.forgotten,
+            window: cache.window,
         }
     }
 
@@ -255,28 +323,50 @@ impl Plan {
         let (d, dv) = (self.heads.head_dim, self.heads.value_dim);
         let width = self.heads.kv_width();
         let seen = self.start + t + 1;
+        // A sliding window's sums start at a multiple of WINDOW_ALIGN before its first
+        // position, and the positions between are masked.
+        let (first, sums_from) = match self.window {
+            Some(window) => {
+                let first = seen.saturating_sub(window);
+                (first, first / WINDOW_ALIGN * WINDOW_ALIGN)
+            }
+            None => (0, 0),
+        };
+        assert!(sums_from >= self.forgotten, "the cache forgot position {sums_from}, which a query still sees");
         let g = self.heads.kv_head(h);
         scratch.query.clear();
         scratch.query.extend(q.iter().map(|&v| round_f16(v)));
-        scratch.scores.resize(seen, 0.0);
-        let keys = &cache_keys[g * d..];
+        scratch.scores.resize(seen - sums_from, 0.0);
+        let row = sums_from - self.forgotten;
+        let keys = &cache_keys[row * width + g * d..];
         // A latent cache's values are its keys' first columns (and its one KV head's).
-        let (values, value_stride) =
-            if self.values_in_keys { (keys, width) } else { (&cache_values[g * dv..], self.heads.kv_heads * dv) };
+        let (values, value_stride) = if self.values_in_keys {
+            (keys, width)
+        } else {
+            let stride = self.heads.kv_heads * dv;
+            (&cache_values[row * stride + g * dv..], stride)
+        };
+        let masked = first - sums_from;
+        // The f64 tail of `ggml_vec_dot_f16` starts at the same term, counted from here.
+        let value_sum = match self.value_sum {
+            Sum::VecDot { n } => Sum::VecDot { n: n - sums_from },
+            lanes => lanes,
+        };
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(avx2) => {
                 super::ops_x86::scores(avx2, self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
+                scratch.scores[..masked].fill(f32::NEG_INFINITY);
                 super::ops_x86::softmax(avx2, &mut scratch.scores, self.scale, true);
                 let lanes = &mut scratch.lanes;
-                let sum = self.value_sum;
-                super::ops_x86::weighted_values(avx2, sum, &scratch.scores, values, value_stride, out, lanes);
+                super::ops_x86::weighted_values(avx2, value_sum, &scratch.scores, values, value_stride, out, lanes);
             }
             // Portable, or NEON (whose kernels so far are only the K-quant products).
             _ => {
                 scores_portable(self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
+                scratch.scores[..masked].fill(f32::NEG_INFINITY);
                 super::ops::softmax_portable(&mut scratch.scores, self.scale, true);
-                weighted_values_portable(self.value_sum, &scratch.scores, values, value_stride, out);
+                weighted_values_portable(value_sum, &scratch.scores, values, value_stride, out);
             }
         }
     }

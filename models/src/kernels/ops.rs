@@ -183,6 +183,41 @@ pub(crate) fn libm_silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// `gate = gelu(gate) * up` as ggml's `geglu` computes it on the CPU (`GGML_GELU_FP16`):
+/// GELU's tanh approximation is looked up in a table by the input rounded to f16, the
+/// table holding f16 values of `ggml_gelu_f32`; inputs beyond ±10 are 0 or themselves.
+pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let gelu = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x
+        } else {
+            f16::from_bits(table[f16::from_f32(x).to_bits() as usize]).to_f32()
+        };
+        *g = gelu * u;
+    }
+}
+
+/// ggml's `ggml_table_gelu_f16`: for each f16 bit pattern, `ggml_gelu_f32` of its value
+/// rounded to f16 (built once, as ggml builds it at start-up).
+fn gelu_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|bits| f16::from_f32(gelu_tanh(f16::from_bits(bits).to_f32())).to_bits()).collect())
+}
+
+/// `ggml_gelu_f32`: `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x²)))`, in f32 with the C
+/// library's `tanhf`, and `1 + 0.044715 x · x` fused as GCC contracts it (as for RoPE).
+fn gelu_tanh(x: f32) -> f32 {
+    const GELU_COEF_A: f32 = 0.044715;
+    // sqrt(2 / pi), rounded to f32.
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0)).tanh())
+}
+
 /// Turns one row of raw attention scores (the positions a query sees) into probabilities,
 /// as ggml's `soft_max_ext`, and with `to_f16` rounds them to f16 as ggml does before their
 /// product with V. Masked positions (after these) would add exact zeros, which change

@@ -365,3 +365,33 @@ fn kv_cache_grows_in_steps_and_appends_in_place() {
     cache.truncate(3);
     assert_eq!(cache.len(), 3);
 }
+
+/// A sliding cache that forgets what no query will see again attends as one that keeps
+/// everything, step after step, and holds at most `sliding_positions` rows between steps.
+#[test]
+fn a_sliding_cache_forgets_only_what_no_query_sees() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let shape = Heads::new(4, 2, 64);
+    let window = 5;
+    let (mut forgetting, mut keeping) =
+        (KvCache::sliding(shape.kv_width(), 16, window), KvCache::sliding(shape.kv_width(), 16, window));
+    let mut scratch = Scratch::default();
+    // A long first step (a prompt), then single positions, then a few more at once.
+    for batch in [150, 1, 1, 1, 7, 1, 40, 1, 1, 90, 1] {
+        let kv: Vec<f32> = (0..2 * batch * shape.kv_width()).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        let (k, v) = kv.split_at(batch * shape.kv_width());
+        forgetting.append(k, v);
+        keeping.append(k, v);
+        let q: Vec<f32> = (0..batch * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        for isa in Isa::all() {
+            let (mut expected, mut got) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            attention::attend_with(isa, &shape, &q, &keeping, batch, 0..batch, 0.125, &mut expected, &mut scratch);
+            attention::attend_with(isa, &shape, &q, &forgetting, batch, 0..batch, 0.125, &mut got, &mut scratch);
+            assert_eq!(got, expected, "{isa:?}, {batch} positions after {}", forgetting.len() - batch);
+        }
+        forgetting.forget_unseen();
+        assert_eq!(forgetting.len(), keeping.len(), "positions seen");
+        assert!(forgetting.held() <= KvCache::sliding_positions(window), "{} rows held", forgetting.held());
+    }
+    assert!(forgetting.held() < keeping.held() / 2, "it forgot: {} of {} rows", forgetting.held(), keeping.held());
+}
