@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use common::{argmax, check_logits, greedy, load_split, max_abs_diff, teacher_forced};
+use common::folder_reference::{greedy_path, softmax, Weights};
+use common::{check_logits, check_splits, load_split, teacher_forced};
 use hearth_models::{ComputePath, ModelSource};
 
 /// The native path keeps the latent cache in f16, as llama.cpp does; candle's ops in f32.
@@ -65,29 +66,14 @@ enum Flavour {
     V2Lite,
 }
 
-/// Deterministic pseudo-random numbers (SplitMix64), so every run writes the same model.
-struct Numbers(u64);
-
-impl Numbers {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    }
-}
-
 /// Writes a tiny DeepSeek folder of `flavour`: `model.safetensors`, `config.json` as the
 /// real checkpoints spell it, and the tests' word-level tokenizer.
 fn write(flavour: Flavour) -> tempfile::TempDir {
     let dir = tempfile::Builder::new().prefix(&format!("hearth-deepseek-{flavour:?}-")).tempdir().expect("temp dir");
-    let mut rng = Numbers(if flavour == Flavour::V3 { 31 } else { 32 });
+    let mut rng = tiny_model::Numbers(if flavour == Flavour::V3 { 31 } else { 32 });
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut add = |name: String, shape: &[usize], scale: f32, offset: f32| {
-        let data: Vec<f32> = (0..shape.iter().product()).map(|_| offset + scale * rng.next()).collect();
-        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor"));
+        tensors.insert(name, rng.tensor(shape, scale, offset));
     };
     let head_dim = NOPE_DIM + ROPE_DIM;
     add("model.embed_tokens.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0);
@@ -196,45 +182,21 @@ fn write(flavour: Flavour) -> tempfile::TempDir {
 
 /// A folder's weights as f32 vectors, and its flavour.
 struct Reference {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    weights: Weights,
     flavour: Flavour,
 }
 
 impl Reference {
     fn load(dir: &Path, flavour: Flavour) -> Self {
-        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
-            .expect("model.safetensors")
-            .into_iter()
-            .map(|(name, t)| {
-                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 values");
-                (name, (t.dims().to_vec(), values))
-            })
-            .collect();
-        Self { tensors, flavour }
+        Self { weights: Weights::load(dir, ""), flavour }
     }
 
-    fn tensor(&self, name: &str) -> &[f32] {
-        &self.tensors.get(name).unwrap_or_else(|| panic!("the folder has {name}")).1
-    }
-
-    /// `x` (rows of `w`'s column count) times `w` transposed: a `Linear` without bias.
     fn linear(&self, name: &str, x: &[f32]) -> Vec<f32> {
-        let (dims, w) = self.tensors.get(name).unwrap_or_else(|| panic!("the folder has {name}"));
-        let (rows, cols) = (dims[0], dims[1]);
-        x.chunks_exact(cols)
-            .flat_map(|x| (0..rows).map(move |r| w[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum()))
-            .collect()
+        self.weights.linear(name, x)
     }
 
-    /// RMS norm of every `weight.len()`-wide piece of `x`.
     fn rms_norm(&self, name: &str, x: &[f32]) -> Vec<f32> {
-        let weight = self.tensor(name);
-        x.chunks_exact(weight.len())
-            .flat_map(|x| {
-                let scale = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + EPS).sqrt();
-                x.iter().zip(weight).map(move |(v, w)| v * scale * w)
-            })
-            .collect()
+        self.weights.rms_norm(name, x, EPS, 0.0)
     }
 
     fn yarn(&self) -> bool {
@@ -343,7 +305,7 @@ impl Reference {
         let (scores, choice) = match self.flavour {
             Flavour::V3 => {
                 let scores: Vec<f32> = logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect();
-                let bias = self.tensor(&format!("{gate}.e_score_correction_bias"));
+                let bias = self.weights.tensor(&format!("{gate}.e_score_correction_bias"));
                 let mut choice: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
                 // Groups ranked by the sum of their two best biased scores; the rest masked.
                 let per_group = EXPERTS / GROUPS;
@@ -397,7 +359,7 @@ impl Reference {
 
     /// The logits of the last position of `tokens`.
     fn logits(&self, tokens: &[u32]) -> Vec<f32> {
-        let embedding = self.tensor("model.embed_tokens.weight");
+        let embedding = self.weights.tensor("model.embed_tokens.weight");
         let mut x: Vec<f32> =
             tokens.iter().flat_map(|&t| embedding[t as usize * HIDDEN..][..HIDDEN].iter().copied()).collect();
         for layer in 0..LAYERS {
@@ -412,26 +374,13 @@ impl Reference {
     }
 }
 
-fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
-}
-
 /// Loads, runs on both paths against the reference (teacher-forced on its greedy tokens),
 /// and splits.
 fn check(flavour: Flavour) {
     let dir = write(flavour);
     let reference = Reference::load(dir.path(), flavour);
-    let mut tokens = PROMPT.to_vec();
-    let mut expected = Vec::new();
-    for _ in 0..STEPS {
-        let logits = reference.logits(&tokens);
-        tokens.push(argmax(&logits));
-        expected.push(logits);
-    }
-    let generated = &tokens[PROMPT.len()..];
+    let (generated, expected) = greedy_path(&PROMPT, STEPS, |tokens| reference.logits(tokens));
+    let generated = &generated[..];
 
     for (compute, tolerance) in [(ComputePath::Native, NATIVE_TOLERANCE), (ComputePath::CandleOps, CANDLE_TOLERANCE)] {
         let what = format!("tiny DeepSeek {flavour:?} folder on {compute:?}");
@@ -444,16 +393,8 @@ fn check(flavour: Flavour) {
         assert_eq!(latent.query_rank, (flavour == Flavour::V3).then_some(QUERY_RANK), "{what}");
         let logits = teacher_forced(&load_split(&source, &[]), &PROMPT, generated);
         check_logits(&logits, &expected, generated, tolerance, &what, "the f32 reference's");
-
-        let (whole_ids, whole_logits) = greedy(&load_split(&source, &[]), &PROMPT, STEPS);
-        for cuts in [vec![DENSE_LAYERS], vec![DENSE_LAYERS, 3], vec![DENSE_LAYERS, 2, 3]] {
-            let (ids, split_logits) = greedy(&load_split(&source, &cuts), &PROMPT, STEPS);
-            assert_eq!(ids, whole_ids, "{what} cut at {cuts:?}: other tokens");
-            for (a, b) in split_logits.iter().zip(&whole_logits) {
-                let diff = max_abs_diff(a, b);
-                assert!(diff <= SPLIT_TOLERANCE, "{what} cut at {cuts:?}: logits differ by {diff}");
-            }
-        }
+        let cuts: [&[usize]; 3] = [&[DENSE_LAYERS], &[DENSE_LAYERS, 3], &[DENSE_LAYERS, 2, 3]];
+        check_splits(&source, &PROMPT, STEPS, &cuts, SPLIT_TOLERANCE, &what);
     }
 }
 
@@ -493,7 +434,7 @@ fn a_deepseek_folder_footprint_counts_each_tensor_once() {
     for (layer, &bytes) in footprint.layer_bytes.iter().enumerate() {
         let prefix = format!("model.layers.{layer}.");
         let in_folder: usize = reference
-            .tensors
+            .weights
             .iter()
             .filter(|(name, _)| name.starts_with(&prefix))
             .map(|(_, (_, values))| values.len() * std::mem::size_of::<f32>())

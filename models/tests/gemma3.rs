@@ -9,7 +9,7 @@
 mod common;
 
 use common::llama_cpp::{self, Reference};
-use common::{greedy, load_split, max_abs_diff};
+use common::{check_splits, load_split};
 use hearth_models::{Architecture, ComputePath, ModelSource};
 
 /// As for the other architectures (`moe.rs`): the native kernels sum as llama.cpp does
@@ -60,17 +60,8 @@ fn split_gemma3_matches_the_whole_model() {
     for compute in [ComputePath::Native, ComputePath::CandleOps] {
         for reference in &references {
             let source = open(&reference.path, compute);
-            let whole = load_split(&source, &[]);
-            let (expected_ids, expected_logits) = greedy(&whole, &reference.prompt, 8);
-            for cuts in [vec![1], vec![3], vec![1, 2], vec![1, 2, 3]] {
-                let stages = load_split(&source, &cuts);
-                let (ids, logits) = greedy(&stages, &reference.prompt, 8);
-                assert_eq!(ids, expected_ids, "{} on {compute:?} cut at {cuts:?}", reference.name);
-                for (a, b) in logits.iter().zip(&expected_logits) {
-                    let diff = max_abs_diff(a, b);
-                    assert!(diff <= 1e-4, "{} on {compute:?} cut at {cuts:?}: logits differ by {diff}", reference.name);
-                }
-            }
+            let what = format!("{} on {compute:?}", reference.name);
+            check_splits(&source, &reference.prompt, 8, &[&[1], &[3], &[1, 2], &[1, 2, 3]], 1e-4, &what);
         }
     }
 }

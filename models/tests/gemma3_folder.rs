@@ -13,10 +13,10 @@
 mod common;
 mod tiny_model;
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use common::{argmax, check_logits, greedy, load_split, max_abs_diff, teacher_forced};
+use common::folder_reference::{greedy_path, softmax, Weights};
+use common::{check_logits, check_splits, load_split, teacher_forced};
 use hearth_models::{Architecture, ComputePath, ModelSource};
 use tiny_model::Flavor;
 
@@ -31,7 +31,7 @@ const STEPS: usize = 8;
 
 /// A folder's weights as f32 vectors, with the config.json values the reference needs.
 struct Reference {
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    weights: Weights,
     layers: usize,
     hidden: usize,
     heads: usize,
@@ -53,15 +53,6 @@ impl Reference {
         let config = if config["model_type"] == "gemma3" { config["text_config"].clone() } else { config };
         let int = |key: &str| config[key].as_u64().unwrap_or_else(|| panic!("config.json has {key}")) as usize;
         let float = |key: &str| config[key].as_f64().unwrap_or_else(|| panic!("config.json has {key}")) as f32;
-        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .expect("model.safetensors")
-            .into_iter()
-            .map(|(name, t)| {
-                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 values");
-                let name = name.strip_prefix("language_model.").map(str::to_owned).unwrap_or(name);
-                (name, (t.dims().to_vec(), values))
-            })
-            .collect();
         let sliding = config["layer_types"]
             .as_array()
             .expect("layer_types")
@@ -69,7 +60,7 @@ impl Reference {
             .map(|kind| kind == "sliding_attention")
             .collect();
         Self {
-            tensors,
+            weights: Weights::load(dir, "language_model."),
             layers: int("num_hidden_layers"),
             hidden: int("hidden_size"),
             heads: int("num_attention_heads"),
@@ -84,28 +75,13 @@ impl Reference {
         }
     }
 
-    fn tensor(&self, name: &str) -> &[f32] {
-        &self.tensors.get(name).unwrap_or_else(|| panic!("the folder has {name}")).1
-    }
-
-    /// `x` (rows of `w`'s column count) times `w` transposed: a `Linear` without bias.
     fn linear(&self, name: &str, x: &[f32]) -> Vec<f32> {
-        let (dims, w) = &self.tensors[name];
-        let (rows, cols) = (dims[0], dims[1]);
-        x.chunks_exact(cols)
-            .flat_map(|x| (0..rows).map(move |r| w[r * cols..(r + 1) * cols].iter().zip(x).map(|(a, b)| a * b).sum()))
-            .collect()
+        self.weights.linear(name, x)
     }
 
-    /// Gemma's RMS norm of every `weight.len()`-wide piece of `x`: scaled by `1 + w`.
+    /// Gemma's RMS norm: scaled by `1 + w`.
     fn rms_norm(&self, name: &str, x: &[f32]) -> Vec<f32> {
-        let weight = self.tensor(name);
-        x.chunks_exact(weight.len())
-            .flat_map(|x| {
-                let scale = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + self.eps).sqrt();
-                x.iter().zip(weight).map(move |(v, w)| v * scale * (1.0 + w))
-            })
-            .collect()
+        self.weights.rms_norm(name, x, self.eps, 1.0)
     }
 
     /// Rotates every head of every position in place (pairs `i`, `i + d/2`).
@@ -172,7 +148,7 @@ impl Reference {
 
     /// The logits of the last position of `tokens`.
     fn logits(&self, tokens: &[u32]) -> Vec<f32> {
-        let embedding = self.tensor("model.embed_tokens.weight");
+        let embedding = self.weights.tensor("model.embed_tokens.weight");
         let scale = (self.hidden as f32).sqrt();
         let mut x: Vec<f32> = tokens
             .iter()
@@ -192,26 +168,13 @@ impl Reference {
     }
 }
 
-fn softmax(x: &[f32]) -> Vec<f32> {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = x.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
-}
-
 /// Loads, runs on both paths against the reference (teacher-forced on its greedy tokens),
 /// and splits.
 fn check(flavor: Flavor) {
     let dir = tiny_model::write(flavor, &format!("{flavor:?}").to_lowercase());
     let reference = Reference::load(dir.path());
-    let mut tokens = PROMPT.to_vec();
-    let mut expected = Vec::new();
-    for _ in 0..STEPS {
-        let logits = reference.logits(&tokens);
-        tokens.push(argmax(&logits));
-        expected.push(logits);
-    }
-    let generated = &tokens[PROMPT.len()..];
+    let (generated, expected) = greedy_path(&PROMPT, STEPS, |tokens| reference.logits(tokens));
+    let generated = &generated[..];
 
     for (compute, tolerance) in [(ComputePath::Native, NATIVE_TOLERANCE), (ComputePath::CandleOps, CANDLE_TOLERANCE)] {
         let what = format!("tiny {flavor:?} folder on {compute:?}");
@@ -225,16 +188,7 @@ fn check(flavor: Flavor) {
         assert_eq!(windows, [w, w, None, w, w, None], "{what}: which layers slide");
         let logits = teacher_forced(&load_split(&source, &[]), &PROMPT, generated);
         check_logits(&logits, &expected, generated, tolerance, &what, "the f32 reference's");
-
-        let (whole_ids, whole_logits) = greedy(&load_split(&source, &[]), &PROMPT, STEPS);
-        for cuts in [vec![2], vec![1, 4], vec![1, 3, 5]] {
-            let (ids, split_logits) = greedy(&load_split(&source, &cuts), &PROMPT, STEPS);
-            assert_eq!(ids, whole_ids, "{what} cut at {cuts:?}: other tokens");
-            for (a, b) in split_logits.iter().zip(&whole_logits) {
-                let diff = max_abs_diff(a, b);
-                assert!(diff <= SPLIT_TOLERANCE, "{what} cut at {cuts:?}: logits differ by {diff}");
-            }
-        }
+        check_splits(&source, &PROMPT, STEPS, &[&[2], &[1, 4], &[1, 3, 5]], SPLIT_TOLERANCE, &what);
     }
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use common::llama_cpp::{self, Reference};
-use common::{greedy, load_split, max_abs_diff};
+use common::{check_splits, load_split};
 use hearth_models::{ComputePath, ModelSource};
 
 /// Native kernels compute llama.cpp's products up to the order of some f32 sums; a
@@ -55,17 +55,8 @@ fn split_experts_match_the_whole_model() {
     for compute in [ComputePath::Native, ComputePath::CandleOps] {
         for reference in &references {
             let source = open(&reference.path, compute);
-            let whole = load_split(&source, &[]);
-            let (expected_ids, expected_logits) = greedy(&whole, &reference.prompt, 6);
-            for cuts in [vec![1], vec![3], vec![1, 2], vec![1, 2, 3]] {
-                let stages = load_split(&source, &cuts);
-                let (ids, logits) = greedy(&stages, &reference.prompt, 6);
-                assert_eq!(ids, expected_ids, "{} on {compute:?} cut at {cuts:?}", reference.name);
-                for (a, b) in logits.iter().zip(&expected_logits) {
-                    let diff = max_abs_diff(a, b);
-                    assert!(diff <= 1e-4, "{} on {compute:?} cut at {cuts:?}: logits differ by {diff}", reference.name);
-                }
-            }
+            let what = format!("{} on {compute:?}", reference.name);
+            check_splits(&source, &reference.prompt, 6, &[&[1], &[3], &[1, 2], &[1, 2, 3]], 1e-4, &what);
         }
     }
 }

@@ -46,7 +46,7 @@ const EXPERT_FFN: usize = 24;
 pub const GEMMA_WINDOW: usize = 3;
 
 /// Deterministic pseudo-random numbers (SplitMix64), so every run writes the same model.
-struct Numbers(u64);
+pub struct Numbers(pub u64);
 
 impl Numbers {
     fn next(&mut self) -> f32 {
@@ -58,7 +58,7 @@ impl Numbers {
         (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     }
 
-    fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Tensor {
+    pub fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Tensor {
         let n = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| offset + scale * self.next()).collect();
         Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")

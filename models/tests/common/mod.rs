@@ -1,6 +1,7 @@
 //! Helpers shared by the model tests.
 #![allow(dead_code)]
 
+pub mod folder_reference;
 pub mod llama_cpp;
 
 use std::path::PathBuf;
@@ -139,4 +140,18 @@ pub fn reference() -> serde_json::Value {
 
 pub fn ids(value: &serde_json::Value) -> Vec<u32> {
     value.as_array().expect("array").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+}
+
+/// Each of `cuts` (2, 3 and 4 uneven stages) generates the whole model's tokens, with
+/// logits within `tolerance` of its.
+pub fn check_splits(source: &ModelSource, prompt: &[u32], steps: usize, cuts: &[&[usize]], tolerance: f32, what: &str) {
+    let (whole_ids, whole_logits) = greedy(&load_split(source, &[]), prompt, steps);
+    for cuts in cuts {
+        let (ids, split_logits) = greedy(&load_split(source, cuts), prompt, steps);
+        assert_eq!(ids, whole_ids, "{what} cut at {cuts:?}: other tokens");
+        for (a, b) in split_logits.iter().zip(&whole_logits) {
+            let diff = max_abs_diff(a, b);
+            assert!(diff <= tolerance, "{what} cut at {cuts:?}: logits differ by {diff}");
+        }
+    }
 }
