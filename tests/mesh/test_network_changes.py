@@ -6,19 +6,31 @@
   their real addresses and answer with the single node's tokens.
 * A node's address replaced mid-stream (a new DHCP lease): the stream finishes exactly,
   the node carries on under its new address, and new requests work on both nodes.
+* A node suspended mid-stream (SIGSTOP for 20 s, a machine asleep): the survivors finish
+  the stream exactly without it; resumed, it is back in the plan and serves exactly.
 
 Each test prints its recovery time; the bounds asserted are the issue's.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
 import pytest
 from harness import netns
 from harness.netns import Cluster, Node
-from test_faults import FAULT_AFTER_CHUNKS, Stream, assert_no_panic, assert_same_stream, reference_stream, stream
+from test_faults import (
+    FAULT_AFTER_CHUNKS,
+    REPLAN_TIMEOUT_S,
+    Stream,
+    assert_no_panic,
+    assert_same_stream,
+    fresh_mesh,
+    reference_stream,
+    stream,
+)
 from test_mesh import N_LAYERS, SETTLE_TIMEOUT_S, complete, reference, served_model_id  # noqa: F401 (a fixture)
 
 LIMITS = ("800MiB", "1200MiB")
@@ -26,6 +38,8 @@ LIMITS = ("800MiB", "1200MiB")
 LINK_DELAY_S = 5.0
 JOIN_AFTER_LINK_LIMIT_S = 10.0
 NEW_REQUESTS_LIMIT_S = 5.0
+ASLEEP_S = 20.0
+BACK_IN_PLAN_LIMIT_S = 10.0
 
 
 def take_address(node: Node) -> None:
@@ -143,4 +157,50 @@ def test_an_address_replaced_mid_stream(make_cluster: Callable[[], Cluster], pro
           f"after {served_after:.2f} s\n{moved_view.describe(cluster.names_by_ip())}")
     record_timing("address moved: move -> new requests exact on both nodes", served_after)
     assert served_after <= NEW_REQUESTS_LIMIT_S, f"{served_after:.1f} s from the move to exact answers on both"
+    assert_no_panic(cluster)
+
+
+@pytest.mark.timeout(180)
+def test_a_node_asleep_mid_stream_is_planned_out_and_back_in(make_cluster: Callable[[], Cluster],
+                                                              prompts: list[str],
+                                                              record_timing: Callable[[str, float], None]) -> None:
+    mesh = fresh_mesh(make_cluster)
+    cluster = mesh.cluster
+    sleeper, client = mesh.stage_node(1), mesh.stage_node(0)
+    survivors = [node for node in cluster.nodes if node is not sleeper]
+    model = served_model_id(client)
+    prompt = prompts[4]
+    ref = reference_stream(client, model, prompt)
+
+    got = Stream(client, model, prompt).start()
+    got.wait_for(FAULT_AFTER_CHUNKS)
+    asleep_at = time.monotonic()
+    sleeper.kill(signal.SIGSTOP, wait=False)
+    try:
+        got.finish()
+        assert_same_stream(got, ref, "a node asleep mid-stream")
+        try:
+            survivors_view = cluster.wait_for_plan(survivors, n_layers=N_LAYERS, min_epoch=mesh.view.epoch,
+                                                   timeout_s=REPLAN_TIMEOUT_S)
+        except netns.HarnessError as err:
+            pytest.fail(f"the survivors did not plan the sleeper out:\n{err}", pytrace=False)
+        finished_after = (got.ended_at or time.monotonic()) - asleep_at
+        time.sleep(max(0.0, ASLEEP_S - (time.monotonic() - asleep_at)))
+    finally:
+        sleeper.kill(signal.SIGCONT, wait=False)
+    woke_at = time.monotonic()
+    try:
+        view = cluster.wait_for_plan(cluster.nodes, n_layers=N_LAYERS, min_epoch=survivors_view.epoch,
+                                     timeout_s=SETTLE_TIMEOUT_S)
+    except netns.HarnessError as err:
+        pytest.fail(f"the resumed node never came back into the plan:\n{err}", pytrace=False)
+    back_after = time.monotonic() - woke_at
+    assert sleeper.ip in [stage.ip for stage in view.stages], view.describe()
+    for node in (sleeper, client):
+        assert_same_stream(stream(node, model, prompt), ref, f"after waking, on {node.name}")
+    print(f"\nasleep {ASLEEP_S:.0f} s mid-stream: the stream finished exactly on the survivors {finished_after:.2f} s "
+          f"after the node stopped; back in one plan {back_after:.2f} s after it woke\n"
+          f"{view.describe(cluster.names_by_ip())}")
+    record_timing("asleep: woken node back in the plan", back_after)
+    assert back_after <= BACK_IN_PLAN_LIMIT_S, f"{back_after:.1f} s from waking to one plan with it"
     assert_no_panic(cluster)
