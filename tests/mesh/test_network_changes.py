@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pytest
 from harness import netns
-from harness.netns import Cluster, Node
+from harness.netns import Cluster, ClusterView, Node
 from test_faults import (
     FAULT_AFTER_CHUNKS,
     REPLAN_TIMEOUT_S,
@@ -76,6 +76,16 @@ def wait_for_exact_answers(nodes: list[Node], answer: Callable[[Node], str], exp
                 pytrace=False)
 
 
+def agreed_plan(cluster: Cluster, nodes: list[Node], failure: str, *, min_epoch: int | None = None,
+                timeout_s: float = SETTLE_TIMEOUT_S) -> ClusterView:
+    """The ready plan ``nodes`` agree on over all the model's layers, or the test fails
+    saying ``failure``."""
+    try:
+        return cluster.wait_for_plan(nodes, n_layers=N_LAYERS, min_epoch=min_epoch, timeout_s=timeout_s)
+    except netns.HarnessError as err:
+        pytest.fail(f"{failure}:\n{err}", pytrace=False)
+
+
 def test_a_node_started_before_its_network_joins_once_it_comes_up(
         make_cluster: Callable[[], Cluster], prompts: list[str], reference: dict[str, str],
         record_timing: Callable[[str, float], None]) -> None:
@@ -95,10 +105,7 @@ def test_a_node_started_before_its_network_joins_once_it_comes_up(
 
     give_address(late)
     linked_at = time.monotonic()
-    try:
-        view = cluster.wait_for_plan([first, late], n_layers=N_LAYERS, timeout_s=SETTLE_TIMEOUT_S)
-    except netns.HarnessError as err:
-        pytest.fail(f"the late node never joined over its real address:\n{err}", pytrace=False)
+    view = agreed_plan(cluster, [first, late], "the late node never joined over its real address")
     planned_after = time.monotonic() - linked_at
     assert sorted(stage.ip for stage in view.stages) == sorted([first.ip, late.ip]), view.describe()
     answered_after = planned_after + wait_for_exact_answers(
@@ -116,10 +123,7 @@ def test_an_address_replaced_mid_stream(make_cluster: Callable[[], Cluster], pro
     cluster = make_cluster()
     nodes = [cluster.add_node(memory_limit=limit, start=False) for limit in LIMITS]
     cluster.start_nodes(nodes)
-    try:
-        view = cluster.wait_for_plan(nodes, n_layers=N_LAYERS, timeout_s=SETTLE_TIMEOUT_S)
-    except netns.HarnessError as err:
-        pytest.fail(f"the 2-node mesh did not form:\n{err}", pytrace=False)
+    view = agreed_plan(cluster, nodes, "the 2-node mesh did not form")
     client, moving = nodes
     model = served_model_id(client)
     prompt = prompts[4]
@@ -142,10 +146,7 @@ def test_an_address_replaced_mid_stream(make_cluster: Callable[[], Cluster], pro
     assert_same_stream(got, ref, "address replaced mid-stream")
     finished_after = (got.ended_at or time.monotonic()) - moved_at
 
-    try:
-        moved_view = cluster.wait_for_plan(nodes, n_layers=N_LAYERS, min_epoch=view.epoch, timeout_s=SETTLE_TIMEOUT_S)
-    except netns.HarnessError as err:
-        pytest.fail(f"no plan over the new address:\n{err}", pytrace=False)
+    moved_view = agreed_plan(cluster, nodes, "no plan over the new address", min_epoch=view.epoch)
     planned_after = time.monotonic() - moved_at
     assert new_ip in [stage.ip for stage in moved_view.stages], moved_view.describe()
     served_after = planned_after + wait_for_exact_answers(
@@ -179,21 +180,15 @@ def test_a_node_asleep_mid_stream_is_planned_out_and_back_in(make_cluster: Calla
     try:
         got.finish()
         assert_same_stream(got, ref, "a node asleep mid-stream")
-        try:
-            survivors_view = cluster.wait_for_plan(survivors, n_layers=N_LAYERS, min_epoch=mesh.view.epoch,
-                                                   timeout_s=REPLAN_TIMEOUT_S)
-        except netns.HarnessError as err:
-            pytest.fail(f"the survivors did not plan the sleeper out:\n{err}", pytrace=False)
+        survivors_view = agreed_plan(cluster, survivors, "the survivors did not plan the sleeper out",
+                                     min_epoch=mesh.view.epoch, timeout_s=REPLAN_TIMEOUT_S)
         finished_after = (got.ended_at or time.monotonic()) - asleep_at
         time.sleep(max(0.0, ASLEEP_S - (time.monotonic() - asleep_at)))
     finally:
         sleeper.kill(signal.SIGCONT, wait=False)
     woke_at = time.monotonic()
-    try:
-        view = cluster.wait_for_plan(cluster.nodes, n_layers=N_LAYERS, min_epoch=survivors_view.epoch,
-                                     timeout_s=SETTLE_TIMEOUT_S)
-    except netns.HarnessError as err:
-        pytest.fail(f"the resumed node never came back into the plan:\n{err}", pytrace=False)
+    view = agreed_plan(cluster, cluster.nodes, "the resumed node never came back into the plan",
+                       min_epoch=survivors_view.epoch)
     back_after = time.monotonic() - woke_at
     assert sleeper.ip in [stage.ip for stage in view.stages], view.describe()
     for node in (sleeper, client):
