@@ -11,6 +11,7 @@ mod moe;
 
 pub mod chat_template;
 pub mod config;
+pub mod gguf;
 pub mod sampling;
 pub mod source;
 pub mod stage;

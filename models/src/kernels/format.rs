@@ -77,6 +77,20 @@ pub(crate) enum WeightFormat {
     Q5_1,
     /// `d: f16, qs: [i8; 32]`: value = d * q.
     Q8_0,
+    /// `e: u8, qs: [u8; 16]`: value = 2^(e - 128) * MXFP4_VALUES[nibble], low nibbles
+    /// first as in Q4_0. (The values are twice E2M1's, and the scale half of E8M0's, as
+    /// ggml stores them, so that they multiply as integers.) Not in candle: see `gguf.rs`.
+    Mxfp4,
+}
+
+/// E2M1's sixteen values, doubled: what MXFP4's nibbles stand for (ggml's `kvalues_mxfp4`).
+pub(crate) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half of the E8M0 scale `e`, 2^(e - 128), as ggml's `ggml_e8m0_to_fp32_half` computes it
+/// (subnormal below 2).
+pub(crate) fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 { 0x0020_0000u32 << e } else { ((e - 1) as u32) << 23 };
+    f32::from_bits(bits)
 }
 
 /// How activations are quantized for a product: as llama.cpp's `vec_dot_type` of the weights.
@@ -109,13 +123,14 @@ impl WeightFormat {
             Self::Q5_0 => 2 + 4 + 16,
             Self::Q5_1 => 2 + 2 + 4 + 16,
             Self::Q8_0 => 2 + 32,
+            Self::Mxfp4 => 1 + 16,
         }
     }
 
     pub(crate) const fn activation(self) -> ActivationFormat {
         match self {
             Self::Q4_1 | Self::Q5_1 => ActivationFormat::Q8_1,
-            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => ActivationFormat::Q8_0,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 | Self::Mxfp4 => ActivationFormat::Q8_0,
         }
     }
 
@@ -126,6 +141,14 @@ impl WeightFormat {
 
     /// Writes the 32 values of `block` to `out`, as ggml's `dequantize_row_*` does.
     pub(crate) fn dequantize_block(self, block: &[u8], out: &mut [f32]) {
+        if self == Self::Mxfp4 {
+            let d = e8m0_half(block[0]);
+            for (j, &byte) in block[1..17].iter().enumerate() {
+                out[j] = MXFP4_VALUES[(byte & 0x0F) as usize] as f32 * d;
+                out[j + 16] = MXFP4_VALUES[(byte >> 4) as usize] as f32 * d;
+            }
+            return;
+        }
         let d = f16_at(block, 0);
         match self {
             Self::Q4_0 => {
@@ -157,6 +180,7 @@ impl WeightFormat {
                     out[j] = q as i8 as f32 * d;
                 }
             }
+            Self::Mxfp4 => unreachable!("dequantized above"),
         }
     }
 }

@@ -60,6 +60,8 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_interleaved;
 
+pub(crate) mod mxfp4;
+
 #[cfg(test)]
 mod kquant_tests;
 #[cfg(test)]
@@ -79,6 +81,7 @@ use format::MatrixFormat;
 use interleave::GROUP_ROWS;
 use kquant_activation::Q8KBlock;
 use kquant_format::KQuant;
+pub(crate) use mxfp4::{dequantize_mxfp4, quantize_mxfp4};
 pub(crate) use product::release_large_buffers;
 
 /// A weight matrix for products: native kernels where they apply, candle's elsewhere
@@ -87,6 +90,8 @@ pub(crate) use product::release_large_buffers;
 pub(crate) enum Matrix {
     Native(QuantMatrix),
     Candle(QMatMul),
+    /// MXFP4, which candle lacks, on candle's path (`mxfp4.rs`).
+    CandleMxfp4(mxfp4::DeviceMxfp4),
 }
 
 impl Matrix {
@@ -105,6 +110,16 @@ impl Matrix {
         Ok(Self::Candle(QMatMul::from_qtensor(qtensor)?))
     }
 
+    /// An MXFP4 matrix from its blocks as GGUF stores them, for the native kernels.
+    pub(crate) fn mxfp4_native(blocks: &[u8], rows: usize, cols: usize) -> candle_core::Result<Self> {
+        Ok(Self::Native(QuantMatrix::from_blocks(MatrixFormat::Block32(format::WeightFormat::Mxfp4), blocks, rows, cols)?))
+    }
+
+    /// An MXFP4 matrix for candle's path on `device`.
+    pub(crate) fn mxfp4_candle(blocks: &[u8], rows: usize, cols: usize, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self::CandleMxfp4(mxfp4::DeviceMxfp4::new(blocks, rows, cols, device)?))
+    }
+
     /// A dense matrix (safetensors weights), multiplied by candle.
     pub(crate) fn dense(weight: Tensor) -> Self {
         Self::Candle(QMatMul::Tensor(weight))
@@ -115,6 +130,7 @@ impl Matrix {
         match self {
             Self::Native(matrix) => matrix.forward(x),
             Self::Candle(matrix) => matrix.forward(x),
+            Self::CandleMxfp4(matrix) => matrix.forward(x),
         }
     }
 
@@ -123,6 +139,7 @@ impl Matrix {
         match self {
             Self::Native(matrix) => matrix.embedding(ids),
             Self::Candle(matrix) => matrix.embedding(ids),
+            Self::CandleMxfp4(matrix) => matrix.embedding(ids),
         }
     }
 
@@ -139,12 +156,12 @@ impl Matrix {
                 out.resize(m * matrix.rows, 0.0);
                 product::multiply_into(matrix, x, m, threads::num_threads(), Isa::detect(), out);
             }
-            Self::Candle(matrix) => {
+            Self::Candle(_) | Self::CandleMxfp4(_) => {
                 if m == 0 || !x.len().is_multiple_of(m) {
                     bail!("{} values are not {m} rows", x.len());
                 }
                 let x = Tensor::from_slice(x, (m, x.len() / m), &Device::Cpu)?;
-                let y = matrix.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
+                let y = self.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?;
                 out.clear();
                 out.extend_from_slice(&y.to_vec1::<f32>()?);
             }
@@ -156,9 +173,9 @@ impl Matrix {
     pub(crate) fn embedding_into(&self, ids: &[u32], out: &mut Vec<f32>) -> candle_core::Result<()> {
         match self {
             Self::Native(matrix) => matrix.embedding_into(ids, out),
-            Self::Candle(matrix) => {
+            Self::Candle(_) | Self::CandleMxfp4(_) => {
                 let ids = Tensor::new(ids, &Device::Cpu)?;
-                let rows = matrix.embedding(&ids)?.to_dtype(DType::F32)?.flatten_all()?;
+                let rows = self.embedding(&ids)?.to_dtype(DType::F32)?.flatten_all()?;
                 out.extend_from_slice(&rows.to_vec1::<f32>()?);
                 Ok(())
             }
@@ -235,6 +252,16 @@ impl QuantMatrix {
             bail!("a {rows}x{cols} {format:?} matrix holds {} bytes", data.len());
         }
         Ok(Some(Self { format, rows, cols, layout: Layout::Rows, data: Arc::from(&*data) }))
+    }
+
+    /// A matrix of `format` from its blocks, in row layout.
+    pub(crate) fn from_blocks(format: MatrixFormat, blocks: &[u8], rows: usize, cols: usize) -> candle_core::Result<Self> {
+        if !cols.is_multiple_of(format.block_values())
+            || blocks.len() != rows * (cols / format.block_values()) * format.block_bytes()
+        {
+            bail!("{} bytes are not a {rows}x{cols} {format:?} matrix", blocks.len());
+        }
+        Ok(Self { format, rows, cols, layout: Layout::Rows, data: Arc::from(blocks) })
     }
 
     /// `self` in the layout whose kernels are fastest on this CPU.

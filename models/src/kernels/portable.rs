@@ -11,7 +11,7 @@
 //! ggml's `ggml_vec_dot_q5_0_q8_0` and `_q5_1_q8_1` take the same steps.)
 
 use super::activation::Q8Block;
-use super::format::{f16_at, five_bit_quants, WeightFormat, BLOCK};
+use super::format::{e8m0_half, f16_at, five_bit_quants, WeightFormat, BLOCK, MXFP4_VALUES};
 
 /// Groups of consecutive products that SIMD code sums in integers before converting.
 const LANES: usize = 8;
@@ -82,6 +82,13 @@ fn decode_block(format: WeightFormat, block: &[u8]) -> ([i32; BLOCK], f32) {
             for (v, &q) in values.iter_mut().zip(&block[2..34]) {
                 *v = q as i8 as i32;
             }
+        }
+        WeightFormat::Mxfp4 => {
+            for (j, &byte) in block[1..17].iter().enumerate() {
+                values[j] = MXFP4_VALUES[(byte & 0x0F) as usize] as i32;
+                values[j + BLOCK / 2] = MXFP4_VALUES[(byte >> 4) as usize] as i32;
+            }
+            return (values, e8m0_half(block[0]));
         }
     }
     (values, f16_at(block, 0))

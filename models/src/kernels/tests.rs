@@ -347,3 +347,119 @@ fn default_model_path() -> std::path::PathBuf {
         .expect("HOME is set");
     cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+
+// MXFP4, which candle cannot quantize: matrices from this crate's quantizer.
+
+fn mxfp4_matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> (QuantMatrix, Vec<u8>) {
+    let weights: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.5f32..0.5) + 0.05).collect();
+    let blocks = super::quantize_mxfp4(&weights);
+    let format = MatrixFormat::Block32(WeightFormat::Mxfp4);
+    (QuantMatrix::from_blocks(format, &blocks, rows, cols).unwrap(), blocks)
+}
+
+#[test]
+fn mxfp4_quantizes_and_dequantizes_as_ggml() {
+    // amax 3 gives e = floor(log2 3) - 2 + 127 = 126: a step of 2^-2 between the doubled
+    // values, so 3.0 is 12 * 0.25, 0.3 rounds to 1 * 0.25 and -0.4 to -2 * 0.25 (0.5 is
+    // farther); ties go to the first of the sixteen (0.125 to 0).
+    let mut x = vec![0.0f32; BLOCK];
+    x[..5].copy_from_slice(&[3.0, 0.3, -0.4, 0.125, -1.4]);
+    x[16] = 1.0;
+    let blocks = super::quantize_mxfp4(&x);
+    assert_eq!(blocks.len(), 17);
+    assert_eq!(blocks[0], 126);
+    let values = super::dequantize_mxfp4(&blocks);
+    assert_eq!(values[..5], [3.0, 0.25, -0.5, 0.0, -1.5]);
+    assert_eq!(values[16], 1.0, "the high nibble of byte 0 is value 16");
+    assert!(values[5..16].iter().chain(&values[17..]).all(|&v| v == 0.0));
+    // An all-zero block has exponent 0 (the smallest scale) and zeros.
+    assert_eq!(super::quantize_mxfp4(&[0.0; BLOCK])[0], 0);
+    assert_eq!(super::format::e8m0_half(0), 2f32.powi(-128));
+    assert_eq!(super::format::e8m0_half(1), 2f32.powi(-127));
+    assert_eq!(super::format::e8m0_half(130), 4.0);
+}
+
+#[test]
+fn every_isa_multiplies_mxfp4_like_the_portable_code() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let format = WeightFormat::Mxfp4;
+    for cols in COLS {
+        for rows in ROWS {
+            let (matrix, _) = mxfp4_matrix(&mut rng, rows, cols);
+            for m in 1..=9 {
+                let x = activations(&mut rng, m * cols);
+                let acts = quantized(Isa::Portable, format.activation(), &x, cols);
+                let weights = matrix.row_bytes(0..rows);
+                let mut expected = vec![0.0; rows * m];
+                Isa::Portable.product_rows(format, weights, cols / BLOCK, &acts, m, &mut expected);
+                for isa in Isa::all() {
+                    let mut got = vec![0.0; rows * m];
+                    isa.product_rows(format, weights, cols / BLOCK, &acts, m, &mut got);
+                    assert!(
+                        got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} differs from the portable kernel: MXFP4 {rows}x{cols}, {m} rows"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The portable MXFP4 kernel against f64 sums of the dequantized weights times the
+/// dequantized activations, and threads changing nothing.
+#[test]
+fn mxfp4_products_match_dequantized_arithmetic() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for cols in COLS {
+        for rows in [1, 5, 17] {
+            let (matrix, blocks) = mxfp4_matrix(&mut rng, rows, cols);
+            let weights = super::dequantize_mxfp4(&blocks);
+            let m = 3;
+            let x = activations(&mut rng, m * cols);
+            let acts = quantized(Isa::Portable, ActivationFormat::Q8_0, &x, cols);
+            let got = matrix.product(&x, m, 1);
+            for (i, acts) in acts.chunks_exact(cols / BLOCK).enumerate() {
+                for (r, w) in weights.chunks_exact(cols).enumerate() {
+                    let (mut sum, mut magnitude) = (0.0f64, 0.0f64);
+                    for (b, a) in acts.iter().enumerate() {
+                        for (j, &q) in a.qs.iter().enumerate() {
+                            let product = w[b * BLOCK + j] as f64 * (q as f64 * a.d as f64);
+                            sum += product;
+                            magnitude += product.abs();
+                        }
+                    }
+                    let ours = got[i * rows + r] as f64;
+                    assert!((ours - sum).abs() <= 1e-5 * magnitude + 1e-6, "{rows}x{cols} row {r}: {ours} vs {sum}");
+                }
+            }
+        }
+    }
+    let (matrix, _) = mxfp4_matrix(&mut rng, 1000, 576);
+    let x = activations(&mut rng, 6 * 576);
+    let one = matrix.product(&x, 6, 1);
+    assert_eq!(matrix.product(&x, 6, 3), one, "three threads");
+}
+
+/// candle's path expands the blocks to exactly the values the native path reads, and
+/// multiplies by them.
+#[test]
+fn mxfp4_on_candles_path_dequantizes_to_the_bit() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (rows, cols) = (7, 96);
+    let (native, blocks) = mxfp4_matrix(&mut rng, rows, cols);
+    let device = super::mxfp4::DeviceMxfp4::new(&blocks, rows, cols, &Device::Cpu).unwrap();
+    let dense = device.dequantize(candle_core::DType::F32).unwrap();
+    assert_eq!(dense.flatten_all().unwrap().to_vec1::<f32>().unwrap(), super::dequantize_mxfp4(&blocks));
+    let ids: Vec<u32> = vec![6, 0, 3];
+    let mut rows_native = Vec::new();
+    native.embedding_into(&ids, &mut rows_native).unwrap();
+    let rows_device = device.embedding(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(rows_device.flatten_all().unwrap().to_vec1::<f32>().unwrap(), rows_native);
+    let x = Tensor::from_vec(activations(&mut rng, 2 * cols), (1, 2, cols), &Device::Cpu).unwrap();
+    let y = device.forward(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 2, rows]);
+    let expected = x.reshape((2, cols)).unwrap().matmul(&dense.t().unwrap()).unwrap();
+    let diff = (y.reshape((2, rows)).unwrap() - expected).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    assert!(super::mxfp4::DeviceMxfp4::new(&blocks[..blocks.len() - 1], rows, cols, &Device::Cpu).is_err());
+}

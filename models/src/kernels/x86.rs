@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::activation::{round_to_f16, scales, Q8Block};
-use super::format::{WeightFormat, BLOCK};
+use super::format::{e8m0_half, WeightFormat, BLOCK, MXFP4_VALUES};
 use super::portable::{add_offset, sum_lanes};
 
 /// Formats as const-generic parameters, so one kernel body serves them all.
@@ -17,6 +17,7 @@ pub(super) const Q4_1: u8 = 1;
 pub(super) const Q8_0: u8 = 2;
 pub(super) const Q5_0: u8 = 3;
 pub(super) const Q5_1: u8 = 4;
+pub(super) const MXFP4: u8 = 5;
 
 /// Activation rows handled per pass over a weight row when prefilling: each unpacked weight
 /// block is reused this many times, and the accumulators still fit in 16 vector registers.
@@ -65,6 +66,7 @@ impl Avx2 {
                 WeightFormat::Q5_0 => rows::<Q5_0>(weights, blocks, acts, m, out),
                 WeightFormat::Q5_1 => rows::<Q5_1>(weights, blocks, acts, m, out),
                 WeightFormat::Q8_0 => rows::<Q8_0>(weights, blocks, acts, m, out),
+                WeightFormat::Mxfp4 => rows::<MXFP4>(weights, blocks, acts, m, out),
             }
         }
     }
@@ -164,6 +166,7 @@ pub(super) const fn block_bytes<const FORMAT: u8>() -> usize {
         Q4_1 => WeightFormat::Q4_1.block_bytes(),
         Q5_0 => WeightFormat::Q5_0.block_bytes(),
         Q5_1 => WeightFormat::Q5_1.block_bytes(),
+        MXFP4 => WeightFormat::Mxfp4.block_bytes(),
         _ => WeightFormat::Q8_0.block_bytes(),
     }
 }
@@ -195,7 +198,7 @@ unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
                 // The f16 scale (and Q4_1's or Q5_1's f16 offset right after it), widened
                 // exactly.
                 let header = _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()));
-                scales[r] = _mm_cvtss_f32(header);
+                scales[r] = if FORMAT == MXFP4 { e8m0_half(*p) } else { _mm_cvtss_f32(header) };
                 mins[r] = _mm_cvtss_f32(_mm_movehdup_ps(header));
                 weights[r] = match FORMAT {
                     Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
@@ -204,6 +207,8 @@ unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
                     // nibble with its high bits set, i.e. minus 16 as a signed byte.
                     Q5_0 => _mm256_or_si256(nibbles(p.add(6)), _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(-16))),
                     Q5_1 => _mm256_or_si256(nibbles(p.add(8)), _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(16))),
+                    // Each nibble looked up in the table of its values (in both halves).
+                    MXFP4 => _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(mxfp4_table()), nibbles(p.add(1))),
                     _ => _mm256_loadu_si256(p.add(2).cast()),
                 };
             }
@@ -235,6 +240,14 @@ unsafe fn dots<const FORMAT: u8, const R: usize, const N: usize>(
         }
     }
     out
+}
+
+/// MXFP4's values as the 16 bytes of a lookup table for `pshufb`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn mxfp4_table() -> __m128i {
+    // SAFETY: the table holds 16 bytes.
+    unsafe { _mm_loadu_si128(MXFP4_VALUES.as_ptr().cast()) }
 }
 
 /// The 16 bytes at `p` split into 32 nibbles: low nibbles first, then high ones.

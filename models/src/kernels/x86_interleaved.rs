@@ -48,7 +48,7 @@ pub(crate) fn group_biases(format: WeightFormat, acts: &[Q8Block], out: &mut Vec
         WeightFormat::Q4_0 => 8,
         WeightFormat::Q8_0 => 128,
         WeightFormat::Q4_1 => return,
-        WeightFormat::Q5_0 | WeightFormat::Q5_1 => panic!("{format:?} matrices are not interleaved"),
+        WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Mxfp4 => panic!("{format:?} matrices are not interleaved"),
     };
     out.extend(acts.iter().map(|a| {
         let mut biases = [0; 8];
@@ -82,7 +82,7 @@ impl Avx512Vnni {
                 WeightFormat::Q4_0 => groups::<Q4_0>(weights, shape, acts, biases, out),
                 WeightFormat::Q4_1 => groups::<Q4_1>(weights, shape, acts, biases, out),
                 WeightFormat::Q8_0 => groups::<Q8_0>(weights, shape, acts, biases, out),
-                WeightFormat::Q5_0 | WeightFormat::Q5_1 => panic!("{format:?} matrices are not interleaved"),
+                WeightFormat::Q5_0 | WeightFormat::Q5_1 | WeightFormat::Mxfp4 => panic!("{format:?} matrices are not interleaved"),
             }
         }
     }
