@@ -9,7 +9,7 @@ SHA-256 (the test checks that its own copy of the file is the same).
 
     pip install llama-cpp-python==0.3.36
     cargo build --release -p hearth-models --examples
-    python3 scripts/llama_cpp_reference.py [--suite moe|quants|gemma3] [--out PATH]
+    python3 scripts/llama_cpp_reference.py [--suite moe|quants|gemma3|gpt-oss] [--out PATH]
 
 Suites: `moe` (the default) writes models/tests/fixtures/moe_llama_cpp.json, the mixtures
 of experts; `quants` writes models/tests/fixtures/quant_llama_cpp.json, a model in each of
@@ -17,7 +17,10 @@ the low-bit and 5-bit mixes (Q2_K, Q3_K_M, Q5_0, Q5_1) and in BF16, keeping only
 row of logits (all that its test compares) to keep the file small; `gemma3` writes
 models/tests/fixtures/gemma3_llama_cpp.json, Gemma 3's layout, with a prompt long enough
 (and a generation after it) that its sliding windows of 4 positions move past the 64
-positions Hearth's caches forget at a time, also keeping only the prompt's last row.
+positions Hearth's caches forget at a time, also keeping only the prompt's last row;
+`gpt-oss` writes models/tests/fixtures/gpt_oss_llama_cpp.json, gpt-oss's layout (in its
+own MXFP4_MOE mix and in Q4_K_M) and MXFP4 experts in Qwen3-MoE's, with the same long
+prompt past its windows of 8 positions.
 """
 
 import argparse
@@ -56,14 +59,24 @@ SUITES = {
         ("tiny-gemma3", "q4_0", 1),
         ("tiny-gemma3", "q4_k_m", 1),
     ],
+    "gpt-oss": [
+        ("tiny-gpt-oss", "mxfp4_moe", 1),
+        ("tiny-gpt-oss", "q4_k_m", 1),
+        ("tiny-qwen3moe", "mxfp4_moe", 1),
+    ],
 }
-FIXTURES = {"moe": "moe_llama_cpp.json", "quants": "quant_llama_cpp.json", "gemma3": "gemma3_llama_cpp.json"}
+FIXTURES = {
+    "moe": "moe_llama_cpp.json",
+    "quants": "quant_llama_cpp.json",
+    "gemma3": "gemma3_llama_cpp.json",
+    "gpt-oss": "gpt_oss_llama_cpp.json",
+}
 PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
 STEPS = 12
 # Ids below the synthetic vocabulary's control tokens (768 of 1024), in no order.
 LONG_PROMPT = [(37 * i + 11) % 760 for i in range(140)]
 # The prompt and greedy steps of each suite.
-RUNS = {"moe": (PROMPT, STEPS), "quants": (PROMPT, STEPS), "gemma3": (LONG_PROMPT, 16)}
+RUNS = {"moe": (PROMPT, STEPS), "quants": (PROMPT, STEPS), "gemma3": (LONG_PROMPT, 16), "gpt-oss": (LONG_PROMPT, 16)}
 
 
 def writer() -> Path:

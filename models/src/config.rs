@@ -31,6 +31,12 @@ pub enum Architecture {
     /// norms, norms after attention and after the feed-forward too, GeGLU, a scaled
     /// embedding (see [`ModelConfig`]'s `sliding_window`, `post_norms`, `activation`...).
     Gemma3,
+    /// OpenAI's gpt-oss (20B, 120B): every layer a mixture of experts (MXFP4 in its
+    /// files), biases on every attention projection and the router, a learned attention
+    /// sink per head, sliding-window attention on every other layer, YaRN, and a clamped
+    /// SwiGLU.
+    #[serde(rename = "gpt-oss")]
+    GptOss,
 }
 
 impl Architecture {
@@ -43,6 +49,7 @@ impl Architecture {
             "qwen3moe" | "qwen3_moe" => Ok(Self::Qwen3Moe),
             "deepseek2" => Ok(Self::DeepSeek2),
             "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
+            "gpt-oss" | "gpt_oss" => Ok(Self::GptOss),
             other => Err(Error::Unsupported(format!(
                 "architecture `{other}` (supported: {SUPPORTED_ARCHITECTURES})"
             ))),
@@ -57,8 +64,7 @@ impl Architecture {
 
 /// What an unsupported file is told Hearth runs instead.
 pub(crate) const SUPPORTED_ARCHITECTURES: &str =
-    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, gemma3 (text), deepseek2; \
-     gpt-oss is not yet supported";
+    "llama (with Mixtral's experts), mistral, qwen2, qwen3, qwen3moe, gemma3 (text), deepseek2, gpt-oss";
 
 /// A mixture-of-experts feed-forward: a router picks `experts_used` of `experts` small
 /// feed-forwards for each token and mixes their outputs by its weights.
@@ -104,6 +110,9 @@ pub enum Gating {
     /// Each logit's sigmoid (DeepSeek-V3); experts are chosen by that plus a learned
     /// per-expert bias, when the layer has one, and weighted without it.
     Sigmoid,
+    /// Experts chosen by their logits, weighted by a softmax over the chosen ones alone
+    /// (gpt-oss).
+    SoftmaxOfChosen,
 }
 
 /// Group-limited routing: `count` equal groups of experts, of which each token uses `used`
@@ -175,8 +184,9 @@ pub struct SlidingWindow {
     pub window: usize,
     /// Which layers slide, by index; the others attend to the whole context.
     pub layers: Vec<bool>,
-    /// RoPE's base on the sliding layers (Gemma 3's `rope_local_base_freq`).
-    pub rope_theta: f32,
+    /// RoPE's own base on the sliding layers, unscaled (Gemma 3's `rope_local_base_freq`);
+    /// `None`: the full layers' RoPE (gpt-oss).
+    pub rope_theta: Option<f32>,
 }
 
 /// The gated activation of the feed-forward: `down(act(gate(x)) * up(x))`.
@@ -187,6 +197,9 @@ pub enum Activation {
     Silu,
     /// GeGLU with GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
     GeluTanh,
+    /// gpt-oss's SwiGLU: `g * sigmoid(1.702 g) * (u + 1)`, with the gate `g` clamped to at
+    /// most 7 and the up projection `u` to ±7 (llama.cpp's `swiglu_oai`).
+    ClampedSwiglu,
 }
 
 /// Everything needed to build the blocks of a decoder.
@@ -206,8 +219,15 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub rope_layout: RopeLayout,
     pub rope_scaling: RopeScaling,
-    /// Biases on the q, k and v projections (Qwen2).
+    /// Biases on the q, k and v projections (Qwen2, gpt-oss).
     pub qkv_bias: bool,
+    /// A bias on attention's output projection (gpt-oss).
+    #[serde(default)]
+    pub output_bias: bool,
+    /// A learned logit per head that joins every softmax of attention and takes its share
+    /// of the weight, but has no value (gpt-oss's sinks).
+    #[serde(default)]
+    pub attention_sinks: bool,
     /// RMS norms on queries and keys (Qwen3).
     pub qk_norm: bool,
     /// The LM head reuses the token embedding.
@@ -282,9 +302,11 @@ impl ModelConfig {
         // llama.cpp labels Qwen rotary embeddings "neox" and leaves their weights unpermuted.
         let rope_layout = match architecture {
             Architecture::Llama | Architecture::Mistral | Architecture::DeepSeek2 => RopeLayout::Interleaved,
-            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 => {
-                RopeLayout::Halves
-            }
+            Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Qwen3Moe
+            | Architecture::Gemma3
+            | Architecture::GptOss => RopeLayout::Halves,
         };
         let intermediate_size = gguf_usize(metadata, &key("feed_forward_length"))?;
         let optional_usize = |suffix: &str| -> Result<Option<usize>> {
@@ -294,8 +316,9 @@ impl ModelConfig {
             metadata.get(&key(suffix)).map(|v| v.to_f32().map_err(|e| invalid(format!("{suffix}: {e}")))).transpose()
         };
         let deepseek = architecture == Architecture::DeepSeek2;
+        let gpt_oss = architecture == Architecture::GptOss;
         let moe = match optional_usize("expert_count")?.filter(|&n| n > 0) {
-            None if matches!(architecture, Architecture::Qwen3Moe | Architecture::DeepSeek2) => {
+            None if matches!(architecture, Architecture::Qwen3Moe | Architecture::DeepSeek2 | Architecture::GptOss) => {
                 return Err(invalid(format!("`{arch_name}.expert_count` is missing: a {arch_name} file needs experts")))
             }
             None => None,
@@ -312,10 +335,11 @@ impl ModelConfig {
                     Some(other) => {
                         return Err(invalid(format!("expert_weights_norm should be a bool, found {:?}", other.value_type())))
                     }
-                    None => !deepseek,
+                    None => !deepseek && !gpt_oss,
                 },
                 weights_scale: optional_f32("expert_weights_scale")?.unwrap_or(1.0),
                 gating: match optional_usize("expert_gating_func")? {
+                    _ if gpt_oss => Gating::SoftmaxOfChosen,
                     // 0 is "unset": DeepSeek-V2's files predate the key and use a softmax.
                     None | Some(0) | Some(1) => Gating::Softmax,
                     Some(2) => Gating::Sigmoid,
@@ -355,7 +379,7 @@ impl ModelConfig {
         };
         let num_layers = gguf_usize(metadata, &key("block_count"))?;
         let gemma = architecture == Architecture::Gemma3;
-        let sliding_window = match optional_usize("attention.sliding_window")?.filter(|&w| w > 0 && gemma) {
+        let sliding_window = match optional_usize("attention.sliding_window")?.filter(|&w| w > 0 && (gemma || gpt_oss)) {
             None => None,
             Some(window) => Some(SlidingWindow {
                 window,
@@ -381,9 +405,16 @@ impl ModelConfig {
                         flags
                     }
                     Some(v) => sliding_pattern(num_layers, value_usize(v, "attention.sliding_window_pattern")?),
-                    None => sliding_pattern(num_layers, 6),
+                    // gpt-oss alternates, sliding first.
+                    None => sliding_pattern(num_layers, if gpt_oss { 2 } else { 6 }),
                 },
-                rope_theta: optional_f32("rope.freq_base_swa")?.unwrap_or(10_000.0),
+                // Gemma's sliding layers have a base of their own; gpt-oss's share the
+                // full layers' RoPE unless the file says otherwise.
+                rope_theta: match optional_f32("rope.freq_base_swa")? {
+                    Some(theta) => Some(theta),
+                    None if gemma => Some(10_000.0),
+                    None => None,
+                },
             }),
         };
         // GGUF carries no `query_pre_attn_scalar`: llama.cpp takes it to be the head size
@@ -412,7 +443,9 @@ impl ModelConfig {
             },
             rope_layout,
             rope_scaling,
-            qkv_bias: architecture == Architecture::Qwen2,
+            qkv_bias: matches!(architecture, Architecture::Qwen2 | Architecture::GptOss),
+            output_bias: gpt_oss,
+            attention_sinks: gpt_oss,
             qk_norm: architecture.has_qk_norm(),
             tied_embeddings: !has_output_tensor,
             moe,
@@ -420,7 +453,11 @@ impl ModelConfig {
             sliding_window,
             query_scale,
             post_norms: gemma,
-            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            activation: match architecture {
+                Architecture::Gemma3 => Activation::GeluTanh,
+                Architecture::GptOss => Activation::ClampedSwiglu,
+                _ => Activation::Silu,
+            },
             embedding_scale: gemma.then(|| (hidden_size as f32).sqrt()),
             final_logit_softcap: optional_f32("final_logit_softcapping")?.filter(|&cap| cap > 0.0),
         };
@@ -527,7 +564,7 @@ impl ModelConfig {
                     // Hugging Face's `(i + 1) % pattern != 0`, which is llama.cpp's rule.
                     (None, pattern) => sliding_pattern(num_layers, pattern.unwrap_or(6)),
                 },
-                rope_theta: raw.rope_local_base_freq.unwrap_or(10_000.0),
+                rope_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
             }),
         };
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1));
@@ -551,6 +588,8 @@ impl ModelConfig {
             rope_layout: RopeLayout::Halves,
             rope_scaling,
             qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
+            output_bias: false,
+            attention_sinks: false,
             qk_norm: architecture.has_qk_norm(),
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe,
@@ -633,6 +672,8 @@ impl ModelConfig {
             rope_layout: RopeLayout::Interleaved,
             rope_scaling,
             qkv_bias: false,
+            output_bias: false,
+            attention_sinks: false,
             qk_norm: false,
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe: Some(moe),
@@ -921,7 +962,7 @@ mod tests {
         let (s, f) = (Some(1024), None);
         assert_eq!(windows, [s, s, s, s, s, f, s, s, s, s, s, f]);
         let sliding = config.sliding_window.as_ref().expect("slides");
-        assert_eq!((sliding.rope_theta, config.rope_theta), (10_000.0, 1_000_000.0));
+        assert_eq!((sliding.rope_theta, config.rope_theta), (Some(10_000.0), 1_000_000.0));
         assert_eq!(config.rope_scaling, RopeScaling::Linear { factor: 8.0 }, "the full layers' scaling");
         assert_eq!(config.query_scale, Some(1.0 / 16.0));
         assert_eq!(config.embedding_scale, Some(2560f32.sqrt()));

@@ -51,7 +51,45 @@ pub enum TensorType {
     Mxfp4,
 }
 
+impl From<GgmlDType> for TensorType {
+    fn from(dtype: GgmlDType) -> Self {
+        Self::Ggml(dtype)
+    }
+}
+
 impl TensorType {
+    /// The candle type, if candle has one.
+    pub fn ggml(self) -> Option<GgmlDType> {
+        match self {
+            Self::Ggml(dtype) => Some(dtype),
+            Self::Mxfp4 => None,
+        }
+    }
+
+    /// GGML's number for the type, as GGUF stores it.
+    pub fn number(self) -> u32 {
+        match self {
+            Self::Ggml(dtype) => match dtype {
+                GgmlDType::F32 => 0,
+                GgmlDType::F16 => 1,
+                GgmlDType::Q4_0 => 2,
+                GgmlDType::Q4_1 => 3,
+                GgmlDType::Q5_0 => 6,
+                GgmlDType::Q5_1 => 7,
+                GgmlDType::Q8_0 => 8,
+                GgmlDType::Q8_1 => 9,
+                GgmlDType::Q2K => 10,
+                GgmlDType::Q3K => 11,
+                GgmlDType::Q4K => 12,
+                GgmlDType::Q5K => 13,
+                GgmlDType::Q6K => 14,
+                GgmlDType::Q8K => 15,
+                GgmlDType::BF16 => 30,
+            },
+            Self::Mxfp4 => MXFP4_TYPE,
+        }
+    }
+
     fn from_number(number: u32) -> Option<Self> {
         Some(Self::Ggml(match number {
             0 => GgmlDType::F32,

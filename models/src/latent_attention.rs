@@ -214,7 +214,7 @@ impl LatentAttention {
         let heads = self.heads();
         s.attended.resize(kept * heads.out_width(), 0.0);
         let q = &s.absorbed_query;
-        attention::attend(&heads, q, kv, positions, rows, self.scale, &mut s.attended, &mut s.attention);
+        attention::attend(&heads, q, kv, positions, rows, attention::Scores { scale: self.scale, sinks: None }, &mut s.attended, &mut s.attention);
 
         // Each head's attended latent becomes its value, then all heads go through the output.
         s.values.resize(kept * self.heads * value_dim, 0.0);
@@ -324,8 +324,13 @@ pub(crate) fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
 /// candle's RoPE tables for latent attention: the CPU path's angles (and YaRN's factor on
 /// them) for every position of the context, as `(cos, sin)` of shape `(positions, rope_dim / 2)`.
 pub(crate) fn rope_tables(config: &ModelConfig, device: &Device, dtype: candle_core::DType) -> Result<(Tensor, Tensor)> {
-    let rope = native_rope(config)?;
-    let positions = config.context_length;
+    let (cos, sin) = tables_of(&native_rope(config)?, config.context_length, device)?;
+    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
+}
+
+/// The `(cos, sin)` tables of `rope` for `positions` positions, `(positions, pairs)` each,
+/// in the activation dtype of `device`.
+pub(crate) fn tables_of(rope: &ops::Rope, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let pairs = rope.angles_len() / 2;
     let mut angles = vec![0.0f32; rope.angles_len()];
     let (mut cos, mut sin) = (Vec::with_capacity(positions * pairs), Vec::with_capacity(positions * pairs));
@@ -336,6 +341,7 @@ pub(crate) fn rope_tables(config: &ModelConfig, device: &Device, dtype: candle_c
             sin.push(pair[1]);
         }
     }
+    let dtype = crate::source::activation_dtype(device);
     let table = |values: Vec<f32>| -> Result<Tensor> {
         Ok(Tensor::from_vec(values, (positions, pairs), device)?.to_dtype(dtype)?)
     };

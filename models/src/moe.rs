@@ -1,8 +1,10 @@
-//! A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE, DeepSeek): a router scores every
-//! expert for each token, the best `experts_used` run on it, and their outputs are mixed by
-//! the router's weights. DeepSeek adds shared experts that every token goes through, and
-//! (V3) sigmoid scores, a per-expert bias that steers the choice but not the weights, and
-//! choosing among the best groups of experts only.
+//! A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE, DeepSeek, gpt-oss): a router
+//! scores every expert for each token, the best `experts_used` run on it, and their outputs
+//! are mixed by the router's weights. DeepSeek adds shared experts that every token goes
+//! through, and (V3) sigmoid scores, a per-expert bias that steers the choice but not the
+//! weights, and choosing among the best groups of experts only. gpt-oss adds biases to
+//! the router and to every expert's projections, weighs the chosen experts by a softmax
+//! over their logits alone, and clamps its SwiGLU.
 //!
 //! Only the chosen experts' weights are read: a decode step touches the router and its
 //! token's experts, and a prompt's tokens are grouped by expert so each expert's matrices
@@ -17,13 +19,16 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{ExpertGroups, Gating, MoeConfig};
+use crate::config::{Activation, ExpertGroups, Gating, MoeConfig};
 use crate::kernels::{ops, Matrix};
 use crate::source::{ExpertTensor, LayerTensor, TensorLoader, TensorName};
 use crate::{Error, Result};
 
 /// ggml clamps the chosen weights' sum to the smallest normal f16 before dividing by it.
 const MIN_WEIGHT_SUM: f32 = 6.103_515_6e-5;
+
+/// llama.cpp's `LLAMA_MAX_EXPERTS` bounds the experts a token may use.
+const MAX_EXPERTS_USED: usize = 512;
 
 /// How a router's logits become each token's experts and their weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,8 +67,10 @@ impl Routing {
         choices.clear();
         for scores in logits.chunks_exact_mut(self.experts) {
             match self.gating {
-                Gating::Softmax => ops::softmax_portable(scores, 1.0, false),
+                Gating::Softmax => ops::softmax_row(scores),
                 Gating::Sigmoid => scores.iter_mut().for_each(|s| *s = 1.0 / (1.0 + (-*s).exp())),
+                // Chosen by their logits; weighed below.
+                Gating::SoftmaxOfChosen => {}
             }
             selection.clear();
             match bias {
@@ -86,6 +93,13 @@ impl Routing {
                 choices.push(Choice { expert: best, weight: scores[best] });
             }
             let chosen = &mut choices[first..];
+            if self.gating == Gating::SoftmaxOfChosen {
+                let mut weights = [0.0f32; MAX_EXPERTS_USED];
+                let weights = &mut weights[..chosen.len()];
+                weights.iter_mut().zip(chosen.iter()).for_each(|(w, c)| *w = c.weight);
+                ops::softmax_row(weights);
+                chosen.iter_mut().zip(weights.iter()).for_each(|(c, &w)| c.weight = w);
+            }
             if self.normalize {
                 let sum = chosen.iter().map(|c| c.weight as f64).sum::<f64>() as f32;
                 let sum = sum.max(MIN_WEIGHT_SUM);
@@ -132,15 +146,73 @@ fn mask_all_but_best_groups(selection: &mut [f32], groups: ExpertGroups) {
 /// A layer's experts and their router.
 pub(crate) struct Experts {
     router: Matrix,
+    /// Added to the router's logits (gpt-oss).
+    router_bias: Option<Vec<f32>>,
     /// Added to the router's scores to choose experts (DeepSeek-V3's `exp_probs_b`).
     selection_bias: Option<Vec<f32>>,
     gate: Vec<Matrix>,
     up: Vec<Matrix>,
     down: Vec<Matrix>,
+    /// Each expert's biases on its three projections (gpt-oss).
+    biases: Option<Box<ExpertBiases>>,
+    activation: Activation,
     shared: Option<SharedExperts>,
     routing: Routing,
     hidden: usize,
     expert_ffn: usize,
+}
+
+/// `(experts, width)` biases of the experts' gate, up and down projections: as tensors on
+/// the model's device, and their values on the CPU.
+struct ExpertBiases {
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    gate_values: Vec<f32>,
+    up_values: Vec<f32>,
+    down_values: Vec<f32>,
+}
+
+impl ExpertBiases {
+    fn load(
+        loader: &mut TensorLoader<'_>,
+        layer: usize,
+        experts: usize,
+        ffn: usize,
+        hidden: usize,
+    ) -> Result<Option<Box<Self>>> {
+        let name = |t| TensorName::Layer(layer, t);
+        if !loader.contains(name(LayerTensor::GateExpertsBias)) {
+            return Ok(None);
+        }
+        let mut load = |t: LayerTensor, width: usize| -> Result<(Tensor, Vec<f32>)> {
+            let bias = loader.dense(name(t))?;
+            if bias.dims() != [experts, width] {
+                return Err(Error::InvalidModel(format!(
+                    "layer {layer}: expert biases of shape {:?}, not [{experts}, {width}]",
+                    bias.dims()
+                )));
+            }
+            let values = bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((bias, values))
+        };
+        let (gate, gate_values) = load(LayerTensor::GateExpertsBias, ffn)?;
+        let (up, up_values) = load(LayerTensor::UpExpertsBias, ffn)?;
+        let (down, down_values) = load(LayerTensor::DownExpertsBias, hidden)?;
+        Ok(Some(Box::new(Self { gate, up, down, gate_values, up_values, down_values })))
+    }
+}
+
+/// One value per expert of a layer, on the CPU, if the layer has the tensor.
+fn per_expert_values(loader: &mut TensorLoader<'_>, name: TensorName, experts: usize) -> Result<Option<Vec<f32>>> {
+    if !loader.contains(name) {
+        return Ok(None);
+    }
+    let values = loader.dense(name)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if values.len() != experts {
+        return Err(Error::InvalidModel(format!("{name:?}: {} values for {experts} experts", values.len())));
+    }
+    Ok(Some(values))
 }
 
 /// The experts every token goes through, as one SwiGLU feed-forward.
@@ -178,23 +250,23 @@ impl Scratch {
 }
 
 impl Experts {
-    pub(crate) fn load(moe: &MoeConfig, hidden: usize, layer: usize, loader: &mut TensorLoader<'_>) -> Result<Self> {
+    pub(crate) fn load(
+        moe: &MoeConfig,
+        activation: Activation,
+        hidden: usize,
+        layer: usize,
+        loader: &mut TensorLoader<'_>,
+    ) -> Result<Self> {
         let router_name = TensorName::Layer(layer, LayerTensor::Router);
         if !loader.contains(router_name) {
             return Err(Error::InvalidModel(format!("layer {layer} has experts but no router (`ffn_gate_inp`)")));
         }
+        if moe.experts_used > MAX_EXPERTS_USED.min(moe.experts) {
+            return Err(Error::InvalidModel(format!("{} experts used of {}", moe.experts_used, moe.experts)));
+        }
         let router = loader.matrix(router_name)?;
-        let bias_name = TensorName::Layer(layer, LayerTensor::SelectionBias);
-        let selection_bias = if loader.contains(bias_name) {
-            let bias = loader.dense(bias_name)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let bias = bias.flatten_all()?.to_vec1::<f32>()?;
-            if bias.len() != moe.experts {
-                return Err(Error::InvalidModel(format!("layer {layer}: {} biases for {} experts", bias.len(), moe.experts)));
-            }
-            Some(bias)
-        } else {
-            None
-        };
+        let router_bias = per_expert_values(loader, TensorName::Layer(layer, LayerTensor::RouterBias), moe.experts)?;
+        let selection_bias = per_expert_values(loader, TensorName::Layer(layer, LayerTensor::SelectionBias), moe.experts)?;
         let shared = if moe.shared_experts > 0 {
             let name = |t| TensorName::Layer(layer, t);
             Some(SharedExperts {
@@ -208,10 +280,13 @@ impl Experts {
         let (n, ffn) = (moe.experts, moe.expert_ffn);
         Ok(Self {
             router,
+            router_bias,
             selection_bias,
             gate: loader.experts(layer, ExpertTensor::Gate, n, (ffn, hidden))?,
             up: loader.experts(layer, ExpertTensor::Up, n, (ffn, hidden))?,
             down: loader.experts(layer, ExpertTensor::Down, n, (hidden, ffn))?,
+            biases: ExpertBiases::load(loader, layer, n, ffn, hidden)?,
+            activation,
             shared,
             routing: Routing::new(moe),
             hidden,
@@ -223,6 +298,9 @@ impl Experts {
     pub(crate) fn forward_native(&self, x: &[f32], rows: usize, out: &mut Vec<f32>, s: &mut Scratch) -> Result<()> {
         let (hidden, used) = (self.hidden, self.routing.used);
         self.router.forward_into(x, rows, &mut s.logits)?;
+        if let Some(bias) = &self.router_bias {
+            ops::add_rows(&mut s.logits, bias);
+        }
         self.routing.route(&mut s.logits, self.selection_bias.as_deref(), &mut s.selection, &mut s.choices);
         s.slots.resize(rows * used * hidden, 0.0);
         for expert in 0..self.routing.experts {
@@ -237,10 +315,21 @@ impl Experts {
                 s.input.extend_from_slice(&x[row * hidden..(row + 1) * hidden]);
             }
             let n = s.members.len();
+            let (ffn, hidden_range) = (expert * self.expert_ffn..(expert + 1) * self.expert_ffn, expert * hidden..(expert + 1) * hidden);
             self.gate[expert].forward_into(&s.input, n, &mut s.gate)?;
             self.up[expert].forward_into(&s.input, n, &mut s.up)?;
-            ops::silu_mul(&mut s.gate, &s.up, self.expert_ffn);
+            if let Some(biases) = &self.biases {
+                ops::add_rows(&mut s.gate, &biases.gate_values[ffn.clone()]);
+                ops::add_rows(&mut s.up, &biases.up_values[ffn]);
+            }
+            match self.activation {
+                Activation::ClampedSwiglu => ops::clamped_swiglu_mul(&mut s.gate, &s.up),
+                _ => ops::silu_mul(&mut s.gate, &s.up, self.expert_ffn),
+            }
             self.down[expert].forward_into(&s.gate, n, &mut s.output)?;
+            if let Some(biases) = &self.biases {
+                ops::add_rows(&mut s.output, &biases.down_values[hidden_range]);
+            }
             for (&slot, output) in s.members.iter().zip(s.output.chunks_exact(hidden)) {
                 let weight = s.choices[slot].weight;
                 let weighted = &mut s.slots[slot * hidden..(slot + 1) * hidden];
@@ -273,6 +362,9 @@ impl Experts {
         let (batch, positions, hidden) = x.dims3()?;
         let x = x.reshape((batch * positions, hidden))?;
         let mut logits = self.router.forward(&x)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bias) = &self.router_bias {
+            ops::add_rows(&mut logits, bias);
+        }
         let (mut selection, mut choices) = (Vec::new(), Vec::new());
         self.routing.route(&mut logits, self.selection_bias.as_deref(), &mut selection, &mut choices);
         let used = self.routing.used;
@@ -291,8 +383,21 @@ impl Experts {
             let rows = Tensor::new(rows.as_slice(), device)?;
             let weights = Tensor::new(weights.as_slice(), device)?.to_dtype(x.dtype())?.unsqueeze(1)?;
             let input = x.index_select(&rows, 0)?;
-            let gated = (candle_nn::ops::silu(&self.gate[expert].forward(&input)?)? * self.up[expert].forward(&input)?)?;
-            let output = self.down[expert].forward(&gated)?.broadcast_mul(&weights)?;
+            let bias = |biases: &Tensor| biases.get(expert)?.to_dtype(input.dtype());
+            let (mut gate, mut up) = (self.gate[expert].forward(&input)?, self.up[expert].forward(&input)?);
+            if let Some(biases) = &self.biases {
+                gate = gate.broadcast_add(&bias(&biases.gate)?)?;
+                up = up.broadcast_add(&bias(&biases.up)?)?;
+            }
+            let gated = match self.activation {
+                Activation::ClampedSwiglu => clamped_swiglu(&gate, &up)?,
+                _ => (candle_nn::ops::silu(&gate)? * up)?,
+            };
+            let mut output = self.down[expert].forward(&gated)?;
+            if let Some(biases) = &self.biases {
+                output = output.broadcast_add(&bias(&biases.down)?)?;
+            }
+            let output = output.broadcast_mul(&weights)?;
             out = out.index_add(&rows, &output, 0)?;
         }
         if let Some(shared) = &self.shared {
@@ -301,6 +406,14 @@ impl Experts {
         }
         Ok(out.reshape((batch, positions, hidden))?)
     }
+}
+
+/// gpt-oss's clamped SwiGLU on candle's path (`ops::clamped_swiglu_mul`).
+pub(crate) fn clamped_swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    let x = gate.minimum(ops::SWIGLU_LIMIT as f64)?;
+    let y = up.clamp(-ops::SWIGLU_LIMIT as f64, ops::SWIGLU_LIMIT as f64)?;
+    let glu = (&x * candle_nn::ops::sigmoid(&(&x * ops::SWIGLU_ALPHA as f64)?)?)?;
+    glu * (y + 1.0)?
 }
 
 #[cfg(test)]
@@ -386,5 +499,45 @@ mod tests {
         let two_groups = Routing::new(&MoeConfig { groups: Some(ExpertGroups { count: 3, used: 2 }), ..config });
         let choices = route(&two_groups, &mut logits.clone(), None);
         assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [4, 2]);
+    }
+
+    /// gpt-oss's SwiGLU clamps the gate above and the up projection both ways, on both
+    /// paths (the tiny test models' activations never reach the limits).
+    #[test]
+    fn the_clamped_swiglu_clamps_on_both_paths() {
+        let gate = [-10.0f32, -1.0, 0.0, 3.0, 7.0, 8.0, 20.0, 2.0];
+        let up = [0.5f32, -9.0, 1.0, 12.0, -0.5, 0.0, 2.0, -7.5];
+        let expected: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| {
+                let x = g.min(7.0) as f64;
+                let y = (u as f64).clamp(-7.0, 7.0);
+                (x / (1.0 + (-1.702 * x).exp()) * (y + 1.0)) as f32
+            })
+            .collect();
+        let mut native = gate.to_vec();
+        ops::clamped_swiglu_mul(&mut native, &up);
+        let device = Device::Cpu;
+        let candle = clamped_swiglu(&Tensor::new(&gate, &device).unwrap(), &Tensor::new(&up, &device).unwrap()).unwrap();
+        let candle = candle.to_vec1::<f32>().unwrap();
+        for i in 0..gate.len() {
+            assert!((native[i] - expected[i]).abs() <= 1e-5 * expected[i].abs().max(1.0), "{i}: {} vs {}", native[i], expected[i]);
+            assert!((candle[i] - expected[i]).abs() <= 1e-5 * expected[i].abs().max(1.0), "{i}: {} vs {}", candle[i], expected[i]);
+        }
+        // 8 and 20 are clamped to 7: the same output for the same `up`.
+        assert_eq!(native[4] / 0.5f32.mul_add(-1.0, 1.0), native[5] / 1.0);
+    }
+
+    /// gpt-oss: experts are chosen by their logits and weighted by a softmax over the
+    /// chosen ones alone.
+    #[test]
+    fn softmax_of_chosen_weighs_only_the_chosen() {
+        let routing = Routing::new(&MoeConfig { gating: Gating::SoftmaxOfChosen, ..moe(4, 2, false, 1.0) });
+        let choices = route(&routing, &mut [1.0, 3.0, -2.0, 2.0], None);
+        assert_eq!(choices.iter().map(|c| c.expert).collect::<Vec<_>>(), [1, 3]);
+        let z = 3.0f32.exp() + 2.0f32.exp();
+        assert!((choices[0].weight - 3.0f32.exp() / z).abs() < 1e-6);
+        assert!((choices[1].weight - 2.0f32.exp() / z).abs() < 1e-6);
     }
 }

@@ -95,14 +95,23 @@ pub(crate) enum LayerTensor {
     /// its value projection.
     KeyFromLatent,
     ValueFromLatent,
-    /// Gemma's norms of the attention's and the feed-forward's outputs.
+    /// Gemma's norms of the attention's and the feed-forward's outputs. (gpt-oss's GGUF
+    /// files name its feed-forward norm `post_attention_norm` too.)
     PostAttentionNorm,
     PostFeedForwardNorm,
+    /// gpt-oss: a bias on attention's output, each head's sink logit, a bias on the
+    /// router's logits, and every expert's biases, stacked as its matrices are.
+    AttentionOutputBias,
+    AttentionSinks,
+    RouterBias,
+    GateExpertsBias,
+    UpExpertsBias,
+    DownExpertsBias,
 }
 
 impl LayerTensor {
     /// Every weight a block may hold, for sizing a layer.
-    const ALL: [LayerTensor; 31] = [
+    const ALL: [LayerTensor; 37] = [
         Self::AttentionNorm,
         Self::Query,
         Self::Key,
@@ -134,6 +143,12 @@ impl LayerTensor {
         Self::ValueFromLatent,
         Self::PostAttentionNorm,
         Self::PostFeedForwardNorm,
+        Self::AttentionOutputBias,
+        Self::AttentionSinks,
+        Self::RouterBias,
+        Self::GateExpertsBias,
+        Self::UpExpertsBias,
+        Self::DownExpertsBias,
     ];
 
     fn gguf_suffix(self) -> &'static str {
@@ -169,6 +184,12 @@ impl LayerTensor {
             Self::ValueFromLatent => "attn_v_b.weight",
             Self::PostAttentionNorm => "post_attention_norm.weight",
             Self::PostFeedForwardNorm => "post_ffw_norm.weight",
+            Self::AttentionOutputBias => "attn_output.bias",
+            Self::AttentionSinks => "attn_sinks.weight",
+            Self::RouterBias => "ffn_gate_inp.bias",
+            Self::GateExpertsBias => "ffn_gate_exps.bias",
+            Self::UpExpertsBias => "ffn_up_exps.bias",
+            Self::DownExpertsBias => "ffn_down_exps.bias",
         }
     }
 
@@ -206,6 +227,12 @@ impl LayerTensor {
             // Gemma's names; which of its four norms is which is in `find_hf`.
             Self::PostAttentionNorm => "post_attention_layernorm.weight",
             Self::PostFeedForwardNorm => "post_feedforward_layernorm.weight",
+            Self::AttentionOutputBias => "self_attn.o_proj.bias",
+            Self::AttentionSinks => "self_attn.sinks",
+            Self::RouterBias => "mlp.router.bias",
+            // gpt-oss's experts are stacked in its folders too (`mlp.experts.*_proj_bias`).
+            Self::GateExpertsBias | Self::UpExpertsBias => "mlp.experts.gate_up_proj_bias",
+            Self::DownExpertsBias => "mlp.experts.down_proj_bias",
         }
     }
 }

@@ -20,7 +20,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use crate::config::{Activation, ModelConfig, RopeLayout, RopeScaling};
+use crate::config::{Activation, Architecture, ModelConfig, RopeLayout, RopeScaling};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::ops::{self, RopePairs};
 use crate::kernels::Matrix;
@@ -540,9 +540,11 @@ fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
             }
             (1.0, Some(factors.clone()))
         }
-        // As llama.cpp's converter turns Llama 3's scaling into `rope_freqs`.
-        RopeScaling::Yarn { .. } => {
-            return Err(Error::Unsupported("YaRN RoPE scaling outside latent attention".into()))
+        RopeScaling::Yarn { original_context, beta_fast, beta_slow, .. } => {
+            let yarn = latent_attention::YarnFactors::of(config).expect("YaRN scaling has YaRN factors");
+            let corr_dims = ops::Yarn::corr_dims(d, *original_context, config.rope_theta, *beta_fast, *beta_slow);
+            let rope = ops::Rope::new(d, config.rope_theta, pairs, yarn.freq_scale, None);
+            return Ok(rope.with_yarn(ops::Yarn { ext_factor: 1.0, attn_factor: yarn.attn_factor, corr_dims }));
         }
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
             let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
@@ -653,6 +655,12 @@ struct GroupedAttention {
     query_scale: Option<f32>,
     /// The positions each query sees, its own included, on a sliding layer.
     window: Option<usize>,
+    /// Whether this sliding layer's RoPE has a base of its own (Gemma's), not the full
+    /// layers' (gpt-oss's).
+    own_rope: bool,
+    /// Each head's sink logit (gpt-oss), for the CPU path and for candle's (as a
+    /// `(1, kv_heads, group, 1, 1)` tensor).
+    sinks: Option<(std::sync::Arc<[f32]>, Tensor)>,
 }
 
 struct Block {
@@ -671,7 +679,12 @@ impl Block {
         let name = |t| TensorName::Layer(layer, t);
         let eps = config.rms_norm_eps;
         let attention_norm = RmsNorm::new(loader.norm(name(LayerTensor::AttentionNorm))?, eps)?;
-        let feed_forward_norm = RmsNorm::new(loader.norm(name(LayerTensor::FeedForwardNorm))?, eps)?;
+        // gpt-oss's GGUF files name the feed-forward's norm as Gemma names its norm after attention.
+        let feed_forward_norm_name = match config.architecture {
+            Architecture::GptOss if loader.contains(name(LayerTensor::PostAttentionNorm)) => LayerTensor::PostAttentionNorm,
+            _ => LayerTensor::FeedForwardNorm,
+        };
+        let feed_forward_norm = RmsNorm::new(loader.norm(name(feed_forward_norm_name))?, eps)?;
         let post_norm = |loader: &mut TensorLoader<'_>, t| -> Result<Option<RmsNorm>> {
             config.post_norms.then(|| RmsNorm::new(loader.norm(name(t))?, eps)).transpose()
         };
@@ -683,7 +696,7 @@ impl Block {
         };
         let feed_forward = match &config.moe {
             Some(moe) if moe.has_experts(layer) => {
-                FeedForward::Experts(Experts::load(moe, config.hidden_size, layer, loader)?)
+                FeedForward::Experts(Experts::load(moe, config.activation, config.hidden_size, layer, loader)?)
             }
             _ => FeedForward::Dense {
                 gate: Linear::load(loader, name(LayerTensor::Gate), None)?,
@@ -762,6 +775,7 @@ impl Block {
                 match activation {
                     Activation::Silu => ops::silu_mul(&mut s.gate, &s.up, ffn),
                     Activation::GeluTanh => ops::gelu_mul(&mut s.gate, &s.up),
+                    Activation::ClampedSwiglu => ops::clamped_swiglu_mul(&mut s.gate, &s.up),
                 }
                 down.forward_native(&s.gate, kept, &mut s.projected)?;
             }
@@ -798,13 +812,14 @@ impl Block {
         let h = self.feed_forward_norm.forward(&x)?;
         let mixed = match &self.feed_forward {
             FeedForward::Dense { gate, up, down, activation } => {
-                let gate = gate.forward(&h)?;
-                let gate = match activation {
-                    Activation::Silu => candle_nn::ops::silu(&gate)?,
+                let (gate, up) = (gate.forward(&h)?, up.forward(&h)?);
+                let gated = match activation {
+                    Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
                     // candle's `gelu` is the tanh approximation.
-                    Activation::GeluTanh => gate.gelu()?,
+                    Activation::GeluTanh => (gate.gelu()? * up)?,
+                    Activation::ClampedSwiglu => moe::clamped_swiglu(&gate, &up)?,
                 };
-                down.forward(&(gate * up.forward(&h)?)?)?
+                down.forward(&gated)?
             }
             FeedForward::Experts(experts) => experts.forward(&h)?,
         };
@@ -832,18 +847,38 @@ impl GroupedAttention {
         if config.qkv_bias && !loader.contains(name(LayerTensor::QueryBias)) {
             return Err(Error::InvalidModel(format!("layer {layer} lacks the q/k/v biases its architecture needs")));
         }
+        let sinks = if config.attention_sinks {
+            let sinks = loader.dense(name(LayerTensor::AttentionSinks))?;
+            let values = sinks.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if values.len() != config.num_heads {
+                return Err(Error::InvalidModel(format!(
+                    "layer {layer}: {} attention sinks for {} heads",
+                    values.len(),
+                    config.num_heads
+                )));
+            }
+            let group = config.num_heads / config.num_kv_heads.max(1);
+            let tensor = sinks.reshape((1, config.num_kv_heads, group, 1, 1))?.to_dtype(activation_dtype(loader.device()))?;
+            Some((std::sync::Arc::from(values), tensor))
+        } else {
+            None
+        };
+        let output_bias = config.output_bias.then(|| name(LayerTensor::AttentionOutputBias));
+        let window = config.attention_window(layer);
         Ok(Self {
             query: Linear::load(loader, name(LayerTensor::Query), bias(LayerTensor::QueryBias))?,
             key: Linear::load(loader, name(LayerTensor::Key), bias(LayerTensor::KeyBias))?,
             value: Linear::load(loader, name(LayerTensor::Value), bias(LayerTensor::ValueBias))?,
             query_norm,
             key_norm,
-            output: Linear::load(loader, name(LayerTensor::AttentionOutput), None)?,
+            output: Linear::load(loader, name(LayerTensor::AttentionOutput), output_bias)?,
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
             query_scale: config.query_scale,
-            window: config.attention_window(layer),
+            window,
+            own_rope: window.is_some() && sliding_rope_config(config).is_some(),
+            sinks,
         })
     }
 
@@ -867,8 +902,8 @@ impl GroupedAttention {
             ops::rms_norm_in_place(&mut s.q, &qn.values, qn.eps);
             ops::rms_norm_in_place(&mut s.k, &kn.values, kn.eps);
         }
-        // A sliding layer's angles are of its own base.
-        let all_angles = if self.window.is_some() { &s.sliding_angles } else { &s.angles };
+        // A sliding layer's angles may be of its own base.
+        let all_angles = if self.own_rope { &s.sliding_angles } else { &s.angles };
         let angles_len = rope.angles_len();
         for (t, angles) in all_angles.chunks_exact(angles_len).enumerate() {
             rope.rotate(&mut s.q[t * heads.q_width()..(t + 1) * heads.q_width()], angles);
@@ -888,7 +923,8 @@ impl GroupedAttention {
             None => 1.0 / (heads.head_dim as f32).sqrt(),
         };
         let q = &s.q[rows.start * heads.q_width()..];
-        attention::attend(heads, q, kv, positions, rows, scale, &mut s.attended, &mut s.attention);
+        let scores = attention::Scores { scale, sinks: self.sinks.as_ref().map(|(values, _)| values.clone()) };
+        attention::attend(heads, q, kv, positions, rows, scores, &mut s.attended, &mut s.attention);
         self.output.forward_native(&s.attended, kept, &mut s.projected)
     }
 
@@ -967,7 +1003,16 @@ impl GroupedAttention {
                 .reshape((batch, kv_heads, group * seq_len, context))?,
             None => scores,
         };
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let weights = match &self.sinks {
+            // Each head's sink is one more score in its softmax, dropped after.
+            Some((_, sinks)) => {
+                let sinks = sinks.broadcast_as((batch, kv_heads, group, seq_len, 1))?;
+                let sinks = sinks.reshape((batch, kv_heads, group * seq_len, 1))?;
+                let with_sinks = Tensor::cat(&[&scores, &sinks], 3)?;
+                candle_nn::ops::softmax_last_dim(&with_sinks)?.narrow(3, 0, context)?
+            }
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
         let y = weights.matmul(v)?;
         let y = y
             .reshape((batch, heads, seq_len, head_dim))?
@@ -1002,8 +1047,10 @@ impl Rope {
                 }
                 inv_freq.iter_mut().zip(factors).for_each(|(f, d)| *f /= d);
             }
+            // YaRN's blend of frequencies and its factor on the rotation: the CPU path's tables.
             RopeScaling::Yarn { .. } => {
-                return Err(Error::Unsupported("YaRN RoPE scaling outside latent attention".into()))
+                let (cos, sin) = latent_attention::tables_of(&native_rope(config)?, config.context_length, device)?;
+                return Ok(Self { cos, sin, layout: config.rope_layout });
             }
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
                 let original = *original_context as f32;
@@ -1075,10 +1122,11 @@ fn cpu_values(tensor: &Tensor) -> Result<Vec<f32>> {
     Ok(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The RoPE of a model's sliding layers: their own base, without the scaling of the others.
+/// The RoPE of a model's sliding layers if it is their own: their base, without the
+/// scaling of the others; `None` if they share the full layers'.
 fn sliding_rope_config(config: &ModelConfig) -> Option<ModelConfig> {
-    let sliding = config.sliding_window.as_ref()?;
-    Some(ModelConfig { rope_theta: sliding.rope_theta, rope_scaling: RopeScaling::None, ..config.clone() })
+    let theta = config.sliding_window.as_ref()?.rope_theta?;
+    Some(ModelConfig { rope_theta: theta, rope_scaling: RopeScaling::None, ..config.clone() })
 }
 
 /// The additive mask of a sliding layer: query `i` (position `start + i`) sees key row `j`

@@ -23,6 +23,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::gguf::TensorType;
 use crate::{Error, Result};
 
 /// The model whose layout a synthetic file copies.
@@ -53,7 +54,17 @@ pub enum Shape {
     /// attends to everything and the others to a window of 4 positions (with a RoPE base
     /// of their own), q/k norms, post-norms, GeGLU, a tied head, a final logit softcap.
     TinyGemma3,
+    /// gpt-oss's layout (GGUF's `gpt-oss`) at test size: 4 layers alternating a window of
+    /// 8 positions and the whole context, 8 experts of which 4 are used, biases on the
+    /// attention and the router and the experts, a sink per head, YaRN.
+    TinyGptOss,
 }
+
+/// gpt-oss's sliding window at test size (its own is 128).
+const GPT_OSS_WINDOW: usize = 8;
+/// gpt-oss's RoPE scaling (its `config.json`).
+const GPT_OSS_YARN_FACTOR: f32 = 32.0;
+const GPT_OSS_YARN_ORIGINAL_CONTEXT: usize = 4096;
 
 /// Gemma 3's sliding window at test size: short enough that a test's prompt and
 /// generation slide far past it.
@@ -86,10 +97,12 @@ pub enum Quantization {
     /// `BF16`: every matrix BF16 (the embedding and head too), norms and routers F32, as
     /// `convert_hf_to_gguf.py --outtype bf16` writes them.
     Bf16,
+    /// `MXFP4_MOE`: experts MXFP4, every other matrix Q8_0 (gpt-oss's own files).
+    Mxfp4Moe,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 10] = [
+    pub const ALL: [Shape; 11] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -100,6 +113,7 @@ impl Shape {
         Shape::TinyDeepSeek2,
         Shape::DeepSeekV3,
         Shape::TinyGemma3,
+        Shape::TinyGptOss,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +128,7 @@ impl Shape {
             Shape::TinyDeepSeek2 => "tiny-deepseek2",
             Shape::DeepSeekV3 => "deepseek-v3",
             Shape::TinyGemma3 => "tiny-gemma3",
+            Shape::TinyGptOss => "tiny-gpt-oss",
         }
     }
 
@@ -252,12 +267,18 @@ impl Shape {
                 tied_embeddings: true,
                 ..tiny_moe
             },
+            Shape::TinyGptOss => Dimensions {
+                family: Family::GptOss,
+                rope_theta: 150_000.0,
+                experts: Some(ExpertDims { experts: 8, used: 4 }),
+                ..tiny_moe
+            },
         }
     }
 }
 
 impl Quantization {
-    pub const ALL: [Quantization; 7] = [
+    pub const ALL: [Quantization; 8] = [
         Quantization::Q4KM,
         Quantization::Q4_0,
         Quantization::Q2K,
@@ -265,6 +286,7 @@ impl Quantization {
         Quantization::Q5_0,
         Quantization::Q5_1,
         Quantization::Bf16,
+        Quantization::Mxfp4Moe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -276,6 +298,7 @@ impl Quantization {
             Quantization::Q5_0 => "q5_0",
             Quantization::Q5_1 => "q5_1",
             Quantization::Bf16 => "bf16",
+            Quantization::Mxfp4Moe => "mxfp4_moe",
         }
     }
 
@@ -289,6 +312,7 @@ impl Quantization {
             Quantization::Q5_0 => 8,
             Quantization::Q5_1 => 9,
             Quantization::Bf16 => 32,
+            Quantization::Mxfp4Moe => 38,
         }
     }
 
@@ -301,6 +325,16 @@ impl Quantization {
             Quantization::Q5_0 => GgmlDType::Q5_0,
             Quantization::Q5_1 => GgmlDType::Q5_1,
             Quantization::Bf16 => GgmlDType::BF16,
+            // Experts aside (`expert_dtype`).
+            Quantization::Mxfp4Moe => GgmlDType::Q8_0,
+        }
+    }
+
+    /// The type of stacked experts' matrices whose role would give them `dtype`.
+    fn expert_dtype(self, dtype: GgmlDType) -> TensorType {
+        match self {
+            Quantization::Mxfp4Moe => TensorType::Mxfp4,
+            _ => dtype.into(),
         }
     }
 }
@@ -439,6 +473,8 @@ enum Family {
     /// `gemma3`: q/k norms, a norm after attention and after the feed-forward, sliding
     /// windows.
     Gemma3,
+    /// `gpt-oss`: biases, sinks, alternating sliding windows, experts with biases.
+    GptOss,
 }
 
 impl Family {
@@ -448,6 +484,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3moe",
             Family::DeepSeek2 => "deepseek2",
             Family::Gemma3 => "gemma3",
+            Family::GptOss => "gpt-oss",
         }
     }
 }
@@ -460,7 +497,7 @@ impl Family {
 struct TensorSpec {
     name: String,
     dims: Vec<usize>,
-    dtype: GgmlDType,
+    dtype: TensorType,
     contents: Contents,
 }
 
@@ -482,13 +519,13 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
     let vector = |name: String, len: usize| TensorSpec {
         name,
         dims: vec![len],
-        dtype: GgmlDType::F32,
+        dtype: GgmlDType::F32.into(),
         contents: Contents::Random { mean: 1.0, std: WEIGHT_STD },
     };
     let matrix = |name: String, rows: usize, cols: usize, role: MatrixRole| TensorSpec {
         name,
         dims: vec![rows, cols],
-        dtype: matrix_dtype(quantization, role, dims),
+        dtype: matrix_dtype(quantization, role, dims).into(),
         contents: Contents::Random { mean: 0.0, std: WEIGHT_STD },
     };
     let (q_width, kv_width) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
@@ -498,7 +535,7 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
         tensors.push(TensorSpec {
             name: "rope_freqs.weight".into(),
             dims: vec![dims.head_dim / 2],
-            dtype: GgmlDType::F32,
+            dtype: GgmlDType::F32.into(),
             contents: Contents::Values(llama3_rope_factors(dims)),
         });
     }
@@ -506,7 +543,10 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
     if let Some(latent) = dims.latent {
         deepseek2_layers(dims, &latent, quantization, &mut tensors);
     }
-    for layer in (0..dims.layers).filter(|_| dims.latent.is_none()) {
+    if dims.family == Family::GptOss {
+        gpt_oss_layers(dims, quantization, &mut tensors);
+    }
+    for layer in (0..dims.layers).filter(|_| dims.latent.is_none() && dims.family != Family::GptOss) {
         let name = |suffix: &str| format!("blk.{layer}.{suffix}");
         tensors.extend([
             vector(name("attn_norm.weight"), dims.hidden),
@@ -532,12 +572,13 @@ fn tensor_plan(dims: &Dimensions, quantization: Quantization) -> Vec<TensorSpec>
             Some(ExpertDims { experts, .. }) => {
                 let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| TensorSpec {
                     dims: vec![experts, rows, cols],
+                    dtype: quantization.expert_dtype(matrix_dtype(quantization, role, dims)),
                     ..matrix(name(suffix), rows, cols, role)
                 };
                 tensors.extend([
                     // llama.cpp's converter and quantizer keep the router in f32.
                     TensorSpec {
-                        dtype: GgmlDType::F32,
+                        dtype: GgmlDType::F32.into(),
                         ..matrix(name("ffn_gate_inp.weight"), experts, dims.hidden, MatrixRole::Other)
                     },
                     stacked("ffn_gate_exps.weight", dims.ffn, dims.hidden, MatrixRole::Other),
@@ -564,7 +605,7 @@ fn deepseek2_layers(dims: &Dimensions, latent: &LatentDims, quantization: Quanti
     let spec = |name: String, shape: Vec<usize>, dtype: GgmlDType, mean: f32, std: f32| TensorSpec {
         name,
         dims: shape,
-        dtype,
+        dtype: dtype.into(),
         contents: Contents::Random { mean, std },
     };
     // Rows too short for the mix's blocks get Q8_0, as llama-quantize falls back to
@@ -620,8 +661,9 @@ fn deepseek2_layers(dims: &Dimensions, latent: &LatentDims, quantization: Quanti
             continue;
         }
         let width = latent.expert_ffn;
-        let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| {
-            spec(name(suffix), vec![experts, rows, cols], dtype(cols, role), 0.0, WEIGHT_STD)
+        let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| TensorSpec {
+            dtype: quantization.expert_dtype(dtype(cols, role)),
+            ..spec(name(suffix), vec![experts, rows, cols], dtype(cols, role), 0.0, WEIGHT_STD)
         };
         tensors.extend([
             spec(name("ffn_gate_inp.weight"), vec![experts, dims.hidden], GgmlDType::F32, 0.0, WEIGHT_STD),
@@ -636,6 +678,61 @@ fn deepseek2_layers(dims: &Dimensions, latent: &LatentDims, quantization: Quanti
         ]);
     }
 }
+
+/// gpt-oss's layers, as llama.cpp's converter names and shapes them: biases on q, k, v
+/// and the output, a sink per head, the feed-forward's norm named `post_attention_norm`,
+/// a router with a bias, and stacked experts with stacked biases.
+fn gpt_oss_layers(dims: &Dimensions, quantization: Quantization, tensors: &mut Vec<TensorSpec>) {
+    let experts = dims.experts.expect("gpt-oss has experts");
+    let spec = |name: String, shape: Vec<usize>, dtype: TensorType, mean: f32, std: f32| TensorSpec {
+        name,
+        dims: shape,
+        dtype,
+        contents: Contents::Random { mean, std },
+    };
+    let f32_type = TensorType::Ggml(GgmlDType::F32);
+    let matrix = |name: String, rows: usize, cols: usize, role: MatrixRole| {
+        spec(name, vec![rows, cols], matrix_dtype(quantization, role, dims).into(), 0.0, WEIGHT_STD)
+    };
+    let vector = |name: String, len: usize, mean: f32, std: f32| spec(name, vec![len], f32_type, mean, std);
+    let (q_width, kv_width) = (dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
+    for layer in 0..dims.layers {
+        let name = |suffix: &str| format!("blk.{layer}.{suffix}");
+        let stacked = |suffix: &str, rows: usize, cols: usize, role: MatrixRole| {
+            let dtype = quantization.expert_dtype(matrix_dtype(quantization, role, dims));
+            spec(name(suffix), vec![experts.experts, rows, cols], dtype, 0.0, WEIGHT_STD)
+        };
+        let stacked_bias = |suffix: &str, width: usize| {
+            spec(name(suffix), vec![experts.experts, width], f32_type, 0.0, BIAS_STD)
+        };
+        tensors.extend([
+            vector(name("attn_norm.weight"), dims.hidden, 1.0, WEIGHT_STD),
+            matrix(name("attn_q.weight"), q_width, dims.hidden, MatrixRole::Other),
+            vector(name("attn_q.bias"), q_width, 0.0, BIAS_STD),
+            matrix(name("attn_k.weight"), kv_width, dims.hidden, MatrixRole::Other),
+            vector(name("attn_k.bias"), kv_width, 0.0, BIAS_STD),
+            matrix(name("attn_v.weight"), kv_width, dims.hidden, MatrixRole::AttentionValue(layer)),
+            vector(name("attn_v.bias"), kv_width, 0.0, BIAS_STD),
+            matrix(name("attn_output.weight"), dims.hidden, q_width, MatrixRole::AttentionOutput),
+            vector(name("attn_output.bias"), dims.hidden, 0.0, BIAS_STD),
+            // About the size of the scores, so that the sinks take a real share.
+            vector(name("attn_sinks.weight"), dims.heads, 0.0, 1.0),
+            vector(name("post_attention_norm.weight"), dims.hidden, 1.0, WEIGHT_STD),
+            // llama.cpp's quantizer keeps the router in f32.
+            spec(name("ffn_gate_inp.weight"), vec![experts.experts, dims.hidden], f32_type, 0.0, WEIGHT_STD),
+            vector(name("ffn_gate_inp.bias"), experts.experts, 0.0, 0.05),
+            stacked("ffn_gate_exps.weight", dims.ffn, dims.hidden, MatrixRole::Other),
+            stacked_bias("ffn_gate_exps.bias", dims.ffn),
+            stacked("ffn_up_exps.weight", dims.ffn, dims.hidden, MatrixRole::Other),
+            stacked_bias("ffn_up_exps.bias", dims.ffn),
+            stacked("ffn_down_exps.weight", dims.hidden, dims.ffn, MatrixRole::FeedForwardDown(layer)),
+            stacked_bias("ffn_down_exps.bias", dims.hidden),
+        ]);
+    }
+}
+
+/// Standard deviation of random biases.
+const BIAS_STD: f32 = 0.1;
 
 /// What a matrix is, as far as llama.cpp's choice of quantization cares.
 #[derive(Debug, Clone, Copy)]
@@ -658,6 +755,9 @@ fn matrix_dtype(quantization: Quantization, role: MatrixRole, dims: &Dimensions)
     // A BF16 conversion is not quantized: no type differs from another.
     if quantization == Quantization::Bf16 {
         return GgmlDType::BF16;
+    }
+    if quantization == Quantization::Mxfp4Moe {
+        return GgmlDType::Q8_0;
     }
     if is_head {
         return GgmlDType::Q6K;
@@ -777,6 +877,15 @@ fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u
             (key("rope.scaling.original_context_length"), u32_value(DEEPSEEK_YARN_ORIGINAL_CONTEXT)),
             // 0.1 * mscale_all_dim, as the converter writes it.
             (key("rope.scaling.yarn_log_multiplier"), Value::F32(0.1)),
+        ]);
+    }
+    if dims.family == Family::GptOss {
+        entries.extend([
+            (key("expert_feed_forward_length"), u32_value(dims.ffn)),
+            (key("attention.sliding_window"), u32_value(GPT_OSS_WINDOW)),
+            (key("rope.scaling.type"), Value::String("yarn".into())),
+            (key("rope.scaling.factor"), Value::F32(GPT_OSS_YARN_FACTOR)),
+            (key("rope.scaling.original_context_length"), u32_value(GPT_OSS_YARN_ORIGINAL_CONTEXT)),
         ]);
     }
     if dims.family == Family::Gemma3 {
@@ -939,7 +1048,7 @@ fn write_gguf(out: &mut impl Write, metadata: &[(String, Value)], tensors: &[Ten
         for &dim in tensor.dims.iter().rev() {
             header.extend_from_slice(&(dim as u64).to_le_bytes());
         }
-        header.extend_from_slice(&ggml_type_code(tensor.dtype).to_le_bytes());
+        header.extend_from_slice(&tensor.dtype.number().to_le_bytes());
         header.extend_from_slice(&offset.to_le_bytes());
         offset += padded(tensor_bytes(tensor));
     }
@@ -960,7 +1069,7 @@ fn padded(size: u64) -> u64 {
 
 fn tensor_bytes(tensor: &TensorSpec) -> u64 {
     let elements: usize = tensor.dims.iter().product();
-    (elements / tensor.dtype.block_size() * tensor.dtype.type_size()) as u64
+    (elements / tensor.dtype.block_values() * tensor.dtype.block_bytes()) as u64
 }
 
 fn write_all(out: &mut impl Write, bytes: &[u8]) -> Result<()> {
@@ -1021,24 +1130,6 @@ fn encode_value(buffer: &mut Vec<u8>, value: &Value) -> Result<()> {
     Ok(())
 }
 
-/// ggml's `ggml_type` codes, for the types this module writes.
-fn ggml_type_code(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::BF16 => 30,
-        other => unreachable!("synthetic models do not use {other:?}"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Weights
 
@@ -1085,11 +1176,14 @@ fn write_tensor_data(out: &mut impl Write, tensor: &TensorSpec, seed: u64) -> Re
 fn encode_chunk(tensor: &TensorSpec, rows: usize, row_len: usize, seed: u64) -> Result<Vec<u8>> {
     let Contents::Random { mean, std } = tensor.contents else { unreachable!("fixed values are written whole") };
     let values = normal_values(rows * row_len, mean, std, seed);
-    if tensor.dtype == GgmlDType::F32 {
-        return Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect());
+    match tensor.dtype {
+        TensorType::Ggml(GgmlDType::F32) => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        TensorType::Mxfp4 => Ok(crate::kernels::quantize_mxfp4(&values)),
+        TensorType::Ggml(dtype) => {
+            let dense = Tensor::from_vec(values, (rows, row_len), &Device::Cpu)?;
+            Ok(QTensor::quantize(&dense, dtype)?.data()?.into_owned())
+        }
     }
-    let dense = Tensor::from_vec(values, (rows, row_len), &Device::Cpu)?;
-    Ok(QTensor::quantize(&dense, tensor.dtype)?.data()?.into_owned())
 }
 
 /// `count` samples of N(mean, std²), by the Box–Muller transform.
@@ -1138,7 +1232,7 @@ mod tests {
         let tensors = tensor_plan(&dims, Quantization::Q4KM);
         // 9 per block, plus token_embd, rope_freqs and output_norm (tied: no output.weight).
         assert_eq!(tensors.len(), 16 * 9 + 3);
-        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).map(|t| t.dtype);
+        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).and_then(|t| t.dtype.ggml());
         assert_eq!(dtype("token_embd.weight"), Some(GgmlDType::Q6K));
         assert_eq!(dtype("blk.0.attn_v.weight"), Some(GgmlDType::Q6K));
         assert_eq!(dtype("blk.2.attn_v.weight"), Some(GgmlDType::Q4K));
@@ -1153,7 +1247,7 @@ mod tests {
     fn low_bit_mixes_follow_llama_cpps_choices() {
         let dtype = |shape: Shape, quantization, name: &str| {
             let tensors = tensor_plan(&shape.dimensions(), quantization);
-            tensors.iter().find(|t| t.name == name).map(|t| t.dtype)
+            tensors.iter().find(|t| t.name == name).and_then(|t| t.dtype.ggml())
         };
         let (tiny, one_b) = (Shape::Tiny, Shape::Llama32_1B);
         // Q2_K: attn_v takes Q3_K, or Q4_K where 4 query heads share a key head (the 1B's 32 / 8).
@@ -1184,7 +1278,7 @@ mod tests {
     #[test]
     fn the_8b_layout_keeps_its_own_head() {
         let tensors = tensor_plan(&Shape::Llama31_8B.dimensions(), Quantization::Q4_0);
-        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).map(|t| t.dtype);
+        let dtype = |name: &str| tensors.iter().find(|t| t.name == name).and_then(|t| t.dtype.ggml());
         assert_eq!(dtype("token_embd.weight"), Some(GgmlDType::Q4_0));
         assert_eq!(dtype("output.weight"), Some(GgmlDType::Q6K));
         assert_eq!(dtype("blk.0.ffn_down.weight"), Some(GgmlDType::Q4_0));

@@ -33,14 +33,14 @@ fn an_architecture_hearth_lacks_is_named_with_what_is_supported() {
     let dir = tempfile::tempdir().expect("temp dir");
     // The file is otherwise readable: a supported name opens it.
     assert!(open_bytes(&gguf("llama", GgmlDType::Q8_0), dir.path()).is_ok(), "the same file as `llama` opens");
-    for architecture in ["phi3", "gpt-oss"] {
+    for architecture in ["phi3", "falcon"] {
         let Err(error) = open_bytes(&gguf(architecture, GgmlDType::Q8_0), dir.path()) else {
             panic!("{architecture}: opened");
         };
         assert!(matches!(error, Error::Unsupported(_)), "{architecture}: {error:?}");
         let message = error.to_string();
         assert!(message.contains(&format!("architecture `{architecture}`")), "{message}");
-        for supported in ["llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3"] {
+        for supported in ["llama", "mistral", "qwen2", "qwen3", "qwen3moe", "gemma3", "deepseek2", "gpt-oss"] {
             assert!(message.contains(supported), "{architecture}: the message lists {supported}: {message}");
         }
         assert_eq!(message.lines().count(), 1, "one line: {message}");
@@ -48,7 +48,7 @@ fn an_architecture_hearth_lacks_is_named_with_what_is_supported() {
 }
 
 #[test]
-fn a_tensor_type_candle_cannot_read_is_named() {
+fn a_tensor_type_hearth_cannot_read_is_named() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = gguf("llama", GgmlDType::Q4_0);
     // The type number written where the patch goes is Q4_0's (2): the patch hits the type.

@@ -259,7 +259,7 @@ pub(crate) fn attend(
     cache: &mut KvCache,
     batch: usize,
     rows: Range<usize>,
-    scale: f32,
+    scores: Scores,
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
@@ -268,18 +268,29 @@ pub(crate) fn attend(
     let context = cache.len();
     let work = rows.len() * heads.heads * context * heads.head_dim;
     if threads > 1 && work >= PARALLEL_WORK && rows.len() * heads.heads > 1 {
-        attend_parallel(isa, heads, q, cache, batch, rows, scale, out, threads);
+        attend_parallel(isa, heads, q, cache, batch, rows, scores, out, threads);
     } else {
-        attend_with(isa, heads, q, cache, batch, rows, scale, out, scratch);
+        attend_with(isa, heads, q, cache, batch, rows, scores, out, scratch);
     }
 }
 
+/// How scores become probabilities: `softmax(scale * score)`, over the positions and,
+/// where a model has them, one sink logit per query head (gpt-oss) that takes a share
+/// of the weight but has no value.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scores {
+    pub(crate) scale: f32,
+    pub(crate) sinks: Option<Arc<[f32]>>,
+}
+
 /// The sums, and the positions `start..` of the batch, of one call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Plan {
     heads: Heads,
     start: usize,
     scale: f32,
+    /// One per query head.
+    sinks: Option<Arc<[f32]>>,
     score_sum: Sum,
     value_sum: Sum,
     values_in_keys: bool,
@@ -289,16 +300,18 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(heads: &Heads, cache: &KvCache, batch: usize, rows: &Range<usize>, scale: f32) -> Self {
+    fn new(heads: &Heads, cache: &KvCache, batch: usize, rows: &Range<usize>, scores: Scores) -> Self {
         let context = cache.len();
         assert!(batch >= 1 && batch <= context && rows.end <= batch && cache.width == heads.kv_width());
         assert!(heads.heads.is_multiple_of(heads.kv_heads));
         assert!(heads.value_dim == heads.head_dim || (cache.values_in_keys && heads.value_dim < heads.head_dim));
+        assert!(scores.sinks.as_ref().is_none_or(|sinks| sinks.len() == heads.heads), "one sink per head");
         let n_kv = context.next_multiple_of(KV_PAD);
         Self {
             heads: *heads,
             start: context - batch,
-            scale,
+            scale: scores.scale,
+            sinks: scores.sinks,
             score_sum: Sum::scores(heads, batch),
             value_sum: Sum::values(heads, batch, n_kv),
             values_in_keys: cache.values_in_keys,
@@ -347,6 +360,7 @@ impl Plan {
             (&cache_values[row * stride + g * dv..], stride)
         };
         let masked = first - sums_from;
+        let sink = self.sinks.as_ref().map(|sinks| sinks[h]);
         // The f64 tail of `ggml_vec_dot_f16` starts at the same term, counted from here.
         let value_sum = match self.value_sum {
             Sum::VecDot { n } => Sum::VecDot { n: n - sums_from },
@@ -357,7 +371,7 @@ impl Plan {
             Isa::Avx2(avx2) => {
                 super::ops_x86::scores(avx2, self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
                 scratch.scores[..masked].fill(f32::NEG_INFINITY);
-                super::ops_x86::softmax(avx2, &mut scratch.scores, self.scale, true);
+                super::ops_x86::softmax(avx2, &mut scratch.scores, self.scale, sink, true);
                 let lanes = &mut scratch.lanes;
                 super::ops_x86::weighted_values(avx2, value_sum, &scratch.scores, values, value_stride, out, lanes);
             }
@@ -365,7 +379,7 @@ impl Plan {
             _ => {
                 scores_portable(self.score_sum, &scratch.query, keys, width, &mut scratch.scores);
                 scratch.scores[..masked].fill(f32::NEG_INFINITY);
-                super::ops::softmax_portable(&mut scratch.scores, self.scale, true);
+                super::ops::softmax_portable(&mut scratch.scores, self.scale, sink, true);
                 weighted_values_portable(value_sum, &scratch.scores, values, value_stride, out);
             }
         }
@@ -381,11 +395,11 @@ pub(crate) fn attend_with(
     cache: &KvCache,
     batch: usize,
     rows: Range<usize>,
-    scale: f32,
+    scores: Scores,
     out: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let plan = Plan::new(heads, cache, batch, &rows, scale);
+    let plan = Plan::new(heads, cache, batch, &rows, scores);
     let (w, d, wv, dv) = (heads.q_width(), heads.head_dim, heads.out_width(), heads.value_dim);
     assert!(q.len() == rows.len() * w && out.len() == rows.len() * wv);
     for (t, (q, out)) in rows.zip(q.chunks_exact(w).zip(out.chunks_exact_mut(wv))) {
@@ -406,11 +420,11 @@ pub(crate) fn attend_parallel(
     cache: &mut KvCache,
     batch: usize,
     rows: Range<usize>,
-    scale: f32,
+    scores: Scores,
     out: &mut [f32],
     threads: usize,
 ) {
-    let plan = Plan::new(heads, cache, batch, &rows, scale);
+    let plan = Plan::new(heads, cache, batch, &rows, scores);
     assert!(q.len() == rows.len() * heads.q_width() && out.len() == rows.len() * heads.out_width());
     let items = rows.len() * heads.heads;
     let chunks = (threads * CHUNKS_PER_THREAD).min(items);
@@ -418,7 +432,7 @@ pub(crate) fn attend_parallel(
     // more is this thread's alone.
     let mut job = SPARE_JOBS
         .with_borrow_mut(|spare| spare.iter().position(|j| Arc::strong_count(j) == 1).map(|i| spare.swap_remove(i)))
-        .unwrap_or_else(|| Arc::new(AttentionJob::new(isa, plan)));
+        .unwrap_or_else(|| Arc::new(AttentionJob::new(isa, plan.clone())));
     {
         let state = Arc::get_mut(&mut job).expect("an unshared job");
         state.isa = isa;

@@ -186,6 +186,44 @@ pub(crate) fn libm_silu(x: f32) -> f32 {
 /// `gate = gelu(gate) * up` as ggml's `geglu` computes it on the CPU (`GGML_GELU_FP16`):
 /// GELU's tanh approximation is looked up in a table by the input rounded to f16, the
 /// table holding f16 values of `ggml_gelu_f32`; inputs beyond ±10 are 0 or themselves.
+/// gpt-oss's SwiGLU constants, fixed in its code and in llama.cpp's.
+pub(crate) const SWIGLU_ALPHA: f32 = 1.702;
+pub(crate) const SWIGLU_LIMIT: f32 = 7.0;
+
+/// `gate = min(gate, 7) * sigmoid(1.702 * min(gate, 7)) * (clamp(up, ±7) + 1)`, as ggml's
+/// `swiglu_oai` computes it (with the C library's exponential).
+pub(crate) fn clamped_swiglu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = g.min(SWIGLU_LIMIT);
+        let y = u.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT);
+        *g = x / (1.0 + (SWIGLU_ALPHA * -x).exp()) * (y + 1.0);
+    }
+}
+
+/// A softmax of a whole row in place, as ggml's `soft_max` without mask or scale: whole
+/// groups of 16 through ggml's vector exponential, summed lane-wise; the rest one by one
+/// through the C library's, as its scalar tail does. (A router's scores over its experts.)
+pub(crate) fn softmax_row(values: &mut [f32]) {
+    let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| if m > v { m } else { v });
+    let vector = values.len() & !15;
+    let mut sum = 0.0f64;
+    for chunk in values[..vector].chunks_exact_mut(16) {
+        let mut lanes = [0.0f32; 16];
+        for (lane, v) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *v = expf(*v - max);
+            *lane = *v;
+        }
+        sum += reduce16(&lanes) as f64;
+    }
+    for v in &mut values[vector..] {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inverse = (1.0 / sum) as f32;
+    values.iter_mut().for_each(|v| *v *= inverse);
+}
+
 pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
     let table = gelu_table();
@@ -221,22 +259,27 @@ fn gelu_tanh(x: f32) -> f32 {
 /// Turns one row of raw attention scores (the positions a query sees) into probabilities,
 /// as ggml's `soft_max_ext`, and with `to_f16` rounds them to f16 as ggml does before their
 /// product with V. Masked positions (after these) would add exact zeros, which change
-/// nothing. (Attention calls the instruction sets' versions directly.)
+/// nothing. A `sink` logit (gpt-oss) joins the row's maximum and sum, as ggml's
+/// `soft_max_add_sinks`, without a probability of its own. (Attention calls the
+/// instruction sets' versions directly.)
 #[cfg(test)]
-pub(crate) fn softmax(scores: &mut [f32], scale: f32, to_f16: bool) {
+pub(crate) fn softmax(scores: &mut [f32], scale: f32, sink: Option<f32>, to_f16: bool) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(avx2) => super::ops_x86::softmax(avx2, scores, scale, to_f16),
+        Isa::Avx2(avx2) => super::ops_x86::softmax(avx2, scores, scale, sink, to_f16),
         // Portable, or NEON (whose kernels so far are only the K-quant products).
-        _ => softmax_portable(scores, scale, to_f16),
+        _ => softmax_portable(scores, scale, sink, to_f16),
     }
 }
 
-pub(crate) fn softmax_portable(scores: &mut [f32], scale: f32, to_f16: bool) {
+pub(crate) fn softmax_portable(scores: &mut [f32], scale: f32, sink: Option<f32>, to_f16: bool) {
     let mut max = f32::NEG_INFINITY;
     for s in scores.iter_mut() {
         *s *= scale;
         max = if max > *s { max } else { *s };
+    }
+    if let Some(sink) = sink {
+        max = max.max(sink);
     }
     let mut sum = 0.0f64;
     for chunk in scores.chunks_mut(16) {
@@ -246,6 +289,10 @@ pub(crate) fn softmax_portable(scores: &mut [f32], scale: f32, to_f16: bool) {
             *lane = *s;
         }
         sum += reduce16(&lanes) as f64;
+    }
+    if let Some(sink) = sink {
+        // ggml takes this exponential from the C library, not its own vector one.
+        sum += (sink - max).exp() as f64;
     }
     let inverse = (1.0 / sum) as f32;
     for s in scores.iter_mut() {

@@ -205,15 +205,15 @@ fn check_attention_row(
             assert_same(&fast, &scores, format!("AVX2 scores of {what}, head {h}"));
         }
         let mut probs = scores.clone();
-        ops::softmax_portable(&mut probs, scale, false);
+        ops::softmax_portable(&mut probs, scale, None, false);
         assert_same(&probs, &expected_probs[range.clone()], format!("probabilities of {what}, head {h}"));
         let mut probs = scores.clone();
-        ops::softmax(&mut probs, scale, false);
+        ops::softmax(&mut probs, scale, None, false);
         assert_same(&probs, &expected_probs[range], format!("probabilities of {what}, head {h}"));
     }
     for isa in Isa::all() {
         let mut out = vec![0.0; q.len()];
-        attention::attend_with(isa, heads, &q, cache, batch, t..t + 1, scale, &mut out, scratch);
+        attention::attend_with(isa, heads, &q, cache, batch, t..t + 1, plain(scale), &mut out, scratch);
         assert_same(&out, &floats(&row["outputs"]), format!("{isa:?} attention of {what}"));
     }
 }
@@ -290,14 +290,16 @@ fn every_isa_attends_like_the_portable_code() {
             let (k, v) = kv.split_at(context * shape.kv_width());
             cache.append(k, v);
             let q: Vec<f32> = (0..batch * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            // Every other case with a sink per head (gpt-oss).
+            let scores = if (start + batch) % 2 == 0 { with_sinks(&mut rng, 0.3, heads) } else { plain(0.3) };
             let mut expected = vec![0.0; q.len()];
             let mut scratch = Scratch::default();
             let all = 0..batch;
-            attention::attend_with(Isa::Portable, &shape, &q, &cache, batch, all, 0.3, &mut expected, &mut scratch);
+            attention::attend_with(Isa::Portable, &shape, &q, &cache, batch, all, scores.clone(), &mut expected, &mut scratch);
             assert!(expected.iter().all(|v| v.is_finite()));
             for isa in Isa::all() {
                 let mut got = vec![0.0; q.len()];
-                attention::attend_with(isa, &shape, &q, &cache, batch, 0..batch, 0.3, &mut got, &mut scratch);
+                attention::attend_with(isa, &shape, &q, &cache, batch, 0..batch, scores.clone(), &mut got, &mut scratch);
                 let (count, first) = differences(&got, &expected);
                 let what = format!("{isa:?}, {heads}/{kv_heads} heads of {d}, {batch} after {start}");
                 assert_eq!(count, 0, "{what}: first difference {first:?}");
@@ -312,7 +314,7 @@ fn every_isa_attends_like_the_portable_code() {
                     &cache,
                     batch,
                     rows.clone(),
-                    0.3,
+                    scores.clone(),
                     &mut part,
                     &mut scratch,
                 );
@@ -334,13 +336,14 @@ fn threads_attend_like_one() {
         let (k, v) = kv.split_at(context * shape.kv_width());
         cache.append(k, v);
         let q: Vec<f32> = (0..rows.len() * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let scores = if batch % 2 == 0 { with_sinks(&mut rng, 0.125, shape.heads) } else { plain(0.125) };
         for isa in Isa::all() {
             let mut expected = vec![0.0; q.len()];
             let mut scratch = Scratch::default();
-            attention::attend_with(isa, &shape, &q, &cache, batch, rows.clone(), 0.125, &mut expected, &mut scratch);
+            attention::attend_with(isa, &shape, &q, &cache, batch, rows.clone(), scores.clone(), &mut expected, &mut scratch);
             for threads in [2, 3, 5] {
                 let mut got = vec![0.0; q.len()];
-                attention::attend_parallel(isa, &shape, &q, &mut cache, batch, rows.clone(), 0.125, &mut got, threads);
+                attention::attend_parallel(isa, &shape, &q, &mut cache, batch, rows.clone(), scores.clone(), &mut got, threads);
                 assert_eq!(got, expected, "{isa:?}, {threads} threads, {batch} after {start}");
                 assert_eq!(cache.len(), context, "the cache came back");
             }
@@ -385,8 +388,8 @@ fn a_sliding_cache_forgets_only_what_no_query_sees() {
         let q: Vec<f32> = (0..batch * shape.q_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         for isa in Isa::all() {
             let (mut expected, mut got) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            attention::attend_with(isa, &shape, &q, &keeping, batch, 0..batch, 0.125, &mut expected, &mut scratch);
-            attention::attend_with(isa, &shape, &q, &forgetting, batch, 0..batch, 0.125, &mut got, &mut scratch);
+            attention::attend_with(isa, &shape, &q, &keeping, batch, 0..batch, plain(0.125), &mut expected, &mut scratch);
+            attention::attend_with(isa, &shape, &q, &forgetting, batch, 0..batch, plain(0.125), &mut got, &mut scratch);
             assert_eq!(got, expected, "{isa:?}, {batch} positions after {}", forgetting.len() - batch);
         }
         forgetting.forget_unseen();
@@ -394,4 +397,48 @@ fn a_sliding_cache_forgets_only_what_no_query_sees() {
         assert!(forgetting.held() <= KvCache::sliding_positions(window), "{} rows held", forgetting.held());
     }
     assert!(forgetting.held() < keeping.held() / 2, "it forgot: {} of {} rows", forgetting.held(), keeping.held());
+}
+
+/// Scores scaled by `scale`, without sinks.
+fn plain(scale: f32) -> attention::Scores {
+    attention::Scores { scale, sinks: None }
+}
+
+/// Scores scaled by `scale`, with a random sink logit for each of `heads` heads.
+fn with_sinks(rng: &mut ChaCha8Rng, scale: f32, heads: usize) -> attention::Scores {
+    let sinks: Vec<f32> = (0..heads).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    attention::Scores { scale, sinks: Some(sinks.into()) }
+}
+
+/// A sink takes its share of each softmax as one more score without a value: against f64
+/// arithmetic on the same f16 keys and values.
+#[test]
+fn sinks_take_a_share_of_attention() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let shape = Heads::new(4, 2, 16);
+    let context = 37;
+    let mut cache = KvCache::new(shape.kv_width(), 16);
+    let kv: Vec<f32> = (0..2 * context * shape.kv_width()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let (k, v) = kv.split_at(context * shape.kv_width());
+    cache.append(k, v);
+    let q: Vec<f32> = (0..shape.q_width()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let scores = with_sinks(&mut rng, 0.25, shape.heads);
+    let sinks = scores.sinks.clone().expect("sinks");
+    let mut out = vec![0.0; q.len()];
+    attention::attend_with(Isa::Portable, &shape, &q, &cache, 1, 0..1, scores, &mut out, &mut Scratch::default());
+    let f16 = |x: f32| half::f16::from_f32(x).to_f32() as f64;
+    let (d, width) = (shape.head_dim, shape.kv_width());
+    for h in 0..shape.heads {
+        let g = h / (shape.heads / shape.kv_heads);
+        let logits: Vec<f64> = (0..context)
+            .map(|p| (0..d).map(|i| f16(q[h * d + i]) * f16(k[p * width + g * d + i])).sum::<f64>() * 0.25)
+            .collect();
+        let max = logits.iter().copied().fold(sinks[h] as f64, f64::max);
+        let total = logits.iter().map(|l| (l - max).exp()).sum::<f64>() + (sinks[h] as f64 - max).exp();
+        for i in 0..d {
+            let expected: f64 = (0..context).map(|p| (logits[p] - max).exp() / total * f16(v[p * width + g * d + i])).sum();
+            let got = out[h * d + i] as f64;
+            assert!((got - expected).abs() < 2e-3, "head {h}, value {i}: {got} vs {expected}");
+        }
+    }
 }

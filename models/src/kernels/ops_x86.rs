@@ -126,17 +126,20 @@ unsafe fn load_f16(p: *const f16) -> __m256 {
 }
 
 /// [`super::ops::softmax_portable`] in AVX2.
-pub(crate) fn softmax(_: Avx2, scores: &mut [f32], scale: f32, to_f16: bool) {
+pub(crate) fn softmax(_: Avx2, scores: &mut [f32], scale: f32, sink: Option<f32>, to_f16: bool) {
     // SAFETY: the token proves the CPU features.
-    unsafe { softmax_avx2(scores, scale, to_f16) }
+    unsafe { softmax_avx2(scores, scale, sink, to_f16) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn softmax_avx2(scores: &mut [f32], scale: f32, to_f16: bool) {
+unsafe fn softmax_avx2(scores: &mut [f32], scale: f32, sink: Option<f32>, to_f16: bool) {
     let mut max = f32::NEG_INFINITY;
     for s in scores.iter_mut() {
         *s *= scale;
         max = if max > *s { max } else { *s };
+    }
+    if let Some(sink) = sink {
+        max = max.max(sink);
     }
     let maxv = _mm256_set1_ps(max);
     let mut sum = 0.0f64;
@@ -153,6 +156,9 @@ unsafe fn softmax_avx2(scores: &mut [f32], scale: f32, to_f16: bool) {
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
         }
         chunk.copy_from_slice(&lanes[..chunk.len()]);
+    }
+    if let Some(sink) = sink {
+        sum += (sink - max).exp() as f64;
     }
     let inverse = (1.0 / sum) as f32;
     let mut chunks = scores.chunks_exact_mut(8);
