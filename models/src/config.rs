@@ -173,6 +173,10 @@ pub enum RopeScaling {
         log_multiplier: f32,
         beta_fast: f32,
         beta_slow: f32,
+        /// The correction range is used as computed, not widened to whole dimensions
+        /// (Hugging Face's `truncate: false`, gpt-oss's; llama.cpp always widens it).
+        #[serde(default)]
+        exact_range: bool,
     },
 }
 
@@ -293,6 +297,7 @@ impl ModelConfig {
                 // llama.cpp's defaults; it reads no other values from the file.
                 beta_fast: 32.0,
                 beta_slow: 1.0,
+                exact_range: false,
             },
             Some(Value::String(kind)) if kind != "none" => {
                 return Err(Error::Unsupported(format!("RoPE scaling `{kind}`")))
@@ -487,7 +492,9 @@ impl ModelConfig {
             "deepseek_v2" | "deepseek_v3" | "kimi_k2" => Architecture::DeepSeek2,
             name => Architecture::from_name(name)?,
         };
-        if let Some(method) = raw.quantization_config.as_ref().map(|q| q["quant_method"].as_str().unwrap_or("unknown")) {
+        let method = raw.quantization_config.as_ref().map(|q| q["quant_method"].as_str().unwrap_or("unknown"));
+        // gpt-oss ships its experts in MXFP4, which Hearth reads as they are.
+        if let Some(method) = method.filter(|&m| !(m == "mxfp4" && architecture == Architecture::GptOss)) {
             return Err(Error::Unsupported(format!(
                 "a checkpoint stored quantized ({method}): Hearth reads safetensors in f32, f16 or bf16; \
                  use a GGUF of the model (e.g. Q4_K_M) or a bf16 copy"
@@ -497,7 +504,11 @@ impl ModelConfig {
         if architecture == Architecture::DeepSeek2 {
             return Self::from_hf_deepseek(&raw);
         }
-        let moe = match (raw.num_local_experts.or(raw.num_experts), raw.num_experts_per_tok) {
+        let gpt_oss = architecture == Architecture::GptOss;
+        if gpt_oss && raw.swiglu_limit.is_some_and(|limit| limit != crate::kernels::ops::SWIGLU_LIMIT) {
+            return Err(Error::Unsupported(format!("a SwiGLU limit of {:?} (gpt-oss's is 7)", raw.swiglu_limit)));
+        }
+        let moe = match (raw.num_local_experts.or(raw.num_experts), raw.num_experts_per_tok.or(raw.experts_per_token)) {
             (Some(experts), Some(experts_used)) if experts > 0 => {
                 if raw.decoder_sparse_step.is_some_and(|step| step != 1)
                     || raw.mlp_only_layers.as_ref().is_some_and(|layers| !layers.is_empty())
@@ -513,14 +524,14 @@ impl ModelConfig {
                     // Mixtral always normalizes; Qwen3-MoE says so in its config.
                     normalize_weights: raw.model_type == "mixtral" || raw.norm_topk_prob.unwrap_or(false),
                     weights_scale: 1.0,
-                    gating: Gating::Softmax,
+                    gating: if gpt_oss { Gating::SoftmaxOfChosen } else { Gating::Softmax },
                     groups: None,
                     shared_experts: 0,
                     dense_layers: 0,
                 })
             }
-            _ if architecture == Architecture::Qwen3Moe => {
-                return Err(invalid("config.json of a qwen3_moe model lacks num_experts".into()))
+            _ if matches!(architecture, Architecture::Qwen3Moe | Architecture::GptOss) => {
+                return Err(invalid(format!("config.json of a {} model lacks its experts' count", raw.model_type)))
             }
             _ => None,
         };
@@ -535,6 +546,16 @@ impl ModelConfig {
                     high_freq_factor: scaling.high_freq_factor.unwrap_or(4.0),
                     original_context: scaling.original_max_position_embeddings.unwrap_or(8192),
                 },
+                Some("yarn") => RopeScaling::Yarn {
+                    factor: scaling.factor.unwrap_or(1.0),
+                    original_context: scaling
+                        .original_max_position_embeddings
+                        .ok_or_else(|| invalid("YaRN scaling without original_max_position_embeddings".into()))?,
+                    log_multiplier: scaling.mscale_all_dim.unwrap_or(0.0),
+                    beta_fast: scaling.beta_fast.unwrap_or(32.0),
+                    beta_slow: scaling.beta_slow.unwrap_or(1.0),
+                    exact_range: scaling.truncate == Some(false),
+                },
                 Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}`"))),
             },
         };
@@ -543,7 +564,7 @@ impl ModelConfig {
             return Err(Error::Unsupported("attention logit softcapping (Gemma 2's)".into()));
         }
         let num_layers = raw.num_hidden_layers;
-        let sliding_window = match raw.sliding_window.filter(|&w| w > 0 && gemma) {
+        let sliding_window = match raw.sliding_window.filter(|&w| w > 0 && (gemma || gpt_oss)) {
             None => None,
             Some(window) => Some(SlidingWindow {
                 window,
@@ -562,13 +583,14 @@ impl ModelConfig {
                             .collect::<Result<Vec<_>>>()?
                     }
                     // Hugging Face's `(i + 1) % pattern != 0`, which is llama.cpp's rule.
-                    (None, pattern) => sliding_pattern(num_layers, pattern.unwrap_or(6)),
+                    (None, pattern) => sliding_pattern(num_layers, pattern.unwrap_or(if gpt_oss { 2 } else { 6 })),
                 },
-                rope_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
+                rope_theta: if gemma { Some(raw.rope_local_base_freq.unwrap_or(10_000.0)) } else { None },
             }),
         };
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / num_heads.max(1));
         let activation = match raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()) {
+            _ if gpt_oss => Activation::ClampedSwiglu,
             None | Some("silu") | Some("swish") => Activation::Silu,
             Some("gelu_pytorch_tanh") | Some("gelu_new") | Some("gelu_tanh") => Activation::GeluTanh,
             Some(other) => return Err(Error::Unsupported(format!("activation `{other}`"))),
@@ -588,8 +610,8 @@ impl ModelConfig {
             rope_layout: RopeLayout::Halves,
             rope_scaling,
             qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
-            output_bias: false,
-            attention_sinks: false,
+            output_bias: gpt_oss && raw.attention_bias.unwrap_or(true),
+            attention_sinks: gpt_oss,
             qk_norm: architecture.has_qk_norm(),
             tied_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             moe,
@@ -652,6 +674,7 @@ impl ModelConfig {
                     log_multiplier: scaling.mscale_all_dim.unwrap_or(0.0),
                     beta_fast: scaling.beta_fast.unwrap_or(32.0),
                     beta_slow: scaling.beta_slow.unwrap_or(1.0),
+                    exact_range: false,
                 },
                 Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}` for deepseek2"))),
             },
@@ -803,6 +826,10 @@ struct HfConfig {
     num_local_experts: Option<usize>,
     num_experts: Option<usize>,
     num_experts_per_tok: Option<usize>,
+    /// gpt-oss's other name for `num_experts_per_tok`.
+    experts_per_token: Option<usize>,
+    /// gpt-oss's clamp on its SwiGLU.
+    swiglu_limit: Option<f32>,
     moe_intermediate_size: Option<usize>,
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
@@ -886,6 +913,7 @@ struct HfRopeScaling {
     beta_fast: Option<f32>,
     beta_slow: Option<f32>,
     mscale_all_dim: Option<f32>,
+    truncate: Option<bool>,
 }
 
 impl HfRopeScaling {

@@ -307,9 +307,9 @@ pub(crate) fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
     let dims = dimensions(config)?;
     let pairs = ops::RopePairs::Adjacent;
     Ok(match (&config.rope_scaling, YarnFactors::of(config)) {
-        (RopeScaling::Yarn { original_context, beta_fast, beta_slow, .. }, Some(yarn)) => {
-            let corr_dims =
-                ops::Yarn::corr_dims(dims.rope_dim, *original_context, config.rope_theta, *beta_fast, *beta_slow);
+        (RopeScaling::Yarn { original_context, beta_fast, beta_slow, exact_range, .. }, Some(yarn)) => {
+            let betas = [*beta_fast, *beta_slow];
+            let corr_dims = ops::Yarn::corr_dims(dims.rope_dim, *original_context, config.rope_theta, betas, *exact_range);
             ops::Rope::new(dims.rope_dim, config.rope_theta, pairs, yarn.freq_scale, None).with_yarn(ops::Yarn {
                 ext_factor: 1.0,
                 attn_factor: yarn.attn_factor,

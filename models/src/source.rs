@@ -110,6 +110,19 @@ pub(crate) enum LayerTensor {
 }
 
 impl LayerTensor {
+    /// gpt-oss folders' stacked experts and their biases.
+    fn is_gpt_oss_stacked(self) -> bool {
+        matches!(
+            self,
+            Self::GateExperts
+                | Self::UpExperts
+                | Self::DownExperts
+                | Self::GateExpertsBias
+                | Self::UpExpertsBias
+                | Self::DownExpertsBias
+        )
+    }
+
     /// Every weight a block may hold, for sizing a layer.
     const ALL: [LayerTensor; 37] = [
         Self::AttentionNorm,
@@ -209,7 +222,7 @@ impl LayerTensor {
             Self::Gate => "mlp.gate_proj.weight",
             Self::Up => "mlp.up_proj.weight",
             Self::Down => "mlp.down_proj.weight",
-            // Qwen3-MoE's name; Mixtral's is in `hf_mixtral`.
+            // Qwen3-MoE's name; Mixtral's and gpt-oss's are in `hf_aliases`.
             Self::Router => "mlp.gate.weight",
             // Hugging Face stores experts one by one (`TensorName::Expert`).
             Self::GateExperts | Self::UpExperts | Self::DownExperts => "mlp.experts",
@@ -267,19 +280,23 @@ impl TensorName {
         }
     }
 
-    /// Mixtral's name for the tensors it names its own way in Hugging Face folders.
-    fn hf_mixtral(self) -> Option<String> {
+    /// Other names of the tensors that Mixtral and gpt-oss name their own way in Hugging
+    /// Face folders.
+    fn hf_aliases(self) -> Vec<String> {
         match self {
-            Self::Layer(i, LayerTensor::Router) => Some(format!("model.layers.{i}.block_sparse_moe.gate.weight")),
+            Self::Layer(i, LayerTensor::Router) => vec![
+                format!("model.layers.{i}.block_sparse_moe.gate.weight"),
+                format!("model.layers.{i}.mlp.router.weight"),
+            ],
             Self::Expert(i, e, t) => {
                 let w = match t {
                     ExpertTensor::Gate => "w1",
                     ExpertTensor::Down => "w2",
                     ExpertTensor::Up => "w3",
                 };
-                Some(format!("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"))
+                vec![format!("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight")]
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 }
@@ -301,7 +318,7 @@ fn find_hf(tensors: &MmapedSafetensors, name: TensorName) -> Option<String> {
         TensorName::Layer(layer, LayerTensor::PostAttentionNorm) if gemma_norms(layer).is_none() => return None,
         _ => {}
     }
-    std::iter::once(name.hf()).chain(name.hf_mixtral()).find_map(|n| find_prefixed(tensors, n))
+    std::iter::once(name.hf()).chain(name.hf_aliases()).find_map(|n| find_prefixed(tensors, n))
 }
 
 /// `name`, or where Gemma 3's multimodal checkpoints put it (`language_model.model.*` or
@@ -659,6 +676,30 @@ impl ModelSource {
             }
             // Keys and values from the latent are one Hugging Face tensor: count it once.
             Weights::Safetensors { .. } if matches!(name, TensorName::Layer(_, LayerTensor::ValueFromLatent)) => Some(0),
+            // gpt-oss's stacked experts: MXFP4 blocks and scales stay as they are; gate and
+            // up (and their biases) share tensors, half each.
+            Weights::Safetensors { tensors } if matches!(name, TensorName::Layer(_, part) if part.is_gpt_oss_stacked()) => {
+                let TensorName::Layer(layer, part) = name else { unreachable!("matched above") };
+                let kind = match part {
+                    LayerTensor::DownExperts | LayerTensor::DownExpertsBias => ExpertTensor::Down,
+                    _ => ExpertTensor::Gate,
+                };
+                let elements = |suffix: &str| {
+                    tensors.get(&gpt_oss_experts(layer, kind, suffix)).ok().map(|v| v.shape().iter().product::<usize>() as u64)
+                };
+                let share = if kind == ExpertTensor::Down { 1 } else { 2 };
+                let bytes = match part {
+                    LayerTensor::GateExperts | LayerTensor::UpExperts | LayerTensor::DownExperts => {
+                        match (elements("_blocks"), elements("_scales"), elements("")) {
+                            (Some(blocks), Some(scales), _) => blocks + scales,
+                            (_, _, Some(values)) => values * dense_bytes,
+                            _ => return None,
+                        }
+                    }
+                    _ => elements("_bias")? * dense_bytes,
+                };
+                Some(bytes / share)
+            }
             Weights::Safetensors { tensors } => {
                 let view = tensors.get(&find_hf(tensors, name)?).ok()?;
                 Some(view.shape().iter().product::<usize>() as u64 * dense_bytes)
@@ -736,7 +777,13 @@ impl TensorLoader<'_> {
         experts: usize,
         (rows, cols): (usize, usize),
     ) -> Result<Vec<Matrix>> {
-        if let Weights::Safetensors { .. } = self.weights {
+        if let Weights::Safetensors { tensors } = self.weights {
+            if tensors.get(&gpt_oss_experts(layer, kind, "_blocks")).is_ok() {
+                return self.gpt_oss_mxfp4_experts(tensors, layer, kind, experts, (rows, cols));
+            }
+            if tensors.get(&gpt_oss_experts(layer, kind, "")).is_ok() {
+                return self.gpt_oss_dense_experts(layer, kind, experts, (rows, cols));
+            }
             return (0..experts)
                 .map(|e| {
                     let matrix = self.dense(TensorName::Expert(layer, e, kind))?;
@@ -746,6 +793,90 @@ impl TensorLoader<'_> {
                 .collect();
         }
         self.stacked(TensorName::Layer(layer, kind.stacked()), experts, (rows, cols))
+    }
+
+    /// gpt-oss's MXFP4 experts of `kind` from its folder's blocks and scales (`[experts,
+    /// rows, blocks, 16]` and `[experts, rows, blocks]` bytes, gate and up rows taking
+    /// turns), each expert's rows rewritten in GGUF's block layout as llama.cpp's converter
+    /// writes them: the exponent first, and the nibbles of values `j` and `j + 16` in byte
+    /// `j` where Hugging Face pairs values `2j` and `2j + 1`.
+    fn gpt_oss_mxfp4_experts(
+        &self,
+        tensors: &MmapedSafetensors,
+        layer: usize,
+        kind: ExpertTensor,
+        experts: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<Vec<Matrix>> {
+        let (blocks_name, scales_name) = (gpt_oss_experts(layer, kind, "_blocks"), gpt_oss_experts(layer, kind, "_scales"));
+        let view = |name: &str| tensors.get(name).map_err(|e| Error::InvalidModel(format!("tensor `{name}`: {e}")));
+        let (blocks, scales) = (view(&blocks_name)?, view(&scales_name)?);
+        // Gate and up share one tensor, their rows interleaved.
+        let (stored_rows, first, step) = match kind {
+            ExpertTensor::Gate => (2 * rows, 0, 2),
+            ExpertTensor::Up => (2 * rows, 1, 2),
+            ExpertTensor::Down => (rows, 0, 1),
+        };
+        let per_row = cols / 32;
+        let is_bytes = |view: &safetensors::tensor::TensorView<'_>| DType::try_from(view.dtype()).ok() == Some(DType::U8);
+        if !is_bytes(&blocks)
+            || !is_bytes(&scales)
+            || blocks.shape() != [experts, stored_rows, per_row, 16]
+            || scales.shape() != [experts, stored_rows, per_row]
+        {
+            return Err(Error::InvalidModel(format!(
+                "`{blocks_name}` and `{scales_name}` are {:?} {:?} and {:?} {:?}, not MXFP4 blocks of {experts} experts' \
+                 {stored_rows} rows of {cols}",
+                blocks.dtype(),
+                blocks.shape(),
+                scales.dtype(),
+                scales.shape()
+            )));
+        }
+        let (blocks, scales) = (blocks.data(), scales.data());
+        (0..experts)
+            .map(|e| {
+                let mut matrix = Vec::with_capacity(rows * per_row * 17);
+                for r in 0..rows {
+                    let row = e * stored_rows + first + step * r;
+                    for b in 0..per_row {
+                        let at = row * per_row + b;
+                        matrix.push(scales[at]);
+                        let pairs = &blocks[at * 16..(at + 1) * 16];
+                        let value = |j: usize| if j.is_multiple_of(2) { pairs[j / 2] & 0x0F } else { pairs[j / 2] >> 4 };
+                        matrix.extend((0..16).map(|j| value(j) | (value(j + 16) << 4)));
+                    }
+                }
+                self.mxfp4_matrix(&matrix, rows, cols)
+            })
+            .collect()
+    }
+
+    /// gpt-oss's experts of `kind` from a folder that stores them unquantized: `[experts,
+    /// cols, rows]` (transposed, gate and up columns taking turns).
+    fn gpt_oss_dense_experts(
+        &mut self,
+        layer: usize,
+        kind: ExpertTensor,
+        experts: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<Vec<Matrix>> {
+        let Weights::Safetensors { tensors } = self.weights else { unreachable!("a folder") };
+        let name = gpt_oss_experts(layer, kind, "");
+        let stacked = tensors.load(&name, &self.device).map_err(|e| Error::InvalidModel(format!("tensor `{name}`: {e}")))?;
+        let stored_rows = if kind == ExpertTensor::Down { rows } else { 2 * rows };
+        check_dims(TensorName::Layer(layer, kind.stacked()), stacked.dims(), &[experts, cols, stored_rows])?;
+        let dtype = activation_dtype(&self.device);
+        (0..experts)
+            .map(|e| {
+                let matrix = stacked.get(e)?.t()?;
+                let matrix = match kind {
+                    ExpertTensor::Down => matrix,
+                    _ => matrix.reshape((rows, 2, cols))?.narrow(1, usize::from(kind == ExpertTensor::Up), 1)?.squeeze(1)?,
+                };
+                Ok(Matrix::dense(matrix.contiguous()?.to_dtype(dtype)?))
+            })
+            .collect()
     }
 
     /// A GGUF tensor of `count` stacked `rows x cols` matrices (experts, heads), as one
@@ -820,6 +951,15 @@ impl TensorLoader<'_> {
                 let tensor = tensors
                     .load(&hf_name, &self.device)
                     .map_err(|e| Error::InvalidModel(format!("tensor `{hf_name}`: {e}")))?;
+                // gpt-oss's gate and up biases share a tensor, taking turns.
+                let tensor = match name {
+                    TensorName::Layer(_, part @ (LayerTensor::GateExpertsBias | LayerTensor::UpExpertsBias)) => {
+                        let (experts, both) = tensor.dims2()?;
+                        let up = usize::from(part == LayerTensor::UpExpertsBias);
+                        tensor.reshape((experts, both / 2, 2))?.narrow(2, up, 1)?.squeeze(2)?.contiguous()?
+                    }
+                    _ => tensor,
+                };
                 Ok(tensor.to_dtype(dtype)?)
             }
         }
@@ -873,6 +1013,13 @@ fn unreadable_gguf(path: &Path, error: GgufError) -> Error {
         )),
         error => Error::InvalidModel(format!("{}: not a readable GGUF file: {error}", path.display())),
     }
+}
+
+/// A gpt-oss folder's stacked expert tensor of `kind` in `layer`: `part` is `_blocks`,
+/// `_scales` or `_bias`, or empty for unquantized weights.
+fn gpt_oss_experts(layer: usize, kind: ExpertTensor, part: &str) -> String {
+    let stem = if kind == ExpertTensor::Down { "down_proj" } else { "gate_up_proj" };
+    format!("model.layers.{layer}.mlp.experts.{stem}{part}")
 }
 
 fn check_dims(name: TensorName, dims: &[usize], expected: &[usize]) -> Result<()> {

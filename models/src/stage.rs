@@ -540,9 +540,10 @@ fn native_rope(config: &ModelConfig) -> Result<ops::Rope> {
             }
             (1.0, Some(factors.clone()))
         }
-        RopeScaling::Yarn { original_context, beta_fast, beta_slow, .. } => {
+        RopeScaling::Yarn { original_context, beta_fast, beta_slow, exact_range, .. } => {
             let yarn = latent_attention::YarnFactors::of(config).expect("YaRN scaling has YaRN factors");
-            let corr_dims = ops::Yarn::corr_dims(d, *original_context, config.rope_theta, *beta_fast, *beta_slow);
+            let betas = [*beta_fast, *beta_slow];
+            let corr_dims = ops::Yarn::corr_dims(d, *original_context, config.rope_theta, betas, *exact_range);
             let rope = ops::Rope::new(d, config.rope_theta, pairs, yarn.freq_scale, None);
             return Ok(rope.with_yarn(ops::Yarn { ext_factor: 1.0, attn_factor: yarn.attn_factor, corr_dims }));
         }

@@ -398,6 +398,18 @@ const LLAMA3_REGEX: &str = concat!(
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 );
 /// Llama 3's, with single digits.
+/// GPT-4o's and gpt-oss's (`o200k`), as their `tokenizer.json` writes it: words carry
+/// their case pattern and contraction, digits go in threes.
+const GPT4O_REGEX: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+/// DeepSeek-V3's last split, after digits in threes and runs of CJK characters.
+const DEEPSEEK3_REGEX: &str = concat!(
+    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"##,
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 const QWEN2_REGEX: &str = concat!(
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+",
     r"|\p{N}",
@@ -436,6 +448,18 @@ const PRE_TOKENIZERS: &[PreTokenizerSpec] = &[
     PreTokenizerSpec {
         names: &["dbrx", "smaug-bpe"],
         regexes: &[LLAMA3_REGEX],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizerSpec {
+        names: &["gpt-4o", "llama4"],
+        regexes: &[GPT4O_REGEX],
+        ignore_merges: false,
+        add_bos: false,
+    },
+    PreTokenizerSpec {
+        names: &["deepseek-v3"],
+        regexes: &[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", DEEPSEEK3_REGEX],
         ignore_merges: false,
         add_bos: false,
     },
@@ -1018,6 +1042,11 @@ mod tests {
             split("default", text),
             ["Hello", "Ġworld", "Ġ", "123", "45", "Ċ", "Ċ", "I", "'", "M", "ĠOK"]
         );
+        // gpt-oss: a word keeps its contraction; digits in threes.
+        assert_eq!(split("gpt-4o", text), ["Hello", "Ġworld", "Ġ", "123", "45", "ĊĊ", "I'M", "ĠOK"]);
+        assert_eq!(split("gpt-4o", "the CamelCase x/y\n"), ["the", "ĠCamel", "Case", "Ġx", "/y", "Ċ"]);
+        // DeepSeek-V3: punctuation followed by letters stays with them; CJK runs alone.
+        assert_eq!(split("deepseek-v3", "Hi.You 12345 日本語ok"), ["Hi", ".You", "Ġ", "123", "45", "Ġ", "æĹ¥æľ¬èªŀ", "ok"]);
         // An empty name is a missing one, as in llama.cpp.
         assert_eq!(split("", "a1"), split("default", "a1"));
     }

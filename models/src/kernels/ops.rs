@@ -340,11 +340,21 @@ pub(crate) struct Yarn {
 }
 
 impl Yarn {
-    /// ggml's `ggml_rope_yarn_corr_dims` for `n_dims` rotated dimensions.
-    pub(crate) fn corr_dims(n_dims: usize, original_context: usize, base: f32, beta_fast: f32, beta_slow: f32) -> [f32; 2] {
+    /// ggml's `ggml_rope_yarn_corr_dims` for `n_dims` rotated dimensions: the range
+    /// widened to whole dimensions, unless `exact` (Hugging Face's `truncate: false`).
+    pub(crate) fn corr_dims(
+        n_dims: usize,
+        original_context: usize,
+        base: f32,
+        [beta_fast, beta_slow]: [f32; 2],
+        exact: bool,
+    ) -> [f32; 2] {
         let dim = |rotations: f32| {
             n_dims as f32 * (original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln() / (2.0 * base.ln())
         };
+        if exact {
+            return [dim(beta_fast).max(0.0), dim(beta_slow).min(n_dims as f32 - 1.0)];
+        }
         [dim(beta_fast).floor().max(0.0), dim(beta_slow).ceil().min(n_dims as f32 - 1.0)]
     }
 }

@@ -463,3 +463,4 @@ fn mxfp4_on_candles_path_dequantizes_to_the_bit() {
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
     assert!(super::mxfp4::DeviceMxfp4::new(&blocks[..blocks.len() - 1], rows, cols, &Device::Cpu).is_err());
 }
+

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-/// A folder's `model.safetensors` as f32 values, by tensor name.
+/// A folder's `model.safetensors` as f32 values (bytes as their values), by tensor name.
 pub struct Weights(HashMap<String, (Vec<usize>, Vec<f32>)>);
 
 impl Weights {
@@ -16,7 +16,12 @@ impl Weights {
             .expect("model.safetensors")
             .into_iter()
             .map(|(name, t)| {
-                let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("f32 values");
+                // Bytes too (gpt-oss's MXFP4 blocks), as their values.
+                let values = t
+                    .to_dtype(candle_core::DType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32 values");
                 let name = name.strip_prefix(prefix).map(str::to_owned).unwrap_or(name);
                 (name, (t.dims().to_vec(), values))
             })
