@@ -394,7 +394,12 @@ pub struct AuthedChannel {
 impl AuthedChannel {
     /// Wraps a channel to the node `peer` at `addr`; the handshake happens at the first
     /// call, and nothing checks who answers until [`Self::confirm_peer`].
-    pub fn new(channel: Channel, addr: SocketAddr, peer: impl Into<String>, credentials: Option<Arc<Credentials>>) -> Self {
+    pub fn new(
+        channel: Channel,
+        addr: SocketAddr,
+        peer: impl Into<String>,
+        credentials: Option<Arc<Credentials>>,
+    ) -> Self {
         Self { channel, addr, peer: peer.into(), credentials, session: tokio::sync::Mutex::new(None) }
     }
 
@@ -431,20 +436,23 @@ impl AuthedChannel {
     /// the peer's node id. Anyone else (a machine that took over the peer's old address,
     /// this node's own loopback) is refused, and warned about once.
     pub async fn confirm_peer(&self) -> Result<(), AuthError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.probe(&Limits::default(), Bytes::new(), true))
-            .await
-            .unwrap_or(Err(AuthError::NoAnswer { addr: self.addr, timeout: HANDSHAKE_TIMEOUT }))
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.probe(&Limits::default(), Bytes::new(), true)).await {
+            Ok(outcome) => outcome.map(drop),
+            Err(_) => Err(AuthError::NoAnswer { addr: self.addr, timeout: HANDSHAKE_TIMEOUT }),
+        }
     }
 
     /// One `Probe` carrying `payload`; with `prove`, the other end must also prove it is
-    /// the peer, as in [`Self::confirm_peer`].
-    pub async fn probe(&self, limits: &Limits, payload: Bytes, prove: bool) -> Result<(), AuthError> {
+    /// the peer, as in [`Self::confirm_peer`]. Returns the call's round trip (checking the
+    /// proof, after it, is not part of the path's cost).
+    pub async fn probe(&self, limits: &Limits, payload: Bytes, prove: bool) -> Result<Duration, AuthError> {
         let addr = self.addr;
         let nonce = prove.then(peer_identity::nonce);
         let sent = payload.len() as u64;
         let wire_nonce = nonce.map_or_else(Bytes::new, |nonce| Bytes::copy_from_slice(&nonce));
         let request = self.request(pb::ProbeRequest { payload, nonce: wire_nonce }).await?;
         let mut client = pb::pipeline_client::PipelineClient::new(self.channel()).with_limits(limits);
+        let started = Instant::now();
         let reply = match client.probe(request).await {
             Ok(reply) => reply.into_inner(),
             Err(status) => {
@@ -452,15 +460,20 @@ impl AuthedChannel {
                 return Err(AuthError::ProbeFailed { addr, status });
             }
         };
-        let answer = ProbeAnswer::from_wire(reply).map_err(|error| AuthError::Protocol { addr, reason: error.to_string() })?;
+        let round_trip = started.elapsed();
+        let answer =
+            ProbeAnswer::from_wire(reply).map_err(|error| AuthError::Protocol { addr, reason: error.to_string() })?;
         if answer.received_bytes != sent {
             return Err(AuthError::ProbeCut { addr, got: answer.received_bytes, sent });
         }
-        let Some(nonce) = nonce else { return Ok(()) };
-        peer_identity::check(&self.peer, &nonce, answer.proof.as_ref()).map_err(|why| {
-            peer_identity::warn_once(addr, &self.peer, &why);
-            AuthError::NotThePeer { addr, expected: self.peer.clone(), why }
-        })
+        let Some(nonce) = nonce else { return Ok(round_trip) };
+        match peer_identity::check(&self.peer, &nonce, answer.proof.as_ref()) {
+            Ok(()) => Ok(round_trip),
+            Err(why) => {
+                peer_identity::warn_once(addr, &self.peer, &why);
+                Err(AuthError::NotThePeer { addr, expected: self.peer.clone(), why })
+            }
+        }
     }
 
     /// The channel, for building clients; send requests built by [`Self::request`].

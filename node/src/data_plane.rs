@@ -161,7 +161,8 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, worker_credentials, command_rx, worker_stats, served_weights, identity));
+                let stats = worker_stats;
+                runtime.block_on(run(listener, limits, worker_credentials, command_rx, stats, served_weights, identity));
             })
             .context("starting the data plane thread")?;
         Ok(Self { commands, addr, stats, limits, credentials, node_id, weights })
@@ -435,8 +436,7 @@ impl Link {
         }
         let failed_over = choice.failovers != self.failovers;
         tracing::info!(from = %self.addr, to = %choice.addr, failed_over, "moving the link to the next stage's new path");
-        let moved =
-            LinkStream::open(choice.addr, &self.peer, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+        let moved = self.open(choice.addr);
         let old = std::mem::replace(&mut self.stream, moved);
         if failed_over {
             // The old path is dead: nothing on it will arrive.
@@ -448,12 +448,16 @@ impl Link {
         failed_over
     }
 
+    /// A new stream of this link, to the neighbour at `addr`.
+    fn open(&self, addr: SocketAddr) -> LinkStream {
+        LinkStream::open(addr, &self.peer, self.limits, self.credentials.clone(), self.epoch, self.work.clone())
+    }
+
     /// Sends a frame, first opening the link again if its connection has gone.
     async fn send(&mut self, frame: StageFrame) -> bool {
         if self.stream.frames.is_closed() {
             tracing::info!(addr = %self.addr, "opening the link to the neighbouring stage again");
-            self.stream =
-                LinkStream::open(self.addr, &self.peer, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+            self.stream = self.open(self.addr);
         }
         self.stream.frames.send(frame.into_wire()).await.is_ok()
     }

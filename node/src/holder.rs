@@ -320,8 +320,10 @@ impl Inner {
                     // gone (a node whose address moved answers nothing on the old one).
                     // Replaying is exact either way, so the request moves over.
                     let now = routes.borrow_and_update().clone();
-                    let failed_over = now.as_ref().is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
-                    let moved = now.as_ref().is_some_and(|now| now.epoch > route.epoch && now.first_stage != route.first_stage);
+                    let failed_over =
+                        now.as_ref().is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
+                    let moved =
+                        now.as_ref().is_some_and(|now| now.epoch > route.epoch && now.first_stage != route.first_stage);
                     if failed_over || moved {
                         return Err(PathFailedOver.into());
                     }

@@ -350,8 +350,8 @@ impl Shared {
         let stats = Arc::new(Mutex::new(Stats::new()));
         let interface = interface_towards(addr.ip()).unwrap_or_default();
         tracing::debug!(node = node_id, %addr, interface, "probing a path");
-        let prober =
-            tokio::spawn(probe_path(node_id.to_string(), addr, self.credentials.clone(), self.limits, stats.clone(), several));
+        let peer = node_id.to_string();
+        let prober = tokio::spawn(probe_path(peer, addr, self.credentials.clone(), self.limits, stats.clone(), several));
         Path { stats, interface, prober }
     }
 
@@ -444,8 +444,8 @@ async fn probe_path(
         }
         let sent = Instant::now();
         if channel.is_none() {
-            match tokio::time::timeout(CONNECT_TIMEOUT, AuthedChannel::connect(addr, peer.as_str(), credentials.clone())).await
-            {
+            let connect = AuthedChannel::connect(addr, peer.as_str(), credentials.clone());
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(connected)) => channel = Some(connected),
                 Ok(Err(error)) => {
                     tracing::trace!(%addr, "path probe cannot connect: {error:#}");
@@ -510,10 +510,8 @@ async fn probe_once(
     timeout: Duration,
     prove: bool,
 ) -> Result<Duration, AuthError> {
-    let started = Instant::now();
     match tokio::time::timeout(timeout, channel.probe(limits, payload, prove)).await {
-        Ok(Ok(())) => Ok(started.elapsed()),
-        Ok(Err(error)) => Err(error),
+        Ok(outcome) => outcome,
         Err(_) => Err(AuthError::NoAnswer { addr: channel.addr(), timeout }),
     }
 }

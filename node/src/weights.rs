@@ -338,7 +338,8 @@ async fn open_transfer(
     credentials: Option<Arc<Credentials>>,
     limits: Limits,
 ) -> anyhow::Result<tonic::Streaming<pb::WeightChunk>> {
-    let channel = tokio::time::timeout(IDLE_TIMEOUT, AuthedChannel::connect(peer.addr, peer.node_id.as_str(), credentials))
+    let connect = AuthedChannel::connect(peer.addr, peer.node_id.as_str(), credentials);
+    let channel = tokio::time::timeout(IDLE_TIMEOUT, connect)
         .await
         .map_err(|_| FetchError::Idle(IDLE_TIMEOUT))??;
     let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&limits);
@@ -615,7 +616,13 @@ impl FromPeers {
     /// Fetches `names` into the file, from the first of `peers` that has them, going on
     /// to the next when one fails or lies (keeping the tensors it completed), for a few
     /// rounds. Returns the bytes fetched.
-    async fn fetch(&self, model: &str, layers: Range<usize>, names: &[String], peers: &[DataPeer]) -> anyhow::Result<u64> {
+    async fn fetch(
+        &self,
+        model: &str,
+        layers: Range<usize>,
+        names: &[String],
+        peers: &[DataPeer],
+    ) -> anyhow::Result<u64> {
         let (file, layout) =
             self.file.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone().context("the model is not laid out yet")?;
         let mut done = BTreeSet::new();
@@ -645,7 +652,8 @@ impl FromPeers {
                     return Ok(bytes);
                 }
                 Err(error) => {
-                    tracing::warn!(peer = %peer.addr, done = done.len(), of = names.len(), "fetching weights failed; trying another peer: {error:#}");
+                    let (done, of) = (done.len(), names.len());
+                    tracing::warn!(peer = %peer.addr, done, of, "fetching weights failed; trying another peer: {error:#}");
                     last_error = error;
                 }
             }
