@@ -318,8 +318,12 @@ def test_an_impostor_on_a_stale_address_is_never_used_as_the_peer(
     refused_after = wait_for_log(client, refusal, REFUSAL_LIMIT_S)
     # However long it is probed, the stale address is never the peer's path.
     time.sleep(max(0.0, TRAFFIC_AFTER_CHANGE_S - (time.monotonic() - taken_at)))
+    # The peer still lists the address (it still thinks it holds it): the path is probed,
+    # and shown as refused.
     stale = [path for path in client.cluster_view().raw["paths"] if path["to"] == peer_id and path["addr"] == stale_addr]
+    assert stale, f"{client.name} no longer lists {stale_addr} for the peer"
     assert not any(path["in_use"] or path["alive"] for path in stale), stale
+    assert all(f"node {impostor_id} answered" in (path["not_the_peer"] or "") for path in stale), stale
 
     # Then the peer takes a new lease, as in test_an_address_replaced_mid_stream.
     moved_at = time.monotonic()
