@@ -14,7 +14,9 @@
 //! `Pipeline` calls need no ticket.
 //!
 //! Clients go through an [`AuthedChannel`], which shakes hands once per connection,
-//! again before the ticket expires, and again after the server refused it.
+//! again before the ticket expires, and again after the server refused it. It is made
+//! for one peer, and checks, key or no key, that the other end proves that peer's node
+//! id ([`crate::peer_identity`]) before the channel is used.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +31,8 @@ use hearth_mesh::cluster_key::ClusterKey;
 use hearth_proto::handshake::{
     transcript, Hello, HandshakeStep, Proof, Role, Session, MAC_LEN, NONCE_LEN, SESSION_METADATA_KEY,
 };
-use hearth_proto::pb;
+use hearth_proto::probe::ProbeAnswer;
+use hearth_proto::{pb, Limits};
 use hmac::{Hmac, Mac as _};
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
@@ -39,6 +42,8 @@ use tokio_stream::Stream;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::peer_identity::{self, NotThePeer};
 
 /// The environment variable that may hold the cluster key, in hex.
 pub const CLUSTER_KEY_ENV: &str = "HEARTH_CLUSTER_KEY";
@@ -163,6 +168,14 @@ pub enum AuthError {
     Protocol { addr: SocketAddr, reason: String },
     #[error("the handshake with {addr} took longer than {HANDSHAKE_TIMEOUT:?}")]
     TimedOut { addr: SocketAddr },
+    #[error("the node at {addr} is not {expected}: {why}")]
+    NotThePeer { addr: SocketAddr, expected: String, why: NotThePeer },
+    #[error("no answer from {addr} within {timeout:?}")]
+    NoAnswer { addr: SocketAddr, timeout: Duration },
+    #[error("the probe of {addr} failed: {status}")]
+    ProbeFailed { addr: SocketAddr, status: Status },
+    #[error("the node at {addr} got {got} of the {sent} bytes probed with")]
+    ProbeCut { addr: SocketAddr, got: u64, sent: u64 },
 }
 
 /// The client's side of the handshake over `channel`: returns the session the server
@@ -366,33 +379,101 @@ pub fn server(credentials: Option<Arc<Credentials>>) -> (Option<pb::auth_server:
     }
 }
 
-/// A channel to another node's data plane that attaches a session ticket to every
-/// call, shaking hands when it has none or the one it has is about to expire.
+/// A channel to one peer's data plane that attaches a session ticket to every call,
+/// shaking hands when it has none or the one it has is about to expire.
 pub struct AuthedChannel {
     channel: Channel,
     addr: SocketAddr,
+    /// The node id the other end must prove ([`Self::confirm_peer`]).
+    peer: String,
     credentials: Option<Arc<Credentials>>,
     /// The ticket, and when to shake hands again.
     session: tokio::sync::Mutex<Option<(BinaryMetadataValue, Instant)>>,
 }
 
 impl AuthedChannel {
-    /// Wraps a channel to `addr`; the handshake happens at the first call.
-    pub fn new(channel: Channel, addr: SocketAddr, credentials: Option<Arc<Credentials>>) -> Self {
-        Self { channel, addr, credentials, session: tokio::sync::Mutex::new(None) }
+    /// Wraps a channel to the node `peer` at `addr`; the handshake happens at the first
+    /// call, and nothing checks who answers until [`Self::confirm_peer`].
+    pub fn new(
+        channel: Channel,
+        addr: SocketAddr,
+        peer: impl Into<String>,
+        credentials: Option<Arc<Credentials>>,
+    ) -> Self {
+        Self { channel, addr, peer: peer.into(), credentials, session: tokio::sync::Mutex::new(None) }
     }
 
-    /// Connects to the data plane at `addr` and, with credentials, shakes hands.
-    pub async fn connect(addr: SocketAddr, credentials: Option<Arc<Credentials>>) -> anyhow::Result<Self> {
+    /// Connects to the data plane of the node `peer` at `addr`, shakes hands (with
+    /// credentials) and checks that the other end is `peer`.
+    pub async fn connect(
+        addr: SocketAddr,
+        peer: impl Into<String>,
+        credentials: Option<Arc<Credentials>>,
+    ) -> anyhow::Result<Self> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect_timeout(HANDSHAKE_TIMEOUT)
             .connect()
             .await
             .with_context(|| format!("cannot reach the node at {addr}"))?;
-        let authed = Self::new(channel, addr, credentials);
+        let authed = Self::new(channel, addr, peer, credentials);
         authed.ticket().await?;
+        authed.confirm_peer().await?;
         Ok(authed)
+    }
+
+    /// The address it connects to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node this channel is for.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Checks that the other end is the peer: it must sign a fresh nonce with the key of
+    /// the peer's node id. Anyone else (a machine that took over the peer's old address,
+    /// this node's own loopback) is refused, and warned about once.
+    pub async fn confirm_peer(&self) -> Result<(), AuthError> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.probe(&Limits::default(), Bytes::new(), true)).await {
+            Ok(outcome) => outcome.map(drop),
+            Err(_) => Err(AuthError::NoAnswer { addr: self.addr, timeout: HANDSHAKE_TIMEOUT }),
+        }
+    }
+
+    /// One `Probe` carrying `payload`; with `prove`, the other end must also prove it is
+    /// the peer, as in [`Self::confirm_peer`]. Returns the call's round trip (checking the
+    /// proof, after it, is not part of the path's cost).
+    pub async fn probe(&self, limits: &Limits, payload: Bytes, prove: bool) -> Result<Duration, AuthError> {
+        let addr = self.addr;
+        let nonce = prove.then(peer_identity::nonce);
+        let sent = payload.len() as u64;
+        let wire_nonce = nonce.map_or_else(Bytes::new, |nonce| Bytes::copy_from_slice(&nonce));
+        let request = self.request(pb::ProbeRequest { payload, nonce: wire_nonce }).await?;
+        let mut client = pb::pipeline_client::PipelineClient::new(self.channel()).with_limits(limits);
+        let started = Instant::now();
+        let reply = match client.probe(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                self.check_status(&status).await;
+                return Err(AuthError::ProbeFailed { addr, status });
+            }
+        };
+        let round_trip = started.elapsed();
+        let answer =
+            ProbeAnswer::from_wire(reply).map_err(|error| AuthError::Protocol { addr, reason: error.to_string() })?;
+        if answer.received_bytes != sent {
+            return Err(AuthError::ProbeCut { addr, got: answer.received_bytes, sent });
+        }
+        let Some(nonce) = nonce else { return Ok(round_trip) };
+        match peer_identity::check(&self.peer, &nonce, answer.proof.as_ref()) {
+            Ok(()) => Ok(round_trip),
+            Err(why) => {
+                peer_identity::warn_once(addr, &self.peer, &why);
+                Err(AuthError::NotThePeer { addr, expected: self.peer.clone(), why })
+            }
+        }
     }
 
     /// The channel, for building clients; send requests built by [`Self::request`].

@@ -594,7 +594,7 @@ impl Node {
             }
         };
         let neighbour = |stage: &hearth_mesh::control::PlanStage| {
-            Neighbour::Path(self.paths.watch(&stage.node_id, stage.data_addr))
+            Neighbour::Path { node_id: stage.node_id.clone(), choice: self.paths.watch(&stage.node_id, stage.data_addr) }
         };
         let next = plan.stages.get(index + 1).map(neighbour);
         let first = if index == 0 { Neighbour::Local } else { neighbour(&plan.stages[0]) };
@@ -739,6 +739,7 @@ impl Node {
                 let path = (first.node_id != self.me.node_id).then(|| self.paths.current(&first.node_id)).flatten();
                 Route {
                     epoch: plan.epoch,
+                    first_node: first.node_id.clone(),
                     first_stage: path.map_or(first.data_addr, |path| path.addr),
                     failovers: path.map_or(0, |path| path.failovers),
                 }

@@ -25,6 +25,8 @@ use hearth_proto::frame::{
     Activation, DType, ErrorCode, Expect, FinishReason, Generation, HiddenStates, Prefill, Reset, StageError,
     StageFrame, Token,
 };
+use hearth_mesh::identity::Identity;
+use hearth_proto::probe::{challenge_from_wire, ProbeAnswer};
 use hearth_proto::{pb, FrameError, Limits};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -47,11 +49,11 @@ const LINK_BUFFER: usize = 64;
 pub enum Neighbour {
     /// On this node: frames stay in memory.
     Local,
-    /// Another node's data plane, at one fixed address.
-    Remote(SocketAddr),
-    /// Another node's data plane, over whichever of its paths [`crate::paths`] chooses;
-    /// the link moves when the choice does, between two frames.
-    Path(watch::Receiver<Choice>),
+    /// The data plane of the node `node_id`, at one fixed address.
+    Remote { node_id: String, addr: SocketAddr },
+    /// The data plane of the node `node_id`, over whichever of its paths
+    /// [`crate::paths`] chooses; the link moves when the choice does, between two frames.
+    Path { node_id: String, choice: watch::Receiver<Choice> },
 }
 
 impl Neighbour {
@@ -80,6 +82,7 @@ pub struct DataPlane {
     stats: Arc<DataPlaneStats>,
     limits: Limits,
     credentials: Option<Arc<Credentials>>,
+    node_id: String,
     weights: WeightServer,
 }
 
@@ -129,8 +132,15 @@ type Upstream = mpsc::UnboundedSender<Result<pb::StageMessage, Status>>;
 
 impl DataPlane {
     /// Binds `listen` and starts the data plane thread. With `credentials` (a cluster
-    /// key), peers must prove they hold the key, both ways (see [`crate::auth`]).
-    pub fn start(listen: SocketAddr, limits: Limits, credentials: Option<Arc<Credentials>>) -> anyhow::Result<Self> {
+    /// key), peers must prove they hold the key, both ways (see [`crate::auth`]); with or
+    /// without, it proves to probing peers that it is `identity`
+    /// ([`crate::peer_identity`]).
+    pub fn start(
+        listen: SocketAddr,
+        limits: Limits,
+        credentials: Option<Arc<Credentials>>,
+        identity: Identity,
+    ) -> anyhow::Result<Self> {
         let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding the data plane to {listen}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -140,6 +150,7 @@ impl DataPlane {
         let worker_credentials = credentials.clone();
         let weights = WeightServer::default();
         let served_weights = weights.clone();
+        let node_id = identity.node_id().to_string();
         std::thread::Builder::new()
             .name("hearth-data-plane".into())
             .spawn(move || {
@@ -150,10 +161,16 @@ impl DataPlane {
                         return;
                     }
                 };
-                runtime.block_on(run(listener, limits, worker_credentials, command_rx, worker_stats, served_weights));
+                let stats = worker_stats;
+                runtime.block_on(run(listener, limits, worker_credentials, command_rx, stats, served_weights, identity));
             })
             .context("starting the data plane thread")?;
-        Ok(Self { commands, addr, stats, limits, credentials, weights })
+        Ok(Self { commands, addr, stats, limits, credentials, node_id, weights })
+    }
+
+    /// The node id it proves to peers.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// The weights this node serves to peers that fetch them.
@@ -205,9 +222,10 @@ async fn run(
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<DataPlaneStats>,
     weights: WeightServer,
+    identity: Identity,
 ) {
     let (work, work_rx) = mpsc::unbounded_channel();
-    let service = Service { work: work.clone(), weights };
+    let service = Service { work: work.clone(), weights, identity };
     let (auth, session_check) = crate::auth::server(credentials.clone());
     let server = InterceptedService::new(pb::pipeline_server::PipelineServer::new(service).with_limits(&limits), session_check);
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -245,6 +263,8 @@ async fn run(
 struct Service {
     work: mpsc::UnboundedSender<Work>,
     weights: WeightServer,
+    /// What probes are answered with: a probe with a nonce gets this node's proof.
+    identity: Identity,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::StageMessage, Status>> + Send>>;
@@ -280,8 +300,10 @@ impl pb::pipeline_server::Pipeline for Service {
     }
 
     async fn probe(&self, request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
-        let received_bytes = request.get_ref().payload.len() as u64;
-        Ok(Response::new(pb::ProbeReply { received_bytes }))
+        let request = request.into_inner();
+        let proof = challenge_from_wire(&request)?.and_then(|nonce| crate::peer_identity::prove(&self.identity, &nonce));
+        let received_bytes = request.payload.len() as u64;
+        Ok(Response::new(ProbeAnswer { received_bytes, proof }.into_wire()))
     }
 
     async fn fetch_weights(&self, request: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
@@ -311,6 +333,8 @@ struct Link {
     // What it takes to open the link again after its connection broke: a neighbour that
     // restarts into the same plan must be reachable again without a new plan.
     addr: SocketAddr,
+    /// The neighbour's node id, which whatever answers at `addr` must prove.
+    peer: String,
     limits: Limits,
     credentials: Option<Arc<Credentials>>,
     epoch: u64,
@@ -332,10 +356,13 @@ struct LinkStream {
 }
 
 impl LinkStream {
-    /// Opens a stream to `addr`. Messages queue until the connection is up; refusals and
-    /// failures come back to the worker as [`Work::Downstream`] and [`Work::LinkBroke`].
+    /// Opens a stream to the node `peer` at `addr`. Messages queue until the connection
+    /// is up and the other end has proved it is `peer`; refusals and failures (another
+    /// node answering included) come back to the worker as [`Work::Downstream`] and
+    /// [`Work::LinkBroke`].
     fn open(
         addr: SocketAddr,
+        peer: &str,
         limits: Limits,
         credentials: Option<Arc<Credentials>>,
         epoch: u64,
@@ -344,7 +371,7 @@ impl LinkStream {
         static STREAM_IDS: AtomicU64 = AtomicU64::new(1);
         let id = STREAM_IDS.fetch_add(1, Ordering::Relaxed);
         let (frames, outbound) = mpsc::channel(LINK_BUFFER);
-        let task = tokio::spawn(run_stream(addr, limits, credentials, epoch, work, id, outbound));
+        let task = tokio::spawn(run_stream(addr, peer.to_string(), limits, credentials, epoch, work, id, outbound));
         Self { frames, id, task }
     }
 }
@@ -367,14 +394,24 @@ impl Link {
         epoch: u64,
         work: mpsc::UnboundedSender<Work>,
     ) -> Option<Self> {
-        let (addr, path) = match neighbour {
+        let (addr, peer, path) = match neighbour {
             Neighbour::Local => return None,
-            Neighbour::Remote(addr) => (*addr, None),
-            Neighbour::Path(path) => (path.borrow().addr, Some(path.clone())),
+            Neighbour::Remote { node_id, addr } => (*addr, node_id.clone(), None),
+            Neighbour::Path { node_id, choice } => (choice.borrow().addr, node_id.clone(), Some(choice.clone())),
         };
-        let stream = LinkStream::open(addr, limits, credentials.clone(), epoch, work.clone());
-        let mut link =
-            Self { stream, addr, limits, credentials, epoch, work: work.clone(), path: None, failovers: 0, watcher: None };
+        let stream = LinkStream::open(addr, &peer, limits, credentials.clone(), epoch, work.clone());
+        let mut link = Self {
+            stream,
+            addr,
+            peer,
+            limits,
+            credentials,
+            epoch,
+            work: work.clone(),
+            path: None,
+            failovers: 0,
+            watcher: None,
+        };
         if let Some(path) = path {
             link.failovers = path.borrow().failovers;
             let mut changes = path.clone();
@@ -399,7 +436,7 @@ impl Link {
         }
         let failed_over = choice.failovers != self.failovers;
         tracing::info!(from = %self.addr, to = %choice.addr, failed_over, "moving the link to the next stage's new path");
-        let moved = LinkStream::open(choice.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+        let moved = self.open(choice.addr);
         let old = std::mem::replace(&mut self.stream, moved);
         if failed_over {
             // The old path is dead: nothing on it will arrive.
@@ -411,19 +448,26 @@ impl Link {
         failed_over
     }
 
+    /// A new stream of this link, to the neighbour at `addr`.
+    fn open(&self, addr: SocketAddr) -> LinkStream {
+        LinkStream::open(addr, &self.peer, self.limits, self.credentials.clone(), self.epoch, self.work.clone())
+    }
+
     /// Sends a frame, first opening the link again if its connection has gone.
     async fn send(&mut self, frame: StageFrame) -> bool {
         if self.stream.frames.is_closed() {
             tracing::info!(addr = %self.addr, "opening the link to the neighbouring stage again");
-            self.stream = LinkStream::open(self.addr, self.limits, self.credentials.clone(), self.epoch, self.work.clone());
+            self.stream = self.open(self.addr);
         }
         self.stream.frames.send(frame.into_wire()).await.is_ok()
     }
 }
 
-/// Runs one stream to `addr` until it ends or breaks.
+/// Runs one stream to the node `peer` at `addr` until it ends or breaks.
+#[allow(clippy::too_many_arguments)]
 async fn run_stream(
     addr: SocketAddr,
+    peer: String,
     limits: Limits,
     credentials: Option<Arc<Credentials>>,
     epoch: u64,
@@ -435,7 +479,8 @@ async fn run_stream(
         let error = StageError { epoch, sequence_id: 0, code: ErrorCode::Internal, message };
         let _ = work.send(Work::LinkBroke { link, error });
     };
-    let channel = match AuthedChannel::connect(addr, credentials).await {
+    // The connection is confirmed to reach `peer` before any frame goes out on it.
+    let channel = match AuthedChannel::connect(addr, peer, credentials).await {
         Ok(channel) => channel,
         Err(error) => return broke(format!("cannot link to the stage at {addr}: {error:#}")),
     };

@@ -45,10 +45,13 @@ struct Progress<'a> {
     first_token_at: Option<Instant>,
 }
 
-/// The pipeline requests go through: the plan's epoch and where its first stage listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The pipeline requests go through: the plan's epoch, and which node its first stage
+/// is and where it listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub epoch: u64,
+    /// The first stage's node id, which whatever answers at `first_stage` must prove.
+    pub first_node: String,
     pub first_stage: SocketAddr,
     /// How often the path to the first stage has failed over: tokens on their way over a
     /// failed path are lost, so a request in flight is replayed when this changes.
@@ -114,8 +117,8 @@ struct Inner {
     routes: watch::Receiver<Option<Route>>,
     slots: Semaphore,
     limits: Limits,
-    /// One HTTP/2 connection per first stage, shared by all requests.
-    channels: Mutex<HashMap<SocketAddr, Arc<AuthedChannel>>>,
+    /// One HTTP/2 connection per first stage (node and address), shared by all requests.
+    channels: Mutex<HashMap<(String, SocketAddr), Arc<AuthedChannel>>>,
     /// With a cluster key: what this node proves itself to the first stage with.
     credentials: Option<Arc<Credentials>>,
 }
@@ -221,7 +224,7 @@ impl Inner {
         let mut attempts = 0;
         let finish = loop {
             let route = self.route_after(failed_epoch).await?;
-            match self.attempt(request, route, &mut progress, events).await {
+            match self.attempt(request, route.clone(), &mut progress, events).await {
                 Ok(finish) => break finish,
                 Err(failure) => {
                     attempts += 1;
@@ -290,7 +293,11 @@ impl Inner {
 
         let (frames, outbound) = mpsc::channel(8);
         frames.send(StageFrame::Prefill(prefill).into_wire()).await?;
-        let channel = self.channel(route.first_stage).await?;
+        let channel = self.channel(&route).await?;
+        // The connection may have been made anew since the last request, to whoever holds
+        // the address now: nothing goes into the pipeline before the first stage proves
+        // it is the plan's.
+        channel.confirm_peer().await?;
         let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&self.limits);
         let request = channel.request(ReceiverStream::new(outbound)).await?;
         let mut replies = match client.stream(request).await {
@@ -312,9 +319,11 @@ impl Inner {
                     // whose first stage listens elsewhere may mean this one's address is
                     // gone (a node whose address moved answers nothing on the old one).
                     // Replaying is exact either way, so the request moves over.
-                    let now = *routes.borrow_and_update();
-                    let failed_over = now.is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
-                    let moved = now.is_some_and(|now| now.epoch > route.epoch && now.first_stage != route.first_stage);
+                    let now = routes.borrow_and_update().clone();
+                    let failed_over =
+                        now.as_ref().is_some_and(|now| now.epoch == route.epoch && now.failovers != route.failovers);
+                    let moved =
+                        now.as_ref().is_some_and(|now| now.epoch > route.epoch && now.first_stage != route.first_stage);
                     if failed_over || moved {
                         return Err(PathFailedOver.into());
                     }
@@ -373,11 +382,11 @@ impl Inner {
             let mut routes = self.routes.clone();
             let newer = match tokio::time::timeout(
                 REPLAN_WAIT,
-                routes.wait_for(|route| route.is_some_and(|r| r.epoch > failed)),
+                routes.wait_for(|route| route.as_ref().is_some_and(|r| r.epoch > failed)),
             )
             .await
             {
-                Ok(Ok(route)) => *route,
+                Ok(Ok(route)) => route.clone(),
                 _ => None,
             };
             if let Some(route) = newer {
@@ -391,22 +400,23 @@ impl Inner {
     async fn wait_for_route(&self) -> anyhow::Result<Route> {
         let mut routes = self.routes.clone();
         let route = match tokio::time::timeout(PLAN_WAIT, routes.wait_for(Option::is_some)).await {
-            Ok(Ok(route)) => *route,
+            Ok(Ok(route)) => route.clone(),
             _ => None,
         };
         route.ok_or_else(|| anyhow::anyhow!("the cluster has no ready plan to serve the model"))
     }
 
-    async fn channel(&self, addr: SocketAddr) -> anyhow::Result<Arc<AuthedChannel>> {
-        if let Some(channel) = self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(&addr) {
+    async fn channel(&self, route: &Route) -> anyhow::Result<Arc<AuthedChannel>> {
+        let (addr, key) = (route.first_stage, (route.first_node.clone(), route.first_stage));
+        if let Some(channel) = self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(&key) {
             return Ok(channel.clone());
         }
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
             .connect_lazy();
-        let channel = Arc::new(AuthedChannel::new(channel, addr, self.credentials.clone()));
-        self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(addr, channel.clone());
+        let channel = Arc::new(AuthedChannel::new(channel, addr, route.first_node.as_str(), self.credentials.clone()));
+        self.channels.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key, channel.clone());
         Ok(channel)
     }
 }

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod holder;
 pub mod model_store;
 pub mod paths;
+pub mod peer_identity;
 pub mod status;
 pub mod system;
 pub mod weights;

@@ -310,7 +310,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(dir) => dir,
         None => hearth_mesh::identity::default_data_dir()?,
     };
-    let node_id = hearth_mesh::identity::Identity::load_or_create(&data_dir)?.node_id().to_string();
+    let identity = hearth_mesh::identity::Identity::load_or_create(&data_dir)?;
+    let node_id = identity.node_id().to_string();
     let cluster_key = auth::load_cluster_key(args.cluster_key_file.as_deref())?;
     let credentials = cluster_key.as_ref().map(|key| Arc::new(auth::Credentials::new(key, node_id.clone())));
     let options = ClusterOptions {
@@ -335,7 +336,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let cors_origins = args.cors_origins;
     let limits = hearth_proto::Limits::default();
-    let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone())?;
+    let data_plane = DataPlane::start(args.data_addr, limits, credentials.clone(), identity)?;
     let data_plane_stats = data_plane.stats().clone();
     let model = match origin {
         ModelOrigin::File(source) => NodeModel::from_file(*source, data_plane.weights().clone()),

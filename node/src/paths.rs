@@ -13,6 +13,10 @@
 //! Probes are answered by the peer's data plane thread, which may be busy with a long
 //! prefill: so a path counts as failed only if another path to the same peer answered
 //! after it stopped answering.
+//!
+//! Every round-trip probe also asks the other end to prove the peer's node id
+//! ([`crate::peer_identity`]): an address that now leads to another node (a machine that
+//! took over the peer's old address) answers, but as someone else, and is never alive.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,11 +26,11 @@ use std::time::{Duration, Instant};
 
 use hearth_mesh::control::HopReport;
 use hearth_mesh::discovery::{interface_towards, InterfacePolicy};
-use hearth_proto::{pb, Limits};
+use hearth_proto::Limits;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::{AuthedChannel, Credentials};
+use crate::auth::{AuthError, AuthedChannel, Credentials};
 
 /// How often each path is probed for its round trip, when the peer has several. Failing
 /// over within a second takes a few probes a second.
@@ -89,6 +93,9 @@ pub struct PathView {
     pub rtt_us: Option<u64>,
     /// Bytes per second of the latest burst.
     pub bytes_per_second: Option<u64>,
+    /// Why the latest answer on this address was refused as not coming from the peer
+    /// (another node answered, say), if it was.
+    pub not_the_peer: Option<String>,
 }
 
 /// The paths to every peer: measures them in the background and publishes each peer's
@@ -137,6 +144,8 @@ struct Stats {
     misses: u32,
     /// When the first probe of the current run of misses was sent.
     missing_since: Option<Instant>,
+    /// Why the latest answer was not the peer's, if it was not.
+    not_the_peer: Option<String>,
 }
 
 impl Stats {
@@ -148,6 +157,7 @@ impl Stats {
             last_answer: None,
             misses: 0,
             missing_since: None,
+            not_the_peer: None,
         }
     }
 
@@ -163,6 +173,7 @@ impl Stats {
         self.last_answer = Some(Instant::now());
         self.misses = 0;
         self.missing_since = None;
+        self.not_the_peer = None;
     }
 
     fn missed(&mut self, sent: Instant) {
@@ -291,6 +302,7 @@ impl Paths {
                         alive: stats.alive(),
                         rtt_us: stats.rtt().map(|rtt| rtt.as_micros() as u64),
                         bytes_per_second: stats.bytes_per_second.map(|rate| rate as u64),
+                        not_the_peer: stats.not_the_peer.clone(),
                     }
                 })
             })
@@ -338,7 +350,8 @@ impl Shared {
         let stats = Arc::new(Mutex::new(Stats::new()));
         let interface = interface_towards(addr.ip()).unwrap_or_default();
         tracing::debug!(node = node_id, %addr, interface, "probing a path");
-        let prober = tokio::spawn(probe_path(addr, self.credentials.clone(), self.limits, stats.clone(), several));
+        let peer = node_id.to_string();
+        let prober = tokio::spawn(probe_path(peer, addr, self.credentials.clone(), self.limits, stats.clone(), several));
         Path { stats, interface, prober }
     }
 
@@ -410,8 +423,10 @@ fn lock(stats: &Mutex<Stats>) -> MutexGuard<'_, Stats> {
     stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Probes one path for as long as it is listed (the task is aborted when it is not).
+/// Probes one path to the node `peer` for as long as it is listed (the task is aborted
+/// when it is not).
 async fn probe_path(
+    peer: String,
     addr: SocketAddr,
     credentials: Option<Arc<Credentials>>,
     limits: Limits,
@@ -429,22 +444,36 @@ async fn probe_path(
         }
         let sent = Instant::now();
         if channel.is_none() {
-            match tokio::time::timeout(CONNECT_TIMEOUT, AuthedChannel::connect(addr, credentials.clone())).await {
+            let connect = AuthedChannel::connect(addr, peer.as_str(), credentials.clone());
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(connected)) => channel = Some(connected),
                 Ok(Err(error)) => {
                     tracing::trace!(%addr, "path probe cannot connect: {error:#}");
-                    lock(&stats).missed(sent);
+                    let mut stats = lock(&stats);
+                    stats.missed(sent);
+                    if let Some(AuthError::NotThePeer { why, .. }) = error.downcast_ref::<AuthError>() {
+                        stats.not_the_peer = Some(why.to_string());
+                    }
                 }
                 Err(_) => lock(&stats).missed(sent),
             }
         }
         let Some(authed) = &channel else { continue };
-        match probe_once(authed, &limits, bytes::Bytes::new(), PROBE_TIMEOUT).await {
+        // Each round trip is also proved to come from the peer: the connection under the
+        // channel may have been made anew, to whoever holds the address now.
+        match probe_once(authed, &limits, bytes::Bytes::new(), PROBE_TIMEOUT, true).await {
             Ok(rtt) => lock(&stats).answered(rtt),
             Err(error) => {
                 tracing::trace!(%addr, "path probe missed: {error}");
                 let mut stats = lock(&stats);
                 stats.missed(sent);
+                if let AuthError::NotThePeer { why, .. } = &error {
+                    stats.not_the_peer = Some(why.to_string());
+                    // Whoever answers here is not the peer: start again from a new
+                    // connection, confirmed before it is used.
+                    channel = None;
+                    continue;
+                }
                 if stats.misses >= RECONNECT_AFTER_MISSES {
                     // A connection over a link that went down waits out TCP's growing
                     // retransmission timer once the link is back; a new one is up at once.
@@ -456,7 +485,7 @@ async fn probe_path(
         }
         if Instant::now() >= next_burst {
             next_burst = Instant::now() + BURST_INTERVAL;
-            match probe_once(authed, &limits, burst.clone(), BURST_TIMEOUT).await {
+            match probe_once(authed, &limits, burst.clone(), BURST_TIMEOUT, false).await {
                 Ok(elapsed) => {
                     // Round trip included: what moving an activation this size really costs
                     // (subtracting a noisy round trip from a fast burst would leave noise).
@@ -472,31 +501,18 @@ async fn probe_path(
     }
 }
 
-/// One probe with `payload`: the time until its reply.
+/// One probe with `payload` (with `prove`, one the peer must prove it answered): the
+/// time until its reply.
 async fn probe_once(
     channel: &AuthedChannel,
     limits: &Limits,
     payload: bytes::Bytes,
     timeout: Duration,
-) -> Result<Duration, String> {
-    let expected = payload.len() as u64;
-    let started = Instant::now();
-    let call = async {
-        let request = channel.request(pb::ProbeRequest { payload }).await.map_err(|e| e.to_string())?;
-        let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(limits);
-        match client.probe(request).await {
-            Ok(reply) if reply.get_ref().received_bytes == expected => Ok(()),
-            Ok(reply) => Err(format!("the peer got {} of {expected} bytes", reply.get_ref().received_bytes)),
-            Err(status) => {
-                channel.check_status(&status).await;
-                Err(status.to_string())
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(Ok(())) => Ok(started.elapsed()),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+    prove: bool,
+) -> Result<Duration, AuthError> {
+    match tokio::time::timeout(timeout, channel.probe(limits, payload, prove)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(AuthError::NoAnswer { addr: channel.addr(), timeout }),
     }
 }
 

@@ -66,6 +66,16 @@ pub fn print(api: &str, raw_json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    // Addresses listed for a peer where someone else answers: never used, but worth knowing.
+    let paths = body["paths"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let refused: Vec<&Value> = paths.iter().filter(|path| path["not_the_peer"].is_string()).collect();
+    if !refused.is_empty() {
+        println!();
+        for path in refused {
+            let (addr, to, why) = (text(&path["addr"]), short(&text(&path["to"])), text(&path["not_the_peer"]));
+            println!("not a path: {addr} does not reach {to}: {why}");
+        }
+    }
     Ok(())
 }
 

@@ -323,14 +323,23 @@ impl<'a> Receiver<'a> {
     }
 }
 
-/// Opens a `FetchWeights` call to `addr`.
+/// A peer's data plane: which node, and where. Weights come only from the node meant
+/// ([`crate::peer_identity`]), not from whoever holds its address now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataPeer {
+    pub node_id: String,
+    pub addr: SocketAddr,
+}
+
+/// Opens a `FetchWeights` call to `peer`.
 async fn open_transfer(
-    addr: SocketAddr,
+    peer: &DataPeer,
     request: WeightRequest,
     credentials: Option<Arc<Credentials>>,
     limits: Limits,
 ) -> anyhow::Result<tonic::Streaming<pb::WeightChunk>> {
-    let channel = tokio::time::timeout(IDLE_TIMEOUT, AuthedChannel::connect(addr, credentials))
+    let connect = AuthedChannel::connect(peer.addr, peer.node_id.as_str(), credentials);
+    let channel = tokio::time::timeout(IDLE_TIMEOUT, connect)
         .await
         .map_err(|_| FetchError::Idle(IDLE_TIMEOUT))??;
     let mut client = pb::pipeline_client::PipelineClient::new(channel.channel()).with_limits(&limits);
@@ -346,15 +355,15 @@ async fn next_chunk(stream: &mut tonic::Streaming<pb::WeightChunk>) -> anyhow::R
     }
 }
 
-/// Fetches the header of `model`'s file from the node at `addr`, whole and checked.
+/// Fetches the header of `model`'s file from `peer`, whole and checked.
 pub async fn fetch_header(
-    addr: SocketAddr,
+    peer: &DataPeer,
     model: &str,
     credentials: Option<Arc<Credentials>>,
     limits: Limits,
 ) -> anyhow::Result<Vec<u8>> {
     let request = WeightRequest { model: model.to_string(), part: WeightPart::Header };
-    let mut stream = open_transfer(addr, request, credentials, limits).await?;
+    let mut stream = open_transfer(peer, request, credentials, limits).await?;
     // The size is the peer's claim: bounded before it is believed, and never allocated
     // up front; the header grows by verified chunks only.
     let Some(first) = next_chunk(&mut stream).await? else {
@@ -378,12 +387,12 @@ pub async fn fetch_header(
     Ok(header)
 }
 
-/// Fetches `names` of the stage `layers` from the node at `addr` into `file`, laid out
+/// Fetches `names` of the stage `layers` from `peer` into `file`, laid out
 /// by `layout`; adds each tensor to `done` once all of it is written. On an error the
 /// tensors already in `done` are good, and the rest may be fetched elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch_tensors(
-    addr: SocketAddr,
+    peer: &DataPeer,
     model: &str,
     layers: Range<usize>,
     names: &[String],
@@ -410,7 +419,7 @@ pub async fn fetch_tensors(
         model: model.to_string(),
         part: WeightPart::Stage { layers, tensors: names.to_vec() },
     };
-    let mut stream = open_transfer(addr, request, credentials, limits).await?;
+    let mut stream = open_transfer(peer, request, credentials, limits).await?;
     let mut receiver = Receiver::new(&due, limits);
     let mut recorded = 0;
     while let Some(chunk) = next_chunk(&mut stream).await? {
@@ -512,12 +521,12 @@ impl NodeModel {
         }
         // Ready members first: they are serving, so their data planes answer.
         let serving = members.iter().filter(|member| member.model_id == self.id).cloned().collect::<Vec<_>>();
-        for addr in rank_peers(&(0..0), None, &serving, me) {
+        for peer in rank_peers(&(0..0), None, &serving, me) {
             let started = Instant::now();
-            match peers.learn(&self.id, addr).await {
+            match peers.learn(&self.id, &peer).await {
                 Ok((source, layout)) => {
                     tracing::info!(
-                        peer = %addr,
+                        peer = %peer.addr,
                         header_bytes = layout.header_bytes,
                         ms = started.elapsed().as_millis() as u64,
                         "got the model's header from a peer"
@@ -529,7 +538,7 @@ impl NodeModel {
                     self.known.send_replace(Some(source));
                     return true;
                 }
-                Err(error) => tracing::warn!(peer = %addr, "cannot get the model's header: {error:#}"),
+                Err(error) => tracing::warn!(peer = %peer.addr, "cannot get the model's header: {error:#}"),
             }
         }
         false
@@ -570,10 +579,10 @@ impl NodeModel {
 }
 
 impl FromPeers {
-    /// Gets the header from `addr`, checks it, and lays the model out in a sparse file
+    /// Gets the header from `peer`, checks it, and lays the model out in a sparse file
     /// that holds the header and (once fetched) the tensors opening it reads.
-    async fn learn(&self, model: &str, addr: SocketAddr) -> anyhow::Result<(Arc<ModelSource>, FileLayout)> {
-        let header = fetch_header(addr, model, self.credentials.clone(), self.limits).await?;
+    async fn learn(&self, model: &str, peer: &DataPeer) -> anyhow::Result<(Arc<ModelSource>, FileLayout)> {
+        let header = fetch_header(peer, model, self.credentials.clone(), self.limits).await?;
         let path = self.path.clone();
         let (file, layout) = tokio::task::spawn_blocking(move || lay_out(&path, &header)).await??;
         let file = Arc::new(file);
@@ -584,7 +593,7 @@ impl FromPeers {
         if !opening.is_empty() {
             let mut done = BTreeSet::new();
             let limits = self.limits;
-            fetch_tensors(addr, model, 0..1, &opening, &file, &layout, self.credentials.clone(), limits, &mut done)
+            fetch_tensors(peer, model, 0..1, &opening, &file, &layout, self.credentials.clone(), limits, &mut done)
                 .await?;
             self.held.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.extend(done);
         }
@@ -607,13 +616,19 @@ impl FromPeers {
     /// Fetches `names` into the file, from the first of `peers` that has them, going on
     /// to the next when one fails or lies (keeping the tensors it completed), for a few
     /// rounds. Returns the bytes fetched.
-    async fn fetch(&self, model: &str, layers: Range<usize>, names: &[String], peers: &[SocketAddr]) -> anyhow::Result<u64> {
+    async fn fetch(
+        &self,
+        model: &str,
+        layers: Range<usize>,
+        names: &[String],
+        peers: &[DataPeer],
+    ) -> anyhow::Result<u64> {
         let (file, layout) =
             self.file.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone().context("the model is not laid out yet")?;
         let mut done = BTreeSet::new();
         let mut last_error = anyhow::anyhow!("no peer serves the model");
         for attempt in 0..FETCH_ROUNDS * peers.len() {
-            let peer = peers[attempt % peers.len()];
+            let peer = &peers[attempt % peers.len()];
             if attempt > 0 && attempt % peers.len() == 0 {
                 tokio::time::sleep(ROUND_PAUSE).await;
             }
@@ -637,7 +652,8 @@ impl FromPeers {
                     return Ok(bytes);
                 }
                 Err(error) => {
-                    tracing::warn!(%peer, done = done.len(), of = names.len(), "fetching weights failed; trying another peer: {error:#}");
+                    let (done, of) = (done.len(), names.len());
+                    tracing::warn!(peer = %peer.addr, done, of, "fetching weights failed; trying another peer: {error:#}");
                     last_error = error;
                 }
             }
@@ -672,7 +688,7 @@ fn lay_out(path: &Path, header: &[u8]) -> anyhow::Result<(File, FileLayout)> {
 
 /// The peers to fetch a stage's weights from, best first: members that hold (in `plan`)
 /// layers of the stage, then members serving a ready plan, then the rest.
-fn rank_peers(layers: &Range<usize>, plan: Option<&Plan>, members: &[NodeInfo], me: &str) -> Vec<SocketAddr> {
+fn rank_peers(layers: &Range<usize>, plan: Option<&Plan>, members: &[NodeInfo], me: &str) -> Vec<DataPeer> {
     let holds_layers = |member: &NodeInfo| {
         plan.is_some_and(|plan| {
             plan.stages.iter().any(|stage| {
@@ -682,5 +698,5 @@ fn rank_peers(layers: &Range<usize>, plan: Option<&Plan>, members: &[NodeInfo], 
     };
     let mut ranked: Vec<&NodeInfo> = members.iter().filter(|member| member.node_id != me).collect();
     ranked.sort_by_key(|member| (!holds_layers(member), member.ready_epoch.is_none()));
-    ranked.into_iter().map(|member| member.data_addr).collect()
+    ranked.into_iter().map(|member| DataPeer { node_id: member.node_id.clone(), addr: member.data_addr }).collect()
 }

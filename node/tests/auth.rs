@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use candle_core::Device;
+use hearth_mesh::identity::Identity;
 use hearth_mesh::cluster_key::ClusterKey;
 use hearth_models::sampling::SamplingParams;
 use hearth_node::auth::{AuthError, AuthedChannel, Credentials};
@@ -30,7 +31,7 @@ fn credentials(key: &ClusterKey, id: &str) -> Option<Arc<Credentials>> {
 }
 
 fn keyed_plane(key: &ClusterKey) -> DataPlane {
-    DataPlane::start(loopback(), Limits::default(), credentials(key, "server")).expect("data plane starts")
+    DataPlane::start(loopback(), Limits::default(), credentials(key, "server"), Identity::generate()).expect("data plane starts")
 }
 
 async fn pipeline_client(addr: SocketAddr) -> pb::pipeline_client::PipelineClient<tonic::transport::Channel> {
@@ -75,7 +76,7 @@ async fn a_stream_without_a_valid_ticket_is_refused() {
 async fn a_client_with_the_key_gets_a_ticket_that_opens_streams() {
     let key = ClusterKey::generate();
     let plane = keyed_plane(&key);
-    let channel = AuthedChannel::connect(plane.addr(), credentials(&key, "client")).await.expect("shakes hands");
+    let channel = AuthedChannel::connect(plane.addr(), plane.node_id(), credentials(&key, "client")).await.expect("shakes hands");
     let mut client = pb::pipeline_client::PipelineClient::new(channel.channel());
     for _ in 0..2 {
         let request = channel.request(silent_stream()).await.expect("has a ticket");
@@ -99,7 +100,7 @@ async fn a_client_with_the_key_gets_a_ticket_that_opens_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_detects_a_server_with_another_key() {
     let plane = keyed_plane(&ClusterKey::generate());
-    let error = match AuthedChannel::connect(plane.addr(), credentials(&ClusterKey::generate(), "client")).await {
+    let error = match AuthedChannel::connect(plane.addr(), plane.node_id(), credentials(&ClusterKey::generate(), "client")).await {
         Ok(_) => panic!("the handshake must fail"),
         Err(error) => error,
     };
@@ -201,12 +202,12 @@ async fn a_keyed_ring_generates_what_one_process_does() {
     let cuts = [0, 11, n];
     let limits = Limits::default();
     let planes: Vec<DataPlane> = (0..2)
-        .map(|i| DataPlane::start(loopback(), limits, credentials(&key, &format!("stage-{i}"))).expect("starts"))
+        .map(|i| DataPlane::start(loopback(), limits, credentials(&key, &format!("stage-{i}")), Identity::generate()).expect("starts"))
         .collect();
     for (i, window) in cuts.windows(2).enumerate() {
         let stage = source.load_stage(window[0]..window[1], &Device::Cpu).expect("stage loads");
-        let next = planes.get(i + 1).map(|p| Neighbour::Remote(p.addr()));
-        let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
+        let next = planes.get(i + 1).map(|p| Neighbour::Remote { node_id: p.node_id().into(), addr: p.addr() });
+        let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote { node_id: planes[0].node_id().into(), addr: planes[0].addr() } };
         planes[i].install(StageRole { epoch: 2, stage: stage.into(), next, first }).await.expect("installs");
     }
     let tokenizer = source.tokenizer().expect("tokenizer");
@@ -220,7 +221,7 @@ async fn a_keyed_ring_generates_what_one_process_does() {
         tokenizer,
         chat_template,
     };
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 2, first_stage: planes[0].addr(), failovers: 0 }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 2, first_node: planes[0].node_id().into(), first_stage: planes[0].addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, credentials(&key, "holder"));
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

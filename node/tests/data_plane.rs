@@ -8,6 +8,7 @@ use common::{default_model, loopback};
 use std::ops::ControlFlow;
 
 use candle_core::Device;
+use hearth_mesh::identity::Identity;
 use hearth_models::sampling::SamplingParams;
 use hearth_models::ModelSource;
 use hearth_node::data_plane::{DataPlane, Neighbour, StageRole};
@@ -36,11 +37,11 @@ fn local_text(source: &ModelSource, request: &Generation) -> String {
 /// Data planes on loopback running the stages between `cuts`, linked into a pipeline (epoch 3).
 async fn pipeline(source: &ModelSource, cuts: &[usize], limits: Limits) -> Vec<DataPlane> {
     let planes: Vec<DataPlane> =
-        cuts.windows(2).map(|_| DataPlane::start(loopback(), limits, None).expect("data plane starts")).collect();
+        cuts.windows(2).map(|_| DataPlane::start(loopback(), limits, None, Identity::generate()).expect("data plane starts")).collect();
     for (i, window) in cuts.windows(2).enumerate() {
         let stage = source.load_stage(window[0]..window[1], &Device::Cpu).expect("stage loads");
-        let next = planes.get(i + 1).map(|p| Neighbour::Remote(p.addr()));
-        let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote(planes[0].addr()) };
+        let next = planes.get(i + 1).map(|p| Neighbour::Remote { node_id: p.node_id().into(), addr: p.addr() });
+        let first = if i == 0 { Neighbour::Local } else { Neighbour::Remote { node_id: planes[0].node_id().into(), addr: planes[0].addr() } };
         planes[i].install(StageRole { epoch: 3, stage: stage.into(), next, first }).await.expect("installs");
     }
     planes
@@ -53,7 +54,7 @@ async fn three_stages_over_grpc_generate_what_one_process_does() {
     let n = source.config().num_layers;
     let limits = Limits::default();
     let planes = pipeline(&source, &[0, 5, 17, n], limits).await;
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_stage: planes[0].addr(), failovers: 0 }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 3, first_node: planes[0].node_id().into(), first_stage: planes[0].addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);
 
     for (prompt, sampling) in [
@@ -167,7 +168,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
     use hearth_proto::pb;
     let source = default_model();
     let n = source.config().num_layers;
-    let plane = DataPlane::start(loopback(), Limits::default(), None).expect("starts");
+    let plane = DataPlane::start(loopback(), Limits::default(), None, Identity::generate()).expect("starts");
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch: 1, stage: stage.into(), next: None, first: Neighbour::Local }).await.expect("installs");
 
@@ -191,7 +192,7 @@ async fn a_malformed_frame_is_refused_and_the_stage_keeps_serving() {
 
     // The stage still serves a well-formed request.
     let info = ModelInfo::from_source(&source).expect("model info");
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_stage: plane.addr(), failovers: 0 }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: 1, first_node: plane.node_id().into(), first_stage: plane.addr(), failovers: 0 }));
     let holder = Holder::new(info, route, Limits::default(), None);
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::loopback;
+use hearth_mesh::identity::Identity;
 use hearth_node::data_plane::connections::{self, MAX_STREAMS_PER_CONNECTION, PREFACE_TIMEOUT};
 use hearth_node::data_plane::DataPlane;
 use hearth_proto::pb::pipeline_client::PipelineClient;
@@ -35,14 +36,14 @@ async fn open_stream(
 }
 
 async fn probe(channel: &Channel) -> u64 {
-    let request = pb::ProbeRequest { payload: vec![0; 16].into() };
+    let request = pb::ProbeRequest { payload: vec![0; 16].into(), ..Default::default() };
     let reply = timeout(PATIENCE, PipelineClient::new(channel.clone()).probe(request)).await.expect("answered in time");
     reply.expect("probe succeeds").into_inner().received_bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_the_per_connection_limit_wait_for_a_free_one() {
-    let plane = DataPlane::start(loopback(), Limits::default(), None).expect("data plane starts");
+    let plane = DataPlane::start(loopback(), Limits::default(), None, Identity::generate()).expect("data plane starts");
     let crowded = channel(&plane).await;
     let mut open = Vec::new();
     for _ in 0..MAX_STREAMS_PER_CONNECTION {
@@ -88,7 +89,7 @@ async fn connections_past_the_limit_wait_in_the_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_and_talking_ones_kept() {
-    let plane = DataPlane::start(loopback(), Limits::default(), None).expect("data plane starts");
+    let plane = DataPlane::start(loopback(), Limits::default(), None, Identity::generate()).expect("data plane starts");
     let silent = TcpStream::connect(plane.addr()).await.expect("connects");
     let mut dribbling = TcpStream::connect(plane.addr()).await.expect("connects");
     dribbling.write_all(b"PRI * HTTP/2.0").await.unwrap();

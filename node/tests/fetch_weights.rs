@@ -15,12 +15,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use hearth_mesh::identity::Identity;
 use hearth_mesh::cluster_key::ClusterKey;
 use hearth_mesh::control::NodeInfo;
 use hearth_models::{ModelSource, Stage, StageInput, StageOutput};
 use hearth_node::auth::Credentials;
 use hearth_node::data_plane::DataPlane;
-use hearth_node::weights::{fetch_tensors, FetchError, NodeModel, WeightServer};
+use hearth_node::peer_identity;
+use hearth_node::weights::{fetch_tensors, DataPeer, FetchError, NodeModel, WeightServer};
+use hearth_proto::probe::{challenge_from_wire, ProbeAnswer};
 use hearth_proto::{pb, Limits};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -87,14 +90,14 @@ async fn a_node_without_the_model_fetches_a_middle_stage_that_computes_the_same(
     let id = full.name().to_string();
     // Over an authenticated data plane: FetchWeights needs a ticket like Stream does.
     let key = ClusterKey::generate();
-    let plane = DataPlane::start(loopback(), Limits::default(), Some(Arc::new(Credentials::new(&key, "server"))))
+    let plane = DataPlane::start(loopback(), Limits::default(), Some(Arc::new(Credentials::new(&key, "server"))), Identity::generate())
         .expect("data plane starts");
     plane.weights().serve_file(full.clone());
 
     let dir = TempDir::new("fetch-middle");
     let credentials = Some(Arc::new(Credentials::new(&key, "client")));
     let model = NodeModel::from_peers(id.clone(), &dir.0, None, credentials, Limits::default(), WeightServer::default());
-    let members = [member("server", plane.addr(), &id), member("client", loopback(), &id)];
+    let members = [member(plane.node_id(), plane.addr(), &id), member("client", loopback(), &id)];
     assert!(model.learn(&members, "client").await, "the header comes from the server");
     let source = model.source().expect("the model is known");
     assert_eq!(source.config().num_layers, full.config().num_layers);
@@ -134,6 +137,8 @@ enum Lie {
 struct Liar {
     honest: WeightServer,
     lie: Lie,
+    /// A liar is a node of its own, and proves it: it is refused for what it sends.
+    identity: Identity,
 }
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, Status>> + Send>>;
@@ -147,8 +152,10 @@ impl pb::pipeline_server::Pipeline for Liar {
         Err(Status::unimplemented("a liar runs no stage"))
     }
 
-    async fn probe(&self, _: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
-        Err(Status::unimplemented("a liar is not measured"))
+    async fn probe(&self, request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
+        let nonce = challenge_from_wire(request.get_ref())?;
+        let proof = nonce.and_then(|nonce| peer_identity::prove(&self.identity, &nonce));
+        Ok(Response::new(ProbeAnswer { received_bytes: 0, proof }.into_wire()))
     }
 
     async fn fetch_weights(&self, request: Request<pb::WeightRequest>) -> Result<Response<Self::FetchWeightsStream>, Status> {
@@ -177,18 +184,21 @@ impl pb::pipeline_server::Pipeline for Liar {
 
 type Chunks2 = Pin<Box<dyn Stream<Item = Result<pb::StageMessage, Status>> + Send>>;
 
-async fn start_liar(full: &Arc<ModelSource>, lie: Lie) -> SocketAddr {
+/// A liar's node id and address.
+async fn start_liar(full: &Arc<ModelSource>, lie: Lie) -> DataPeer {
     let honest = WeightServer::default();
+    let identity = Identity::generate();
+    let node_id = identity.node_id().to_string();
     honest.serve_file(full.clone());
     let listener = tokio::net::TcpListener::bind(loopback()).await.expect("binds");
     let addr = listener.local_addr().expect("address");
-    let server = pb::pipeline_server::PipelineServer::new(Liar { honest, lie }).with_limits(&Limits::default());
+    let server = pb::pipeline_server::PipelineServer::new(Liar { honest, lie, identity }).with_limits(&Limits::default());
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(server)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    addr
+    DataPeer { node_id, addr }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,12 +216,12 @@ async fn a_lying_peer_is_refused_and_an_honest_one_completes_the_stage() {
         (Lie::StopsEarly, "Incomplete"),
     ];
     for (lie, expected) in lies {
-        let addr = start_liar(&full, lie).await;
+        let liar = start_liar(&full, lie).await;
         let path = dir.0.join(format!("{expected}.gguf"));
         let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).expect("creates");
         file.set_len(layout.file_bytes).expect("sizes");
         let mut done = BTreeSet::new();
-        let error = fetch_tensors(addr, &id, MIDDLE, &names, &Arc::new(file), &layout, None, Limits::default(), &mut done)
+        let error = fetch_tensors(&liar, &id, MIDDLE, &names, &Arc::new(file), &layout, None, Limits::default(), &mut done)
             .await
             .expect_err("a lying peer is refused");
         let refusal = error.downcast_ref::<FetchError>().unwrap_or_else(|| panic!("not a refusal: {error:#}"));
@@ -227,10 +237,10 @@ async fn a_lying_peer_is_refused_and_an_honest_one_completes_the_stage() {
     // A node that asks the liar first goes on to an honest peer, and gets a stage that
     // computes what the full file's does.
     let liar = start_liar(&full, Lie::FlipAByte).await;
-    let honest = DataPlane::start(loopback(), Limits::default(), None).expect("starts");
+    let honest = DataPlane::start(loopback(), Limits::default(), None, Identity::generate()).expect("starts");
     honest.weights().serve_file(full.clone());
     let model = NodeModel::from_peers(id.clone(), &dir.0.join("node"), None, None, Limits::default(), WeightServer::default());
-    let members = [member("a-liar", liar, &id), member("b-honest", honest.addr(), &id)];
+    let members = [member(&liar.node_id, liar.addr, &id), member(honest.node_id(), honest.addr(), &id)];
     // The header comes from the liar as well, and is refused there.
     assert!(model.learn(&members, "me").await);
     let fetched = model.for_stage(MIDDLE, None, &members, "me").await.expect("the honest peer completes the stage");
@@ -256,7 +266,7 @@ async fn refusal(client: &mut pb::pipeline_client::PipelineClient<tonic::transpo
 async fn hostile_weight_requests_are_refused() {
     let full = Arc::new(default_model());
     let id = full.name().to_string();
-    let plane = DataPlane::start(loopback(), Limits::default(), None).expect("starts");
+    let plane = DataPlane::start(loopback(), Limits::default(), None, Identity::generate()).expect("starts");
     let mut client = pb::pipeline_client::PipelineClient::connect(format!("http://{}", plane.addr())).await.expect("connects");
 
     // No model yet: nothing to serve.

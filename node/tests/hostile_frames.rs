@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
+use hearth_mesh::identity::Identity;
 use hearth_models::sampling::SamplingParams;
 use hearth_node::data_plane::{DataPlane, Neighbour, StageRole};
 use hearth_node::engine::{collect, Generation};
@@ -110,7 +111,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     let limits = Limits::default();
     let max_frame = limits.max_frame_bytes;
     let epoch = 1;
-    let plane = DataPlane::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), limits, None).expect("starts");
+    let plane = DataPlane::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0), limits, None, Identity::generate()).expect("starts");
     // The last stage: it takes hidden states (activation frames) and samples.
     let stage = source.load_stage(1..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch, stage: stage.into(), next: None, first: Neighbour::Local }).await.expect("installs");
@@ -210,7 +211,7 @@ async fn enormous_frames_are_refused_without_allocating_what_they_claim() {
     let stage = source.load_stage(0..n, &Device::Cpu).expect("loads");
     plane.install(StageRole { epoch: epoch + 1, stage: stage.into(), next: None, first: Neighbour::Local }).await.expect("installs");
     let info = ModelInfo::from_source(&source).expect("model info");
-    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_stage: plane.addr(), failovers: 0 }));
+    let (_routes, route) = tokio::sync::watch::channel(Some(Route { epoch: epoch + 1, first_node: plane.node_id().into(), first_stage: plane.addr(), failovers: 0 }));
     let holder = Holder::new(info, route, limits, None);
     let request = Generation {
         prompt: holder.tokenizer().encode("The capital of France is").expect("encodes"),

@@ -10,6 +10,7 @@ use prost::Message;
 
 use crate::frame::{Activation, DType, Expect, HiddenStates, StageFrame, MAX_ERROR_MESSAGE_BYTES};
 use crate::weights::{WeightChunk, WeightPart, WeightRequest, MAX_NAME_BYTES, MAX_REQUESTED_TENSORS};
+use crate::probe::{challenge_from_wire, ProbeAnswer, MAX_PUBLIC_KEY_BYTES};
 use crate::{pb, Limits};
 
 /// What the fuzzed receiver expects: small, so that valid frames are reachable.
@@ -70,6 +71,24 @@ pub fn weight_chunk(data: &[u8]) {
             assert!(!chunk.data.is_empty() || chunk.tensor_size == 0);
             let again = WeightChunk::from_wire(chunk.clone().into_wire(), &LIMITS);
             assert_eq!(again, Ok(chunk));
+        }
+    }
+}
+
+/// A `ProbeRequest` and a `ProbeReply`, both decoded from the same bytes.
+pub fn probe(data: &[u8]) {
+    if let Ok(request) = pb::ProbeRequest::decode(data) {
+        if let Ok(Some(nonce)) = challenge_from_wire(&request) {
+            assert_eq!(&nonce[..], &request.nonce[..]);
+        }
+    }
+    if let Ok(reply) = pb::ProbeReply::decode(data) {
+        if let Ok(answer) = ProbeAnswer::from_wire(reply) {
+            if let Some(proof) = &answer.proof {
+                assert!((1..=MAX_PUBLIC_KEY_BYTES).contains(&proof.public_key.len()));
+            }
+            let again = ProbeAnswer::from_wire(answer.clone().into_wire());
+            assert_eq!(again, Ok(answer));
         }
     }
 }

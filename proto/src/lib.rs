@@ -8,7 +8,8 @@
 //!   the caller gets a session ticket ([`handshake`]).
 //! - `Pipeline.Stream`: the long-lived link from one stage to the next, carrying hidden
 //!   states, prompts, sampled tokens and resets ([`frame`]); and `Pipeline.FetchWeights`,
-//!   which gives a joining node its weights ([`weights`]).
+//!   which gives a joining node its weights ([`weights`]); and `Pipeline.Probe`, which
+//!   measures a path and proves which node it reaches ([`probe`]).
 //!
 //! [`pb`] holds the generated messages, clients and servers. Nodes do not act on those
 //! messages directly: every received one goes through the `from_wire` of its typed view
@@ -40,6 +41,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod handshake;
 mod limits;
+pub mod probe;
 pub mod weights;
 
 pub use error::FrameError;

@@ -10,6 +10,8 @@ use hearth_proto::frame::{
     StageFrame, Token,
 };
 use hearth_proto::fuzzing::{self, EXPECT};
+use hearth_proto::pb;
+use hearth_proto::probe::{IdentityProof, ProbeAnswer, NONCE_LEN, SIGNATURE_LEN};
 use hearth_proto::weights::{WeightChunk, WeightPart, WeightRequest};
 use prost::Message;
 
@@ -26,6 +28,11 @@ fn activation_corpus() {
 #[test]
 fn weight_chunk_corpus() {
     replay::replay("weight_chunk", fuzzing::weight_chunk);
+}
+
+#[test]
+fn probe_corpus() {
+    replay::replay("probe", fuzzing::probe);
 }
 
 fn generation() -> Generation {
@@ -94,6 +101,17 @@ fn write_seed_corpus() {
             request.into_wire().encode_to_vec(),
             header.into_wire().encode_to_vec(),
             chunk.into_wire().encode_to_vec(),
+        ],
+    );
+
+    let proof = IdentityProof { public_key: Bytes::from(vec![8; 36]), signature: [9; SIGNATURE_LEN] };
+    replay::write_seeds(
+        "probe",
+        &[
+            pb::ProbeRequest { payload: Bytes::from(vec![0; 16]), nonce: Bytes::new() }.encode_to_vec(),
+            pb::ProbeRequest { payload: Bytes::new(), nonce: Bytes::from(vec![5; NONCE_LEN]) }.encode_to_vec(),
+            ProbeAnswer { received_bytes: 16, proof: None }.into_wire().encode_to_vec(),
+            ProbeAnswer { received_bytes: 0, proof: Some(proof) }.into_wire().encode_to_vec(),
         ],
     );
 }

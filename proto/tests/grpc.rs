@@ -54,7 +54,7 @@ impl Pipeline for Echo {
 
     async fn probe(&self, request: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeReply>, Status> {
         let received_bytes = request.get_ref().payload.len() as u64;
-        Ok(Response::new(pb::ProbeReply { received_bytes }))
+        Ok(Response::new(pb::ProbeReply { received_bytes, ..Default::default() }))
     }
 }
 
@@ -173,7 +173,7 @@ async fn the_handshake_service_takes_only_small_messages() {
 async fn path_probes_are_bounded_by_the_message_limit() {
     let addr = serve().await;
     let mut client = PipelineClient::new(channel(addr).await);
-    let probe = |len: usize| pb::ProbeRequest { payload: vec![7u8; len].into() };
+    let probe = |len: usize| pb::ProbeRequest { payload: vec![7u8; len].into(), ..Default::default() };
 
     let reply = client.probe(probe(LIMITS.max_frame_bytes)).await.unwrap();
     assert_eq!(reply.get_ref().received_bytes, LIMITS.max_frame_bytes as u64);

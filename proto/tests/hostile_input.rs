@@ -6,6 +6,7 @@ mod common;
 use common::{assert_invariants, EXPECT, LIMITS};
 use hearth_proto::frame::{Activation, DType, HiddenStates, StageFrame};
 use hearth_proto::handshake::HandshakeStep;
+use hearth_proto::probe::{challenge_from_wire, ProbeAnswer, MAX_PUBLIC_KEY_BYTES, NONCE_LEN, SIGNATURE_LEN};
 use hearth_proto::weights::{WeightChunk, WeightPart, WeightRequest};
 use hearth_proto::{pb, FrameError};
 use proptest::collection::vec;
@@ -63,6 +64,26 @@ proptest! {
         if let Ok(chunk) = WeightChunk::from_wire(chunk, &LIMITS) {
             assert!(chunk.data.len() <= LIMITS.max_chunk_bytes);
             assert!(chunk.offset + chunk.data.len() as u64 <= chunk.tensor_size);
+        }
+    }
+
+    #[test]
+    fn hostile_probes_are_refused_or_keep_their_promises((request, reply) in common::probes()) {
+        match challenge_from_wire(&request) {
+            Ok(Some(nonce)) => assert_eq!(&nonce[..], &request.nonce[..]),
+            Ok(None) => assert!(request.nonce.is_empty()),
+            Err(_) => assert!(!request.nonce.is_empty() && request.nonce.len() != NONCE_LEN),
+        }
+        let (key_len, signature_len) = (reply.public_key.len(), reply.signature.len());
+        match ProbeAnswer::from_wire(reply) {
+            Ok(ProbeAnswer { proof: Some(proof), .. }) => {
+                assert!((1..=MAX_PUBLIC_KEY_BYTES).contains(&proof.public_key.len()));
+            }
+            Ok(ProbeAnswer { proof: None, .. }) => assert_eq!((key_len, signature_len), (0, 0)),
+            Err(_) => {
+                let complete = (1..=MAX_PUBLIC_KEY_BYTES).contains(&key_len) && signature_len == SIGNATURE_LEN;
+                assert!(!complete && (key_len, signature_len) != (0, 0));
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use std::cell::Cell;
 use common::{assert_invariants, EXPECT, LIMITS};
 use hearth_proto::frame::StageFrame;
 use hearth_proto::handshake::HandshakeStep;
+use hearth_proto::probe::{challenge_from_wire, ProbeAnswer};
 use hearth_proto::weights::{WeightChunk, WeightRequest};
 use proptest::prelude::*;
 
@@ -85,6 +86,14 @@ proptest! {
         prop_assert_eq!(n, 0, "{:?}", result);
         let (result, n) = allocations(|| WeightChunk::from_wire(chunk, &LIMITS));
         prop_assert_eq!(n, 0, "{:?}", result.map(|chunk| chunk.tensor));
+    }
+
+    #[test]
+    fn validating_probes_allocates_nothing((request, reply) in common::probes()) {
+        let (result, n) = allocations(|| challenge_from_wire(&request));
+        prop_assert_eq!(n, 0, "{:?}", result);
+        let (result, n) = allocations(|| ProbeAnswer::from_wire(reply));
+        prop_assert_eq!(n, 0, "{:?}", result);
     }
 
     #[test]

@@ -164,6 +164,19 @@ pub fn handshake_messages() -> impl Strategy<Value = pb::HandshakeMessage> {
         .prop_map(|kind| pb::HandshakeMessage { kind })
 }
 
+/// Probes and their replies, with nonces, keys and signatures of lengths around the
+/// valid ones.
+pub fn probes() -> impl Strategy<Value = (pb::ProbeRequest, pb::ProbeReply)> {
+    let bytes = |range: std::ops::Range<usize>| vec(any::<u8>(), range).prop_map(Bytes::from);
+    let request = (bytes(0..64), prop_oneof![Just(Bytes::new()), bytes(28..36)])
+        .prop_map(|(payload, nonce)| pb::ProbeRequest { payload, nonce });
+    let key = prop_oneof![Just(Bytes::new()), bytes(0..80)];
+    let signature = prop_oneof![Just(Bytes::new()), bytes(60..68)];
+    let reply = (any::<u64>(), key, signature)
+        .prop_map(|(received_bytes, public_key, signature)| pb::ProbeReply { received_bytes, public_key, signature });
+    (request, reply)
+}
+
 pub fn weight_chunks() -> impl Strategy<Value = pb::WeightChunk> {
     (
         "[a-z.0-9]{0,20}",
