@@ -1,11 +1,14 @@
-"""A mixture-of-experts model across three real processes, on both compute paths.
+"""Each architecture beyond Llama's across three real processes, on both compute paths.
 
 Run with ``python3 -m pytest tests/mesh/test_moe.py -q -rs`` (as root; see conftest.py),
 after ``cargo build --release --workspace --all-targets`` (the test writes its model with
 the ``synthetic_gguf`` example, which sits beside the hearth binary).
 
-The model is the synthetic ``tiny-qwen3moe`` (Q4_K_M; 4 layers of 8 experts, 2 used, q/k
-norms), written into the test's temporary folder. Three ``hearth serve`` nodes with
+The models are the project's synthetic ones, written into the test's temporary folder:
+``tiny-qwen3moe`` (Q4_K_M; 4 layers of 8 experts, 2 used, q/k norms), ``tiny-deepseek2``
+(latent attention, a dense first layer, grouped routing, a shared expert), ``tiny-gpt-oss``
+(MXFP4 experts, sinks, alternating sliding windows) and ``tiny-gemma3`` (sliding windows,
+post-norms, GeGLU). Three ``hearth serve`` nodes with
 memory limits of 3:2:2 split its 4 layers 2/1/1, so every node holds a stage and the
 middle stage is a node of its own. For each compute path (the native CPU kernels, and
 candle's ops with ``HEARTH_COMPUTE=candle-ops`` on every node, the path Metal and CUDA
@@ -16,7 +19,7 @@ take) the case checks that:
 * a SIGKILL of the middle stage mid-stream still gives the client exactly that stream,
   the two survivors re-plan the 4 layers between them, and the next request is exact too.
 
-Each path takes 3 to 6 s here (the whole module about 11 s).
+Each case takes 5 to 12 s here (the whole module about 80 s).
 """
 
 from __future__ import annotations
@@ -45,17 +48,21 @@ MAX_TOKENS = 400
 well inside it."""
 FAULT_AFTER_CHUNKS = 12
 COMPUTE_PATHS = ("native", "candle-ops")
+MODELS = (("tiny-qwen3moe", "q4_k_m"), ("tiny-deepseek2", "q4_k_m"), ("tiny-gpt-oss", "mxfp4_moe"),
+          ("tiny-gemma3", "q4_k_m"))
+"""(shape, quantization) of each synthetic model, all with 4 layers."""
 
 
-@pytest.fixture(scope="module")
-def moe_model(hearth_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny-qwen3moe`` Q4_K_M, seed 1, written by the project's own writer."""
+@pytest.fixture(scope="module", params=MODELS, ids=[shape for shape, _ in MODELS])
+def moe_model(request: pytest.FixtureRequest, hearth_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic model of ``MODELS``, seed 1, written by the project's own writer."""
+    shape, quantization = request.param
     writer = hearth_binary.parent / "examples" / "synthetic_gguf"
     if not writer.exists():
         pytest.fail(f"{writer} is missing: run `cargo build --release -p hearth-models --examples` first",
                     pytrace=False)
-    path = tmp_path_factory.mktemp("moe") / "tiny-qwen3moe-q4_k_m.gguf"
-    subprocess.run([str(writer), "--shape", "tiny-qwen3moe", "--quant", "q4_k_m", "--seed", "1", "--out", str(path)],
+    path = tmp_path_factory.mktemp("models") / f"{shape}-{quantization}.gguf"
+    subprocess.run([str(writer), "--shape", shape, "--quant", quantization, "--seed", "1", "--out", str(path)],
                    check=True, capture_output=True, timeout=120)
     return path
 
@@ -83,7 +90,7 @@ def test_moe_model_across_three_nodes_survives_a_middle_stage_sigkill(
     compute_path: str, moe_model: Path, hearth_binary: Path, tmp_path: Path,
     record_timing: Callable[[str, float], None],
 ) -> None:
-    case = f"tiny-qwen3moe on {compute_path}"
+    case = f"{moe_model.stem} on {compute_path}"
     expected = single_node_text(hearth_binary, moe_model, PROMPT, MAX_TOKENS)
     assert len(expected) > 100, f"{case}: the single-node reference is too short to fault mid-stream: {expected!r}"
 
