@@ -9,7 +9,7 @@ SHA-256 (the test checks that its own copy of the file is the same).
 
     pip install llama-cpp-python==0.3.36
     cargo build --release -p hearth-models --examples
-    python3 scripts/llama_cpp_reference.py [--suite moe|quants|gemma3|gpt-oss] [--out PATH]
+    python3 scripts/llama_cpp_reference.py [--suite moe|quants|gemma3|gpt-oss|deepseek-kv-b] [--out PATH]
 
 Suites: `moe` (the default) writes models/tests/fixtures/moe_llama_cpp.json, the mixtures
 of experts; `quants` writes models/tests/fixtures/quant_llama_cpp.json, a model in each of
@@ -20,7 +20,9 @@ models/tests/fixtures/gemma3_llama_cpp.json, Gemma 3's layout, with a prompt lon
 positions Hearth's caches forget at a time, also keeping only the prompt's last row;
 `gpt-oss` writes models/tests/fixtures/gpt_oss_llama_cpp.json, gpt-oss's layout (in its
 own MXFP4_MOE mix and in Q4_K_M) and MXFP4 experts in Qwen3-MoE's, with the same long
-prompt past its windows of 8 positions.
+prompt past its windows of 8 positions; `deepseek-kv-b` writes
+models/tests/fixtures/deepseek_kv_b_llama_cpp.json, DeepSeek's layout as llama.cpp converted
+it before MLA (`attn_kv_b`), which llama.cpp runs as multi-head attention.
 """
 
 import argparse
@@ -64,19 +66,30 @@ SUITES = {
         ("tiny-gpt-oss", "q4_k_m", 1),
         ("tiny-qwen3moe", "mxfp4_moe", 1),
     ],
+    "deepseek-kv-b": [
+        ("tiny-deepseek2-kv-b", "q4_0", 1),
+        ("tiny-deepseek2-kv-b", "q4_k_m", 1),
+    ],
 }
 FIXTURES = {
     "moe": "moe_llama_cpp.json",
     "quants": "quant_llama_cpp.json",
     "gemma3": "gemma3_llama_cpp.json",
     "gpt-oss": "gpt_oss_llama_cpp.json",
+    "deepseek-kv-b": "deepseek_kv_b_llama_cpp.json",
 }
 PROMPT = [300, 17, 942, 5, 611, 88, 123, 45]
 STEPS = 12
 # Ids below the synthetic vocabulary's control tokens (768 of 1024), in no order.
 LONG_PROMPT = [(37 * i + 11) % 760 for i in range(140)]
 # The prompt and greedy steps of each suite.
-RUNS = {"moe": (PROMPT, STEPS), "quants": (PROMPT, STEPS), "gemma3": (LONG_PROMPT, 16), "gpt-oss": (LONG_PROMPT, 16)}
+RUNS = {
+    "moe": (PROMPT, STEPS),
+    "quants": (PROMPT, STEPS),
+    "gemma3": (LONG_PROMPT, 16),
+    "gpt-oss": (LONG_PROMPT, 16),
+    "deepseek-kv-b": (PROMPT, STEPS),
+}
 
 
 def writer() -> Path:

@@ -358,19 +358,19 @@ impl ModelConfig {
                 dense_layers: optional_usize("leading_dense_block_count")?.unwrap_or(0),
             }),
         };
+        // Current files (llama.cpp's MLA layout, `attn_k_b` and `attn_v_b`) describe the
+        // cache's one row as the one KV head and name the heads' sizes `*_mla`; older ones
+        // (`attn_kv_b`) describe the heads as multi-head attention, and are run the same way.
+        let legacy_layout = deepseek && optional_usize("attention.key_length_mla")?.is_none();
         let latent_attention = if deepseek {
             let rope_dim = gguf_usize(metadata, &key("rope.dimension_count"))?;
-            let (Some(key_length), Some(value_dim)) =
-                (optional_usize("attention.key_length_mla")?, optional_usize("attention.value_length_mla")?)
-            else {
-                return Err(Error::Unsupported(
-                    "a deepseek2 file from before llama.cpp split `attn_kv_b` into `attn_k_b` and `attn_v_b` \
-                     (no `attention.key_length_mla`): convert the model again with a current llama.cpp"
-                        .into(),
-                ));
+            let (key_length, value_dim) = if legacy_layout {
+                (head_dim, gguf_usize(metadata, &key("attention.value_length"))?)
+            } else {
+                (gguf_usize(metadata, &key("attention.key_length_mla"))?, gguf_usize(metadata, &key("attention.value_length_mla"))?)
             };
             if key_length <= rope_dim {
-                return Err(invalid(format!("key_length_mla {key_length} leaves nothing beside {rope_dim} rotary dims")));
+                return Err(invalid(format!("a key length of {key_length} leaves nothing beside {rope_dim} rotary dims")));
             }
             Some(LatentAttentionConfig {
                 query_rank: optional_usize("attention.q_lora_rank")?.filter(|&r| r > 0),
@@ -435,10 +435,15 @@ impl ModelConfig {
             intermediate_size,
             num_heads,
             num_kv_heads: match metadata.get(&key("attention.head_count_kv")) {
+                _ if legacy_layout => 1,
                 Some(v) => value_usize(v, "attention.head_count_kv")?,
                 None => num_heads,
             },
-            head_dim,
+            // Latent attention's cache row: the latent and the rotary key.
+            head_dim: match &latent_attention {
+                Some(latent) if legacy_layout => latent.latent_rank + latent.rope_dim,
+                _ => head_dim,
+            },
             vocab_size: embedding_rows,
             context_length: gguf_usize(metadata, &key("context_length"))?,
             rms_norm_eps: gguf_f32(metadata, &key("attention.layer_norm_rms_epsilon"))? as f64,
@@ -998,13 +1003,21 @@ mod tests {
         assert!(config.post_norms && config.qk_norm && config.tied_embeddings);
     }
 
-    /// A DeepSeek file from before llama.cpp split `attn_kv_b` is refused with what to do.
+    /// A DeepSeek file from before llama.cpp split `attn_kv_b` describes its heads as
+    /// multi-head attention: it is read as the same latent attention.
     #[test]
-    fn an_old_deepseek_layout_asks_for_a_fresh_conversion() {
+    fn an_old_deepseek_layout_is_read_as_latent_attention() {
         let u32_value = |n: u32| Value::U32(n);
         let metadata: HashMap<String, Value> = [
             ("general.architecture", Value::String("deepseek2".into())),
+            ("deepseek2.block_count", u32_value(4)),
+            ("deepseek2.context_length", u32_value(2048)),
+            ("deepseek2.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
             ("deepseek2.attention.head_count", u32_value(4)),
+            ("deepseek2.attention.head_count_kv", u32_value(4)),
+            ("deepseek2.attention.key_length", u32_value(48)),
+            ("deepseek2.attention.value_length", u32_value(32)),
+            ("deepseek2.attention.kv_lora_rank", u32_value(64)),
             ("deepseek2.embedding_length", u32_value(256)),
             ("deepseek2.feed_forward_length", u32_value(512)),
             ("deepseek2.expert_count", u32_value(8)),
@@ -1014,7 +1027,9 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let message = ModelConfig::from_gguf(&metadata, true, 1024).expect_err("no MLA keys").to_string();
-        assert!(message.contains("attn_kv_b") && message.contains("convert the model again"), "{message}");
+        let config = ModelConfig::from_gguf(&metadata, true, 1024).expect("reads");
+        let latent = config.latent_attention.clone().expect("latent attention");
+        assert_eq!((latent.nope_dim, latent.rope_dim, latent.value_dim, latent.latent_rank), (32, 16, 32, 64));
+        assert_eq!((config.num_kv_heads, config.head_dim), (1, 64 + 16), "one cached row of latent and rotary key");
     }
 }

@@ -99,6 +99,10 @@ pub(crate) enum LayerTensor {
     /// files name its feed-forward norm `post_attention_norm` too.)
     PostAttentionNorm,
     PostFeedForwardNorm,
+    /// Latent attention's key and value projections from the latent in one tensor, as
+    /// DeepSeek files from before llama.cpp's MLA layout hold them (and Hugging Face's
+    /// `kv_b_proj`, which `KeyFromLatent` and `ValueFromLatent` name there).
+    LatentKvB,
     /// gpt-oss: a bias on attention's output, each head's sink logit, a bias on the
     /// router's logits, and every expert's biases, stacked as its matrices are.
     AttentionOutputBias,
@@ -124,7 +128,7 @@ impl LayerTensor {
     }
 
     /// Every weight a block may hold, for sizing a layer.
-    const ALL: [LayerTensor; 37] = [
+    const ALL: [LayerTensor; 38] = [
         Self::AttentionNorm,
         Self::Query,
         Self::Key,
@@ -156,6 +160,7 @@ impl LayerTensor {
         Self::ValueFromLatent,
         Self::PostAttentionNorm,
         Self::PostFeedForwardNorm,
+        Self::LatentKvB,
         Self::AttentionOutputBias,
         Self::AttentionSinks,
         Self::RouterBias,
@@ -197,6 +202,7 @@ impl LayerTensor {
             Self::ValueFromLatent => "attn_v_b.weight",
             Self::PostAttentionNorm => "post_attention_norm.weight",
             Self::PostFeedForwardNorm => "post_ffw_norm.weight",
+            Self::LatentKvB => "attn_kv_b.weight",
             Self::AttentionOutputBias => "attn_output.bias",
             Self::AttentionSinks => "attn_sinks.weight",
             Self::RouterBias => "ffn_gate_inp.bias",
@@ -240,6 +246,8 @@ impl LayerTensor {
             // Gemma's names; which of its four norms is which is in `find_hf`.
             Self::PostAttentionNorm => "post_attention_layernorm.weight",
             Self::PostFeedForwardNorm => "post_feedforward_layernorm.weight",
+            // Counted once, as `KeyFromLatent`.
+            Self::LatentKvB => "self_attn.kv_b_proj.unused",
             Self::AttentionOutputBias => "self_attn.o_proj.bias",
             Self::AttentionSinks => "self_attn.sinks",
             Self::RouterBias => "mlp.router.bias",
@@ -667,6 +675,10 @@ impl ModelSource {
             Weights::Gguf { header, .. } => {
                 let info = header.tensors.get(&name.gguf())?;
                 let elements = info.elements()?;
+                // Split per head and kept in Q8_0 (`TensorLoader::latent_heads`).
+                if let TensorName::Layer(_, LayerTensor::LatentKvB) = name {
+                    return Some(if native { elements / 32 * 34 } else { elements * dense_bytes });
+                }
                 Some(match info.kind {
                     TensorType::Ggml(GgmlDType::BF16) if native && info.dims.len() >= 2 => elements * 2,
                     // Dense GGUF tensors are widened to the activation dtype on load.
@@ -883,7 +895,12 @@ impl TensorLoader<'_> {
     /// matrix each: the file's bytes, sliced, not dequantized.
     pub(crate) fn stacked(&mut self, name: TensorName, count: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
         if let Weights::Safetensors { .. } = self.weights {
-            return self.latent_heads_from_hf(name, count, (rows, cols));
+            return self.latent_heads(name, name, count, (rows, cols));
+        }
+        if let TensorName::Layer(layer, LayerTensor::KeyFromLatent | LayerTensor::ValueFromLatent) = name {
+            if !self.contains(name) && self.contains(TensorName::Layer(layer, LayerTensor::LatentKvB)) {
+                return self.latent_heads(name, TensorName::Layer(layer, LayerTensor::LatentKvB), count, (rows, cols));
+            }
         }
         if self.gguf_kind(name) == Some(TensorType::Mxfp4) {
             let (info, bytes) = self.gguf_bytes(name)?;
@@ -906,15 +923,18 @@ impl TensorLoader<'_> {
         Ok(matrices)
     }
 
-    /// Latent attention's per-head key or value projections from Hugging Face's one
-    /// `kv_b_proj` (`heads * (nope + value)` rows of the latent), split as llama.cpp's
-    /// converter splits it: each head's key part transposed to `latent x nope`, its value
-    /// part `value x latent`.
-    fn latent_heads_from_hf(&mut self, name: TensorName, heads: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
+    /// Latent attention's per-head key or value projections (`name`) from the one
+    /// tensor `kv_b` of both (Hugging Face's `kv_b_proj`, old GGUF files' `attn_kv_b`:
+    /// `heads * (nope + value)` rows of the latent), split as llama.cpp's converter splits
+    /// it: each head's key part transposed to `latent x nope`, its value part `value x
+    /// latent`. From a quantized file they are kept in Q8_0 on the CPU (their file type's
+    /// blocks do not survive the transposition), else dense.
+    fn latent_heads(&mut self, name: TensorName, kv_b: TensorName, heads: usize, (rows, cols): (usize, usize)) -> Result<Vec<Matrix>> {
         let TensorName::Layer(_, part @ (LayerTensor::KeyFromLatent | LayerTensor::ValueFromLatent)) = name else {
-            return Err(Error::Unsupported(format!("`{}` from a safetensors folder", name.hf())));
+            return Err(Error::Unsupported(format!("`{}` split from the latent's projections", name.hf())));
         };
-        let kv_b = self.dense(name)?;
+        let requantize = matches!(self.weights, Weights::Gguf { .. }) && self.compute == ComputePath::Native;
+        let kv_b = self.dense(kv_b)?;
         let (all_rows, latent) = kv_b.dims2()?;
         let per_head = all_rows / heads.max(1);
         let (start, width, latent_expected) = match part {
@@ -933,7 +953,19 @@ impl TensorLoader<'_> {
             LayerTensor::KeyFromLatent => heads_part.transpose(1, 2)?,
             _ => heads_part,
         };
-        (0..heads).map(|h| Ok(Matrix::dense(heads_part.get(h)?.contiguous()?))).collect()
+        (0..heads)
+            .map(|h| {
+                let matrix = heads_part.get(h)?.contiguous()?;
+                if requantize && matrix.dim(1)?.is_multiple_of(32) {
+                    // A fresh tensor: candle's quantizer reads a view's storage from its start.
+                    let values = matrix.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let matrix = Tensor::from_vec(values, matrix.dims(), &Device::Cpu)?;
+                    let quantized = QTensor::quantize(&matrix, GgmlDType::Q8_0)?;
+                    return Ok(self.quantized_matrix(quantized)?);
+                }
+                Ok(Matrix::dense(matrix))
+            })
+            .collect()
     }
 
     /// A vector or matrix in the activation dtype (norms, biases).

@@ -46,6 +46,10 @@ pub enum Shape {
     /// query bottleneck and YaRN, a dense first layer, then 8 experts in 4 groups (2
     /// groups, 2 experts used), sigmoid routing with a bias, one shared expert.
     TinyDeepSeek2,
+    /// `TinyDeepSeek2` as llama.cpp converted DeepSeek models before its MLA layout:
+    /// one `attn_kv_b` per layer in place of `attn_k_b` and `attn_v_b`, and the heads'
+    /// sizes as multi-head attention's.
+    TinyDeepSeek2KvB,
     /// DeepSeek-V3: every dimension of its attention and experts (7168 wide, 128 heads,
     /// latent 512, experts 2048 wide, 8 used in 4 of 8 groups, one shared), with 4 of its
     /// 61 layers (one dense, as its first 3 are) and 32 of its 256 experts.
@@ -102,7 +106,7 @@ pub enum Quantization {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 11] = [
+    pub const ALL: [Shape; 12] = [
         Shape::Tiny,
         Shape::Llama32_1B,
         Shape::Llama32_3B,
@@ -111,6 +115,7 @@ impl Shape {
         Shape::TinyQwen3Moe,
         Shape::Qwen3_30bA3b,
         Shape::TinyDeepSeek2,
+        Shape::TinyDeepSeek2KvB,
         Shape::DeepSeekV3,
         Shape::TinyGemma3,
         Shape::TinyGptOss,
@@ -126,6 +131,7 @@ impl Shape {
             Shape::TinyQwen3Moe => "tiny-qwen3moe",
             Shape::Qwen3_30bA3b => "qwen3-30b-a3b",
             Shape::TinyDeepSeek2 => "tiny-deepseek2",
+            Shape::TinyDeepSeek2KvB => "tiny-deepseek2-kv-b",
             Shape::DeepSeekV3 => "deepseek-v3",
             Shape::TinyGemma3 => "tiny-gemma3",
             Shape::TinyGptOss => "tiny-gpt-oss",
@@ -227,9 +233,15 @@ impl Shape {
                     groups: 4,
                     groups_used: 2,
                     dense_layers: 1,
+                    legacy_kv_b: false,
                 }),
                 ..tiny_moe
             },
+            Shape::TinyDeepSeek2KvB => {
+                let tiny = Shape::TinyDeepSeek2.dimensions();
+                let latent = tiny.latent.map(|latent| LatentDims { legacy_kv_b: true, ..latent });
+                Dimensions { latent, ..tiny }
+            }
             // deepseek-ai/DeepSeek-V3's config.json, with 4 of its 61 layers and 32 of its
             // 256 routed experts (4 in each of its 8 groups).
             Shape::DeepSeekV3 => Dimensions {
@@ -256,6 +268,7 @@ impl Shape {
                     groups: 8,
                     groups_used: 4,
                     dense_layers: 1,
+                    legacy_kv_b: false,
                 }),
                 ..llama3
             },
@@ -445,6 +458,8 @@ struct LatentDims {
     groups: usize,
     groups_used: usize,
     dense_layers: usize,
+    /// The layout of llama.cpp's conversions before MLA: `attn_kv_b`.
+    legacy_kv_b: bool,
 }
 
 /// DeepSeek-V3's RoPE scaling (its `config.json`).
@@ -632,22 +647,32 @@ fn deepseek2_layers(dims: &Dimensions, latent: &LatentDims, quantization: Quanti
             matrix(name("attn_q_b.weight"), dims.heads * q_head, latent.query_rank, MatrixRole::Other),
             matrix(name("attn_kv_a_mqa.weight"), latent.latent_rank + latent.rope_dim, dims.hidden, MatrixRole::Other),
             vector(name("attn_kv_a_norm.weight"), latent.latent_rank),
-            // Per head: ggml's {nope, latent, heads} and {latent, value, heads}.
-            spec(
-                name("attn_k_b.weight"),
-                vec![dims.heads, latent.latent_rank, latent.nope_dim],
-                dtype(latent.nope_dim, MatrixRole::Other),
-                0.0,
-                // The latent is normed to about 1 per value: keep the scores moderate.
-                0.2,
-            ),
-            spec(
-                name("attn_v_b.weight"),
-                vec![dims.heads, latent.value_dim, latent.latent_rank],
-                dtype(latent.latent_rank, MatrixRole::AttentionValue(layer)),
-                0.0,
-                0.2,
-            ),
+        ]);
+        // The latent is normed to about 1 per value: keep the scores moderate.
+        if latent.legacy_kv_b {
+            let rows = dims.heads * (latent.nope_dim + latent.value_dim);
+            let kv_b = dtype(latent.latent_rank, MatrixRole::Other);
+            tensors.push(spec(name("attn_kv_b.weight"), vec![rows, latent.latent_rank], kv_b, 0.0, 0.2));
+        } else {
+            tensors.extend([
+                // Per head: ggml's {nope, latent, heads} and {latent, value, heads}.
+                spec(
+                    name("attn_k_b.weight"),
+                    vec![dims.heads, latent.latent_rank, latent.nope_dim],
+                    dtype(latent.nope_dim, MatrixRole::Other),
+                    0.0,
+                    0.2,
+                ),
+                spec(
+                    name("attn_v_b.weight"),
+                    vec![dims.heads, latent.value_dim, latent.latent_rank],
+                    dtype(latent.latent_rank, MatrixRole::AttentionValue(layer)),
+                    0.0,
+                    0.2,
+                ),
+            ]);
+        }
+        tensors.extend([
             matrix(name("attn_output.weight"), dims.hidden, dims.heads * latent.value_dim, MatrixRole::Other),
             vector(name("ffn_norm.weight"), dims.hidden),
         ]);
@@ -856,12 +881,21 @@ fn metadata(shape: Shape, dims: &Dimensions, quantization: Quantization, seed: u
                 entry.1 = value;
             }
         };
-        replace(&mut entries, "attention.key_length", u32_value(latent.latent_rank + latent.rope_dim));
-        replace(&mut entries, "attention.value_length", u32_value(latent.latent_rank));
         replace(&mut entries, "rope.dimension_count", u32_value(latent.rope_dim));
+        if latent.legacy_kv_b {
+            // The heads as multi-head attention's, as the converter wrote them before MLA.
+            replace(&mut entries, "attention.head_count_kv", u32_value(dims.heads));
+            replace(&mut entries, "attention.key_length", u32_value(latent.nope_dim + latent.rope_dim));
+            replace(&mut entries, "attention.value_length", u32_value(latent.value_dim));
+        } else {
+            replace(&mut entries, "attention.key_length", u32_value(latent.latent_rank + latent.rope_dim));
+            replace(&mut entries, "attention.value_length", u32_value(latent.latent_rank));
+            entries.extend([
+                (key("attention.key_length_mla"), u32_value(latent.nope_dim + latent.rope_dim)),
+                (key("attention.value_length_mla"), u32_value(latent.value_dim)),
+            ]);
+        }
         entries.extend([
-            (key("attention.key_length_mla"), u32_value(latent.nope_dim + latent.rope_dim)),
-            (key("attention.value_length_mla"), u32_value(latent.value_dim)),
             (key("attention.q_lora_rank"), u32_value(latent.query_rank)),
             (key("attention.kv_lora_rank"), u32_value(latent.latent_rank)),
             (key("leading_dense_block_count"), u32_value(latent.dense_layers)),

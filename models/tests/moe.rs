@@ -98,3 +98,25 @@ fn latent_attention_caches_the_latent_alone() {
     let footprint = source.footprint(&candle_core::Device::Cpu);
     assert_eq!(footprint.kv_bytes_per_token_per_layer, 2 * (mla.latent_rank + mla.rope_dim) as u64);
 }
+
+/// DeepSeek files from before llama.cpp's MLA layout (one `attn_kv_b` per layer, the
+/// heads described as multi-head attention): llama.cpp runs them as multi-head attention
+/// over full keys and values; Hearth splits `attn_kv_b` per head and runs the same latent
+/// attention as for current files, with the latent's small cache. Against llama.cpp on
+/// both paths (`fixtures/deepseek_kv_b_llama_cpp.json`), and split. On the CPU the heads'
+/// matrices are requantized to Q8_0 (the file's blocks do not survive the split), which
+/// adds its rounding to the native path's usual differences.
+#[test]
+fn an_old_deepseek_layout_matches_llama_cpp() {
+    let references = llama_cpp::references("deepseek_kv_b_llama_cpp.json", "scripts/llama_cpp_reference.py --suite deepseek-kv-b");
+    for (compute, tolerance) in [(ComputePath::Native, 6e-2), (ComputePath::CandleOps, CANDLE_TOLERANCE)] {
+        for reference in &references {
+            let source = open(&reference.path, compute);
+            let latent = source.config().latent_attention.clone().expect("read as latent attention");
+            assert_eq!((source.config().num_kv_heads, source.config().head_dim), (1, latent.latent_rank + latent.rope_dim));
+            let label = format!("{} on {compute:?}", reference.name);
+            llama_cpp::check_against(reference, &load_split(&source, &[]), tolerance, &label);
+            check_splits(&source, &reference.prompt, 6, &[&[1], &[1, 3]], 1e-4, &label);
+        }
+    }
+}
