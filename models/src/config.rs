@@ -551,16 +551,7 @@ impl ModelConfig {
                     high_freq_factor: scaling.high_freq_factor.unwrap_or(4.0),
                     original_context: scaling.original_max_position_embeddings.unwrap_or(8192),
                 },
-                Some("yarn") => RopeScaling::Yarn {
-                    factor: scaling.factor.unwrap_or(1.0),
-                    original_context: scaling
-                        .original_max_position_embeddings
-                        .ok_or_else(|| invalid("YaRN scaling without original_max_position_embeddings".into()))?,
-                    log_multiplier: scaling.mscale_all_dim.unwrap_or(0.0),
-                    beta_fast: scaling.beta_fast.unwrap_or(32.0),
-                    beta_slow: scaling.beta_slow.unwrap_or(1.0),
-                    exact_range: scaling.truncate == Some(false),
-                },
+                Some("yarn") => scaling.yarn()?,
                 Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}`"))),
             },
         };
@@ -670,17 +661,7 @@ impl ModelConfig {
             None => RopeScaling::None,
             Some(scaling) => match scaling.kind().as_deref() {
                 None | Some("default") => RopeScaling::None,
-                Some("yarn") => RopeScaling::Yarn {
-                    factor: scaling.factor.unwrap_or(1.0),
-                    original_context: scaling
-                        .original_max_position_embeddings
-                        .ok_or_else(|| invalid("YaRN scaling without original_max_position_embeddings".into()))?,
-                    // llama.cpp reads `mscale_all_dim` alone (DeepSeek's `mscale` equals it).
-                    log_multiplier: scaling.mscale_all_dim.unwrap_or(0.0),
-                    beta_fast: scaling.beta_fast.unwrap_or(32.0),
-                    beta_slow: scaling.beta_slow.unwrap_or(1.0),
-                    exact_range: false,
-                },
+                Some("yarn") => scaling.yarn()?,
                 Some(other) => return Err(Error::Unsupported(format!("RoPE scaling `{other}` for deepseek2"))),
             },
         };
@@ -924,6 +905,20 @@ struct HfRopeScaling {
 impl HfRopeScaling {
     fn kind(&self) -> Option<String> {
         self.rope_type.clone().or_else(|| self.legacy_type.clone())
+    }
+
+    fn yarn(&self) -> Result<RopeScaling> {
+        Ok(RopeScaling::Yarn {
+            factor: self.factor.unwrap_or(1.0),
+            original_context: self
+                .original_max_position_embeddings
+                .ok_or_else(|| invalid("YaRN scaling without original_max_position_embeddings".into()))?,
+            // llama.cpp reads `mscale_all_dim` alone (DeepSeek's `mscale` equals it).
+            log_multiplier: self.mscale_all_dim.unwrap_or(0.0),
+            beta_fast: self.beta_fast.unwrap_or(32.0),
+            beta_slow: self.beta_slow.unwrap_or(1.0),
+            exact_range: self.truncate == Some(false),
+        })
     }
 }
 

@@ -79,3 +79,15 @@ pub fn greedy_path(prompt: &[u32], steps: usize, logits: impl Fn(&[u32]) -> Vec<
     }
     (tokens.split_off(prompt.len()), all)
 }
+
+/// The one-line error `hearth_models` gives for the folder `dir` once its `config.json`
+/// says it is stored as `quantization` (a `quantization_config`).
+pub fn refusal_when_quantized(dir: &Path, quantization: serde_json::Value) -> String {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    config["quantization_config"] = quantization;
+    std::fs::write(&path, config.to_string()).expect("write");
+    let error = hearth_models::ModelSource::open(dir).err().expect("refused").to_string();
+    assert!(!error.contains('\n'), "one line: {error}");
+    error
+}
