@@ -47,8 +47,9 @@ const REDIAL: Duration = Duration::from_secs(2);
 const HOP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// How often this node looks at its interfaces for an address that came, went or moved
 /// (a link up after start, a new DHCP lease, Wi-Fi traded for Ethernet): one cheap
-/// `getifaddrs`, the same on every OS.
-const INTERFACE_LOOK: Duration = Duration::from_secs(1);
+/// `getifaddrs` (tens of microseconds), the same on every OS, so a move is announced
+/// within a quarter of a second.
+const INTERFACE_LOOK: Duration = Duration::from_millis(250);
 /// The first and the longest wait between attempts to listen for control connections.
 const LISTEN_RETRY_FIRST: Duration = Duration::from_millis(250);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
