@@ -65,7 +65,18 @@ const END_OF_TURN_TOKENS: &[&str] = &[
     "<end_of_turn>",
     "<|end|>",
     "</s>",
+    // gpt-oss's harmony format: the end of the final answer, and of a tool call.
+    "<|return|>",
+    "<|call|>",
+    // Kimi K2's.
+    "[EOT]",
 ];
+
+/// In harmony (gpt-oss), `<|end|>` closes each message, the reasoning included, and only
+/// these two end the turn: a vocabulary with both does not stop at `<|end|>`, as in
+/// llama.cpp.
+const HARMONY_TURN_ENDS: [&str; 2] = ["<|return|>", "<|call|>"];
+const HARMONY_MESSAGE_END: &str = "<|end|>";
 
 /// The stream type of the `tokenizers` crate, spelled out once.
 type InnerDecodeStream<'a> = tokenizers::DecodeStream<
@@ -217,9 +228,11 @@ impl Tokenizer {
             .iter()
             .filter(|text| added.is_special_token(text))
             .filter_map(|text| inner.token_to_id(text));
+        let harmony = HARMONY_TURN_ENDS.iter().all(|text| added.is_special_token(text));
+        let message_end = inner.token_to_id(HARMONY_MESSAGE_END).filter(|_| harmony);
         let mut stop_token_ids = Vec::new();
         for id in eos.iter().map(|t| t.id).chain(extra_stop_ids.iter().copied()).chain(end_of_turn) {
-            if !stop_token_ids.contains(&id) {
+            if !stop_token_ids.contains(&id) && Some(id) != message_end {
                 stop_token_ids.push(id);
             }
         }
@@ -937,6 +950,28 @@ mod tests {
             (KEY_MERGES.to_owned(), strings(&["Ġ h", "Ġh i", "h i", "1 2"])),
             (KEY_EOS.to_owned(), Value::U32(0)),
         ])
+    }
+
+    /// gpt-oss stops at the end of its answer or of a tool call, not at the `<|end|>` of
+    /// its reasoning; a vocabulary without harmony's turn ends (Phi-3's) stops at `<|end|>`.
+    #[test]
+    fn harmony_turns_end_at_return_or_call_not_at_a_messages_end() {
+        let with = |extra: &[&str], eot: Option<u32>| {
+            let mut metadata = tiny_gpt2_metadata("gpt-4o");
+            let Some(Value::Array(tokens)) = metadata.get_mut(KEY_TOKENS) else { unreachable!() };
+            tokens.extend(extra.iter().map(|t| Value::String((*t).into())));
+            let Some(Value::Array(types)) = metadata.get_mut(KEY_TOKEN_TYPE) else { unreachable!() };
+            types.extend(extra.iter().map(|_| Value::I32(3)));
+            if let Some(eot) = eot {
+                metadata.insert(KEY_EOT.to_owned(), Value::U32(eot));
+            }
+            Tokenizer::from_gguf(&metadata).unwrap()
+        };
+        // Ids 11, 12, 13 follow the tiny vocabulary's 11 tokens; GGUF names `<|end|>` as EOT.
+        let gpt_oss = with(&["<|end|>", "<|return|>", "<|call|>"], Some(11));
+        assert_eq!(gpt_oss.stop_token_ids(), [0, 1, 12, 13]);
+        let phi3 = with(&["<|end|>"], None);
+        assert_eq!(phi3.stop_token_ids(), [0, 1, 11]);
     }
 
     #[test]
