@@ -23,7 +23,8 @@ It also measures this machine's memory read bandwidth with the same number of th
 a decoded token must read (every tensor except the token embedding, which is gathered a
 row at a time, plus the LM head, which for a tied model is that embedding read in full;
 the KV cache, under 1% here, is left out) over that bandwidth, and the fraction of it
-each engine reaches.
+each engine reaches. It prints the CPU's model and the instruction-set extensions the
+kernels choose between, so that every figure says where it was measured.
 
     python3 examples/bench_vs_llamacpp.py
     python3 examples/bench_vs_llamacpp.py --threads 2 --repeats 3 --models default,1b-q4_0
@@ -294,6 +295,37 @@ def default_cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------
+# The machine
+
+# The instruction-set extensions the kernels choose between, as /proc/cpuinfo names them.
+KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "asimd", "asimddp", "i8mm")
+
+
+def cpu_description() -> str:
+    """The CPU's model and the extensions the kernels use: where a figure was measured."""
+    model, flags, family = "", set(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key in ("model name", "Model") and not model:
+                    model = value
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+                elif key == "cpu family" and not family:
+                    family = value
+                elif key == "model" and family and "model " not in family:
+                    family = f"family {family} model {value}"
+    except OSError:
+        pass
+    if not model and sys.platform == "darwin":
+        result = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        model = result.stdout.strip()
+    used = " ".join(flag for flag in KERNEL_FLAGS if flag in flags) or "-"
+    return f"{model or 'unknown CPU'}{f' ({family})' if 'model' in family else ''}; extensions: {used}"
+
+
 # Memory bandwidth and the decode bound
 
 
@@ -593,6 +625,7 @@ def main() -> int:
         f"median (min-max); llama-cpp-python {llama_version}; "
         f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads)"
     )
+    print(f"CPU: {cpu_description()}")
     print(f"load average: {load_before:.1f} before, {load_after:.1f} after (this machine has {os.cpu_count()} CPUs)")
     print(f"llama.cpp's CPU features: {enabled_features(results[-1][2].system_info) if results else '-'}")
     print(f"llama.cpp's settings: {llama_settings(args)}")
