@@ -26,6 +26,25 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// GGML's number for MXFP4 blocks (`GGML_TYPE_MXFP4`).
 const MXFP4_TYPE: u32 = 39;
 
+/// GGML's numbers (`ggml_type`) of the types candle has, every one of them.
+const GGML_NUMBERS: [(u32, GgmlDType); 15] = [
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+    (30, GgmlDType::BF16),
+];
+
 /// Why a GGUF header could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -69,47 +88,16 @@ impl TensorType {
     /// GGML's number for the type, as GGUF stores it.
     pub fn number(self) -> u32 {
         match self {
-            Self::Ggml(dtype) => match dtype {
-                GgmlDType::F32 => 0,
-                GgmlDType::F16 => 1,
-                GgmlDType::Q4_0 => 2,
-                GgmlDType::Q4_1 => 3,
-                GgmlDType::Q5_0 => 6,
-                GgmlDType::Q5_1 => 7,
-                GgmlDType::Q8_0 => 8,
-                GgmlDType::Q8_1 => 9,
-                GgmlDType::Q2K => 10,
-                GgmlDType::Q3K => 11,
-                GgmlDType::Q4K => 12,
-                GgmlDType::Q5K => 13,
-                GgmlDType::Q6K => 14,
-                GgmlDType::Q8K => 15,
-                GgmlDType::BF16 => 30,
-            },
+            Self::Ggml(dtype) => GGML_NUMBERS.iter().find(|(_, d)| *d == dtype).map_or(u32::MAX, |(n, _)| *n),
             Self::Mxfp4 => MXFP4_TYPE,
         }
     }
 
     fn from_number(number: u32) -> Option<Self> {
-        Some(Self::Ggml(match number {
-            0 => GgmlDType::F32,
-            1 => GgmlDType::F16,
-            2 => GgmlDType::Q4_0,
-            3 => GgmlDType::Q4_1,
-            6 => GgmlDType::Q5_0,
-            7 => GgmlDType::Q5_1,
-            8 => GgmlDType::Q8_0,
-            9 => GgmlDType::Q8_1,
-            10 => GgmlDType::Q2K,
-            11 => GgmlDType::Q3K,
-            12 => GgmlDType::Q4K,
-            13 => GgmlDType::Q5K,
-            14 => GgmlDType::Q6K,
-            15 => GgmlDType::Q8K,
-            30 => GgmlDType::BF16,
-            MXFP4_TYPE => return Some(Self::Mxfp4),
-            _ => return None,
-        }))
+        if number == MXFP4_TYPE {
+            return Some(Self::Mxfp4);
+        }
+        GGML_NUMBERS.iter().find(|(n, _)| *n == number).map(|&(_, dtype)| Self::Ggml(dtype))
     }
 
     /// Values per block.
