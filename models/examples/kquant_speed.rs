@@ -9,7 +9,9 @@
 //!
 //! `-- Q4K 1` limits the run to the types whose names contain `Q4K` and to one thread;
 //! `-- Q4K 1 64` multiplies 64 input rows at once (a prefill's kind of product) and also
-//! gives billions of multiply-adds per second.
+//! gives billions of multiply-adds per second. `-- Q4K 2 1 cold` cycles through copies of
+//! each matrix larger than the last-level cache together, so every product reads its
+//! weights from memory, as decoding a large model does.
 //!
 //! Thread pools (candle's and Hearth's kernels') are sized once per process from
 //! `RAYON_NUM_THREADS`, so each thread count runs in a child process of its own.
@@ -42,6 +44,8 @@ const TYPES: [GgmlDType; 10] = [
 const RUNS: usize = 200;
 /// Products per timed run.
 const PRODUCTS: usize = 1;
+/// Bytes of copies cycled through in the cold mode: past any last-level cache here.
+const COLD_BYTES: usize = 256 << 20;
 
 fn main() -> ExitCode {
     if std::env::var_os(CHILD_ENV).is_some() {
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         let status = Command::new(&exe)
             .args(args.first())
             .args(args.get(2))
+            .args(args.get(3))
             .env(CHILD_ENV, "1")
             .env("RAYON_NUM_THREADS", threads.to_string())
             .status();
@@ -81,6 +86,7 @@ fn measure() -> candle_core::Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_default();
     let filter = std::env::args().nth(1).unwrap_or_default();
     let m: usize = std::env::args().nth(2).and_then(|m| m.parse().ok()).unwrap_or(1);
+    let cold = std::env::args().nth(3).is_some_and(|mode| mode == "cold");
     for (rows, cols) in SHAPES {
         // Weights and an input like a model's: small values, a few larger ones.
         let weights: Vec<f32> = (0..rows * cols).map(|i| pseudo_random(i as u64) * 0.05).collect();
@@ -90,14 +96,23 @@ fn measure() -> candle_core::Result<()> {
         for dtype in TYPES.into_iter().filter(|t| format!("{t:?}").contains(&filter)) {
             let qtensor = QTensor::quantize(&weights, dtype)?;
             let bytes = qtensor.storage_size_in_bytes();
-            let Some(native) = BenchMatrix::native(&qtensor)? else {
-                candle_core::bail!("{dtype:?} is not multiplied natively");
-            };
+            let copies = if cold { COLD_BYTES.div_ceil(bytes) } else { 1 };
+            let mut natives = Vec::with_capacity(copies);
+            for _ in 0..copies {
+                let Some(native) = BenchMatrix::native(&qtensor)? else {
+                    candle_core::bail!("{dtype:?} is not multiplied natively");
+                };
+                natives.push(native);
+            }
             let candle = QMatMul::from_arc(Arc::new(qtensor))?;
 
             let mut out = Vec::new();
             let runs = (RUNS / m).max(5);
-            let ours = best_time(runs, || native.forward_into(&x, m, &mut out))?;
+            let mut next = 0;
+            let ours = best_time(runs, || {
+                next = (next + 1) % copies;
+                natives[next].forward_into(&x, m, &mut out)
+            })?;
             let theirs = best_time(runs, || candle.forward(&input).map(drop))?;
             // The two agree up to rounding: a check that both computed the same product.
             let expected = candle.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
@@ -105,9 +120,11 @@ fn measure() -> candle_core::Result<()> {
             let worst = out.iter().zip(&expected).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
             let gbs = |seconds: f64| bytes as f64 / seconds / 1e9;
             let gmacs = (rows * cols * m) as f64 / ours / 1e9;
+            // Candle's side is always timed warm: its matrix is not copied.
+            let candle_label = if cold { "candle (warm)" } else { "candle" };
             println!(
                 "{threads} thread(s) {:<5} {rows:>4}x{cols:<4} x {m} {:>5.1} MB: hearth {:>6.1} GB/s ({:>6.3} ms, \
-                 {gmacs:>6.1} GMAC/s), candle {:>5.1} GB/s ({:>6.3} ms), {:>5.1}x candle (max diff {:.1e} of {:.1e})",
+                 {gmacs:>6.1} GMAC/s), {candle_label} {:>5.1} GB/s ({:>6.3} ms), {:>5.1}x candle (max diff {:.1e} of {:.1e})",
                 format!("{dtype:?}"),
                 bytes as f64 / 1e6,
                 gbs(ours),
