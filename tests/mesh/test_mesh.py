@@ -307,7 +307,7 @@ def test_teardown_on_errors_and_signals(how: str, tmp_path: Path) -> None:
     cluster sweeps its namespaces away."""
     # A job started in the background by a shell (`bash .ci/run &`) inherits SIGINT ignored,
     # and the harness rightly leaves an ignored signal ignored; this test is about Ctrl-C at
-    # a terminal, so the child starts with every signal at its default.
+    # a terminal, so the child starts with SIGINT at its default.
     child = subprocess.Popen(
         [sys.executable, "-c", CLEANUP_CHILD, str(HARNESS_DIR), how, str(tmp_path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
