@@ -33,6 +33,7 @@
 //! that missed it, converge.
 
 mod membership;
+mod one_way;
 mod pnet;
 mod swarm;
 pub(crate) mod wire;

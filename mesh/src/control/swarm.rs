@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tracing::Instrument;
 
+use super::one_way::OneWayLinks;
 use super::wire::{self, Body};
 use super::{Command, ControlConfig, ControlError, ControlEvent, Membership, NodeInfo, Plan};
 
@@ -139,6 +140,8 @@ pub(super) async fn spawn(
         links: HashMap::new(),
         outbound: HashMap::new(),
         redialed: HashMap::new(),
+        one_way: OneWayLinks::new(),
+        listen_of: HashMap::new(),
         events_open: true,
         outbox: Outbox::default(),
         private: config.cluster_key.is_some(),
@@ -227,6 +230,10 @@ struct Task {
     outbound: HashMap<ConnectionId, Multiaddr>,
     /// When each member heard through others was last dialled directly.
     redialed: HashMap<PeerId, Instant>,
+    /// Peers heard over links that carry gossip one way only (see [`super::one_way`]).
+    one_way: OneWayLinks<PeerId>,
+    /// Where each connected peer accepts control connections, as it announced.
+    listen_of: HashMap<PeerId, Vec<SocketAddr>>,
     /// False once the receiver is dropped: nobody listens, and events are not kept.
     events_open: bool,
     outbox: Outbox,
@@ -369,6 +376,7 @@ impl Task {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                num_established,
                 cause,
                 ..
             } => {
@@ -378,6 +386,9 @@ impl Task {
                     None => tracing::debug!(peer = %peer_id, "connection closed"),
                 }
                 self.connection_gone(peer_id, connection_id);
+                if num_established == 0 {
+                    self.disconnected(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -436,6 +447,7 @@ impl Task {
             } => {
                 let acceptance = match wire::decode(message.source.as_ref(), &message.data) {
                     Ok((source, body)) => {
+                        self.check_heard_both_ways(propagation_source);
                         self.on_message(source, body);
                         MessageAcceptance::Accept
                     }
@@ -457,6 +469,7 @@ impl Task {
                 // A new peer can hear us now: tell it who we are (and the plan, if
                 // ours) without waiting for the next tick.
                 tracing::debug!(peer = %peer_id, "peer joined the control topic");
+                self.one_way.subscribed(peer_id);
                 self.on_announce_tick();
             }
             gossipsub::Event::GossipsubNotSupported { peer_id } => {
@@ -472,6 +485,9 @@ impl Task {
         let now = Instant::now();
         match body {
             Body::Announce { info, listen } => {
+                if self.links.contains_key(&source) {
+                    self.listen_of.insert(source, listen.clone());
+                }
                 if self.membership.heard(info, now) {
                     self.members_changed();
                 }
@@ -487,6 +503,44 @@ impl Task {
                     self.members_changed();
                 }
             }
+        }
+    }
+
+    /// A message came over a link from `peer`: if gossipsub does not know `peer` to be
+    /// subscribed, nothing this node publishes reaches it, and after a grace period its
+    /// connections are closed, to be made anew (see [`super::one_way`]).
+    fn check_heard_both_ways(&mut self, peer: PeerId) {
+        let subscribed = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .any(|(p, topics)| *p == peer && topics.contains(&&self.topic));
+        let connections = self.links.get(&peer).map_or(0, HashMap::len);
+        if self.one_way.heard(peer, subscribed, connections, Instant::now()) {
+            tracing::info!(
+                %peer,
+                "the control link to this peer carries gossip one way only (it never told its \
+                 subscription on this connection): connecting to it afresh"
+            );
+            // Err only means it is already gone.
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// The last connection to `peer` closed: one closed to be made anew is dialled again
+    /// at once, at the addresses it announced.
+    fn disconnected(&mut self, peer: PeerId) {
+        let listen = self.listen_of.remove(&peer).unwrap_or_default();
+        if !self.one_way.disconnected(peer) || listen.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(listen.into_iter().map(to_multiaddr).collect())
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "could not dial again: {e}");
         }
     }
 
