@@ -37,7 +37,7 @@ pub fn coordinator(members: &[NodeInfo]) -> Option<&NodeInfo> {
 /// when they can hold the model, so that recovery never waits for a newcomer's loading.
 ///
 /// The new epoch is in the round after the newest epoch the cluster has seen (the plan
-/// in force or any member's `ready_epoch`, whichever is greater), tagged with the
+/// in force or any member's `ready_epoch` or `following_epoch`), tagged with the
 /// coordinator ([`EPOCH_TAG_BITS`]). A coordinator that restarted
 /// and lost its plan thus still publishes a plan the others take. For the same
 /// reason a plan in force that some member has already moved past is replaced.
@@ -69,15 +69,18 @@ pub fn next_plan(
         Some(current) if !intact(current, model_id, &eligible) => replacement(current, &eligible, profile)?,
         _ => stages_for(&eligible, profile)?,
     };
-    let newest_ready = eligible
+    // Members ignore plans below the one they follow, loaded or still loading.
+    let newest_followed = eligible
         .iter()
-        .filter_map(|member| member.ready_epoch)
+        .flat_map(|member| [member.ready_epoch, member.following_epoch])
+        .flatten()
         .max();
     if let Some(current) = current {
-        // A member ready on a newer epoch than the plan in force follows a plan of its own
-        // (the other half of a healed partition): it will not prepare for this one, so
-        // waiting for it would wait for ever. It is replaced at once instead.
-        let behind = newest_ready.is_some_and(|ready| ready > current.epoch);
+        // A member on a newer epoch than the plan in force follows a plan of its own (the
+        // other half of a healed partition, or the plan it made while alone): it will not
+        // prepare for this one, so waiting for it would wait for ever. It is replaced at
+        // once instead.
+        let behind = newest_followed.is_some_and(|epoch| epoch > current.epoch);
         if !behind && waits_for_newcomers(current, model_id, &eligible, &stages) {
             return Ok(None);
         }
@@ -87,7 +90,7 @@ pub fn next_plan(
         let unchanged = current.coordinator == me
             && current.model_id == *model_id
             && current.stages == stages
-            && newest_ready.is_none_or(|ready| ready <= current.epoch);
+            && newest_followed.is_none_or(|epoch| epoch <= current.epoch);
         if unchanged {
             return Ok(None);
         }
@@ -95,7 +98,7 @@ pub fn next_plan(
     let newest_seen = current
         .map(|plan| plan.epoch)
         .into_iter()
-        .chain(newest_ready)
+        .chain(newest_followed)
         .max()
         .unwrap_or(0);
     Ok(Some(Plan {
@@ -269,6 +272,7 @@ mod tests {
             backend: "cpu".into(),
             model_id: "org/model".into(),
             ready_epoch: None,
+            following_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
             prepared: None,
@@ -306,6 +310,23 @@ mod tests {
         let merged = next_plan("a", &met, &profile(), Some(&ours)).unwrap().unwrap();
         assert_eq!(merged.stages.len(), 3);
         assert!(merged.epoch > theirs, "the merged plan must supersede both halves'");
+    }
+
+    #[test]
+    fn a_member_still_loading_a_newer_plan_of_its_own_is_planned_above_at_once() {
+        // a and b each planned alone in the same round; b's tag is the larger, so b ignores
+        // a's plan, and b is still loading its own, so it is not ready on any epoch.
+        let pair = [member("a", GIB), member("b", GIB)];
+        let alone = next_plan("a", &pair[..1], &profile(), None).unwrap().unwrap();
+        let mut met = pair.clone();
+        met[0].ready_epoch = Some(alone.epoch);
+        met[1].following_epoch = Some(alone.epoch + 1);
+        let merged = next_plan("a", &met, &profile(), Some(&alone)).unwrap().unwrap();
+        assert_eq!(merged.stages.len(), 2, "b is taken in without waiting for it to prepare");
+        assert!(merged.epoch > alone.epoch + 1, "b would ignore a plan below the one it follows");
+        // Once b follows the merged plan, nothing changes.
+        met[1].following_epoch = Some(merged.epoch);
+        assert_eq!(next_plan("a", &met, &profile(), Some(&merged)).unwrap(), None);
     }
 
     #[test]
@@ -374,6 +395,7 @@ mod tests {
             .iter()
             .map(|m| NodeInfo {
                 ready_epoch: Some(first.epoch),
+                following_epoch: None,
                 ..m.clone()
             })
             .collect();
@@ -484,6 +506,7 @@ mod tests {
             member("a", GIB),
             NodeInfo {
                 ready_epoch: Some(7 << EPOCH_TAG_BITS | 3),
+                following_epoch: None,
                 ..member("b", GIB)
             },
         ];

@@ -53,6 +53,7 @@ impl Node {
             backend: "cpu".into(),
             model_id: MODEL.into(),
             ready_epoch: None,
+            following_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
             prepared: None,

@@ -61,6 +61,7 @@ fn write_seed_corpus() {
         backend: "cpu".into(),
         model_id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
         ready_epoch: Some(3),
+        following_epoch: Some(3),
         data_paths: vec!["192.168.1.20:5281".parse().unwrap(), "[fd00::20]:5281".parse().unwrap()],
         hops: vec![HopReport {
             to: author.clone(),

@@ -149,6 +149,7 @@ pub async fn join(
         backend: options.backend.as_str().to_string(),
         model_id: model.id().to_string(),
         ready_epoch: None,
+        following_epoch: None,
         data_paths,
         hops: Vec::new(),
         prepared: None,
@@ -553,6 +554,12 @@ impl Node {
         self.problem = None;
         let position = plan.stages.iter().position(|stage| stage.node_id == self.me.node_id);
         self.plan = Some(plan.clone());
+        // Before loading, which can take minutes: a coordinator whose plan this node now
+        // ignores plans above this one at once, rather than wait for the load.
+        self.me.following_epoch = Some(plan.epoch);
+        if let Err(error) = self.control.update_me(self.me.clone()) {
+            tracing::debug!("cannot announce the plan followed: {error}");
+        }
         self.publish_view();
         let Some(index) = position else {
             // Left out: free the layers for good, and get ready for the plan that will

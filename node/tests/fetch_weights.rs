@@ -58,6 +58,7 @@ fn member(id: &str, addr: SocketAddr, model: &str) -> NodeInfo {
         backend: "cpu".into(),
         model_id: model.into(),
         ready_epoch: None,
+        following_epoch: None,
         data_paths: Vec::new(),
         hops: Vec::new(),
         prepared: None,

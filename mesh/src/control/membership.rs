@@ -281,6 +281,7 @@ mod tests {
             backend: "cpu".into(),
             model_id: "org/model".into(),
             ready_epoch: None,
+            following_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
             prepared: None,
@@ -323,6 +324,7 @@ mod tests {
         );
         let ready = NodeInfo {
             ready_epoch: Some(3),
+            following_epoch: None,
             ..info("a")
         };
         assert!(m.heard(ready, now));

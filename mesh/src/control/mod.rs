@@ -70,6 +70,10 @@ pub struct NodeInfo {
     pub model_id: String,
     /// The newest plan epoch whose layers this node has loaded; at most 2^53.
     pub ready_epoch: Option<u64>,
+    /// The epoch of the plan this node follows, loaded or still loading; at most 2^53.
+    /// The node ignores plans with lower epochs, so a coordinator plans above it.
+    #[serde(default)]
+    pub following_epoch: Option<u64>,
     /// Every address the data plane is reachable on (one per interface), `data_addr`
     /// among them: peers probe each and use the best.
     #[serde(default)]

@@ -156,6 +156,9 @@ pub(crate) fn validate_node_info(info: &NodeInfo) -> Result<(), Invalid> {
     if info.ready_epoch.is_some_and(|epoch| epoch > MAX_EPOCH) {
         return Err(Invalid::Field("ready_epoch is out of range"));
     }
+    if info.following_epoch.is_some_and(|epoch| epoch > MAX_EPOCH) {
+        return Err(Invalid::Field("following_epoch is out of range"));
+    }
     validate_addr(info.data_addr, "data_addr is not a connectable address")?;
     validate_addr(info.api_addr, "api_addr is not a connectable address")?;
     if info.data_paths.len() > super::MAX_DATA_PATHS {
@@ -277,6 +280,7 @@ mod tests {
             backend: "cpu".into(),
             model_id: "org/model".into(),
             ready_epoch: None,
+            following_epoch: None,
             data_paths: Vec::new(),
             hops: Vec::new(),
             prepared: None,
@@ -402,6 +406,7 @@ mod tests {
             },
             NodeInfo {
                 ready_epoch: Some(u64::MAX),
+                following_epoch: None,
                 ..info(&a)
             },
             NodeInfo {
