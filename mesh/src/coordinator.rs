@@ -395,7 +395,6 @@ mod tests {
             .iter()
             .map(|m| NodeInfo {
                 ready_epoch: Some(first.epoch),
-                following_epoch: None,
                 ..m.clone()
             })
             .collect();
@@ -506,7 +505,6 @@ mod tests {
             member("a", GIB),
             NodeInfo {
                 ready_epoch: Some(7 << EPOCH_TAG_BITS | 3),
-                following_epoch: None,
                 ..member("b", GIB)
             },
         ];

@@ -324,7 +324,6 @@ mod tests {
         );
         let ready = NodeInfo {
             ready_epoch: Some(3),
-            following_epoch: None,
             ..info("a")
         };
         assert!(m.heard(ready, now));

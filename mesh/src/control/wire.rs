@@ -406,7 +406,6 @@ mod tests {
             },
             NodeInfo {
                 ready_epoch: Some(u64::MAX),
-                following_epoch: None,
                 ..info(&a)
             },
             NodeInfo {
